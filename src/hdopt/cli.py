@@ -1,0 +1,72 @@
+"""The ``hdopt`` command line: one entry point, one thin subcommand per part of the library.
+
+Each subcommand lives in the module that owns the work and exposes ``configure(parser)`` and
+``run(args) -> int``; this file only lists them. Modules are imported when their subcommand runs, so
+``hdopt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from hdopt import __version__
+
+# (name, one-line help, module that implements it)
+SUBCOMMANDS: list[tuple[str, str, str]] = [
+    ("demo", "forward-only (MeZO) fine-tuning demo on the embedded SmolLM2-135M", "hdopt.demo"),
+]
+
+
+class _LazyParser(argparse.ArgumentParser):
+    """A subcommand parser whose arguments are added by its module on first use."""
+
+    def __init__(self, *args, module: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._module_name = module
+        self._configured = False
+
+    def _configure(self) -> None:
+        if not self._configured:
+            self._configured = True
+            importlib.import_module(self._module_name).configure(self)
+            self.set_defaults(_module=self._module_name)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._configure()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self):
+        self._configure()
+        return super().format_help()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hdopt",
+        description="High-dimensional optimization in the age of ChatGPT: forward-only fine-tuning, "
+        "in-context fine-tuning (TinT) and the implicit bias of training.",
+    )
+    parser.add_argument("--version", action="version", version=f"hdopt {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_LazyParser)
+    for name, help_text, module in SUBCOMMANDS:
+        subparsers.add_parser(name, help=help_text, description=help_text, module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "_module"):
+        parser.print_help()
+        return 2
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
