@@ -1,0 +1,45 @@
+"""Tiny random GPT-2, OPT and Llama auxiliaries (built from configs, no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+VOCAB = 61
+
+
+def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, layers: int = 3):
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=16, n_layer=layers, n_head=2,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = GPT2LMHeadModel(cfg)
+    elif arch == "opt":
+        cfg = OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=layers, ffn_dim=32,
+                        num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=16,
+                        dropout=0.0, attention_dropout=0.0, pad_token_id=1)
+        model = OPTForCausalLM(cfg)
+    elif arch == "llama":
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          rope_theta=10000.0, tie_word_embeddings=True)
+        model = LlamaForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():  # larger random weights than the init so that updates move logits visibly
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif p.dim() == 1:
+                p.copy_(0.1 * torch.randn_like(p))
+            elif "wte" in name or "embed" in name or "wpe" in name:
+                p.copy_(0.5 * torch.randn_like(p))
+            else:  # peaked attention, so that gradients through the scores matter
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    return model.to(dtype).eval()
+
+
+def random_ids(B: int, T: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (B, T), generator=g)
