@@ -1,0 +1,172 @@
+"""Turn a task's data files (or its Hugging Face hub dataset) into :class:`Example` lists."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from hdopt.lm.tasks.base import DataError, DataFile, Example, Task
+from hdopt.lm.tasks.readers import Record, read_file
+from hdopt.lm.tasks.rows import get_row_function
+
+DATA_ENV = "HDOPT_DATA_DIR"
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The data directory: the argument, else ``$HDOPT_DATA_DIR``, else None (use the hub)."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV]).expanduser()
+    return None
+
+
+def label_key(value: Any) -> str:
+    """Raw labels compare as lower-case strings, so ``True``, ``"true"`` and ``"True"`` are the same."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value).strip().lower()
+
+
+def _file_path(spec: DataFile, data_dir: Path) -> Path:
+    path = Path(spec.path).expanduser()
+    return path if path.is_absolute() else data_dir / path
+
+
+def _read_split(task: Task, split: str, data_dir: Path) -> list[Record]:
+    spec = task.files[split]
+    path = _file_path(spec, data_dir)
+    if not path.is_file():
+        raise DataError(
+            f"task {task.name!r}: {split} file {path} not found (data dir {data_dir}); put the file there, "
+            f"or point --data-dir / ${DATA_ENV} at a folder with {spec.path}"
+        )
+    records = read_file(path, spec)
+    if spec.fold is not None:
+        i, n = spec.fold
+        records = [r for r in records if r.group % n == i]
+    if spec.minus is not None:
+        removed = {_identity(task, r.data) for r in _read_split(task, spec.minus, data_dir)}
+        records = [r for r in records if _identity(task, r.data) not in removed]
+    return records
+
+
+def _identity(task: Task, row: dict[str, Any]) -> tuple:
+    """What makes two rows the same example (for ``minus``): the template's columns, whitespace-stripped."""
+    return tuple(str(row.get(col, "")).strip() for col in task.placeholders)
+
+
+def _hub_records(task: Task, split: str) -> list[Record]:
+    if task.hub is None:
+        raise DataError(
+            f"task {task.name!r} has no Hugging Face hub source; give --data-dir (or ${DATA_ENV}) with its "
+            "files"
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"} or os.environ.get(
+        "HF_DATASETS_OFFLINE", "0"
+    ).lower() in {"1", "true", "yes"}:
+        raise DataError(
+            f"task {task.name!r}: no --data-dir / ${DATA_ENV} given and the hub is offline (HF_HUB_OFFLINE); "
+            "point --data-dir at a folder with the task's files"
+        )
+    try:
+        import datasets
+    except ImportError as error:
+        raise DataError(
+            f"task {task.name!r}: no --data-dir / ${DATA_ENV} given, and reading the Hugging Face hub needs "
+            "`pip install datasets`"
+        ) from error
+    hub_split = task.hub.splits[split]
+    where = f"hub {task.hub.path}/{task.hub.name or ''}[{hub_split}]"
+    try:
+        rows = datasets.load_dataset(task.hub.path, task.hub.name, split=hub_split)
+    except Exception as error:  # network, missing dataset, ...: say where we looked
+        raise DataError(
+            f"task {task.name!r}: cannot load {where} ({error}); offline, use --data-dir"
+        ) from error
+    rename = task.hub.rename
+    return [
+        Record(f"{where} row {i}", {rename.get(k, k): v for k, v in row.items()}, i)
+        for i, row in enumerate(rows)
+    ]
+
+
+def to_example(task: Task, record: Record, uid: str, label_values: tuple[str, ...] = ()) -> Example:
+    """Fill the template of ``task`` from one record, checking columns and label values."""
+    row = record.data
+    if task.prepare:
+        try:
+            row = get_row_function(task.prepare)(dict(row))
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise DataError(
+                f"{record.where}: task {task.name!r} cannot prepare this row ({error!r})"
+            ) from error
+    missing = [c for c in task.placeholders if c not in row]
+    if missing:
+        raise DataError(
+            f"{record.where}: missing column(s) {', '.join(missing)} for task {task.name!r} "
+            f"(row has: {', '.join(map(str, row))})"
+        )
+    prompt = task.template.format(**{c: row[c] for c in task.placeholders})
+    if task.is_generation:
+        answers = row.get(task.target_column)
+        answers = (answers,) if isinstance(answers, str) else tuple(answers or ())
+        if not answers:
+            raise DataError(f"{record.where}: no gold answer in column {task.target_column!r}")
+        target = task.target_template.format(answer=answers[0])
+        return Example(uid, prompt, (), None, answers, target, row)
+    options = tuple(task.label_words or row.get(task.options_column) or ())
+    label = _label_index(task, record, row, options, label_values or task.label_values)
+    return Example(uid, prompt, options, label, (), "" if label is None else options[label], row)
+
+
+def _label_index(
+    task: Task, record: Record, row: dict, options: tuple, values: tuple[str, ...]
+) -> int | None:
+    if task.label_column not in row:
+        raise DataError(f"{record.where}: missing label column {task.label_column!r} for task {task.name!r}")
+    raw = row[task.label_column]
+    if raw is None and task.options_column:
+        return None  # e.g. a ReCoRD query whose answer is not among the entities
+    if task.label_words:
+        keys = [label_key(v) for v in values]
+        if label_key(raw) not in keys:
+            raise DataError(
+                f"{record.where}: label {raw!r} is not one of {list(values)} (task {task.name!r})"
+            )
+        return keys.index(label_key(raw))
+    if not options:
+        raise DataError(f"{record.where}: no options in column {task.options_column!r}")
+    try:
+        index = int(raw)
+    except (TypeError, ValueError):
+        index = -1
+    if not 0 <= index < len(options):
+        raise DataError(
+            f"{record.where}: label {raw!r} is not an index into the {len(options)} options "
+            f"(task {task.name!r})"
+        )
+    return index
+
+
+def load_split(task: Task, split: str, data_dir: str | os.PathLike | None = None) -> list[Example]:
+    """All examples of one split (``train`` or ``eval``), in file order.
+
+    Args:
+        task: the task.
+        split: a key of ``task.files``.
+        data_dir: folder with the standard files; None -> ``$HDOPT_DATA_DIR``, else the Hugging Face hub.
+    """
+    if split not in task.files:
+        raise DataError(f"task {task.name!r} has no {split!r} split (splits: {', '.join(task.files)})")
+    folder = resolve_data_dir(data_dir)
+    if folder is None and not all(Path(spec.path).is_absolute() for spec in task.files.values()):
+        records = _hub_records(task, split)
+        values = task.hub.label_values if task.hub and task.hub.label_values else task.label_values
+    else:
+        records = _read_split(task, split, folder or Path("."))
+        values = task.label_values
+    examples = [to_example(task, r, f"{task.name}/{split}/{i}", values) for i, r in enumerate(records)]
+    # ReCoRD queries whose answer is not among the passage entities cannot be scored: drop them
+    return [e for e in examples if task.is_generation or e.label is not None]

@@ -1,0 +1,186 @@
+"""Readers for the standard data file formats; every record remembers its file and line for error messages.
+
+Nested formats are flattened into the column names the Hugging Face ``datasets`` hub uses for the same
+task, so one row function serves both sources.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hdopt.lm.tasks.base import DataError, DataFile
+
+csv.field_size_limit(1 << 24)  # SQuAD-size passages in CSV files
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row of a data file: ``where`` is ``path:line`` (or a JSON path); ``group`` an article id."""
+
+    where: str
+    data: dict[str, Any]
+    group: int
+
+
+def _lines(path: Path, encoding: str) -> Iterator[tuple[int, str]]:
+    try:
+        with open(path, encoding=encoding, newline="") as handle:
+            yield from enumerate(handle, start=1)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: cannot decode as {encoding} ({error}); set the file's encoding") from error
+
+
+def read_jsonl(path: Path, spec: DataFile) -> list[Record]:
+    records = []
+    for line_no, line in _lines(path, spec.encoding):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{line_no}: invalid JSON ({error.msg})") from error
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line_no}: expected a JSON object per line, got {type(row).__name__}")
+        records.append(Record(f"{path}:{line_no}", row, len(records)))
+    return records
+
+
+def _read_delimited(path: Path, spec: DataFile, delimiter: str) -> list[Record]:
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # GLUE TSVs contain bare quotes
+    with open(path, encoding=spec.encoding, newline="") as handle:
+        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
+        columns = list(spec.columns)
+        records = []
+        try:
+            for row in reader:
+                if not columns:
+                    columns = [c.strip() for c in row]  # header line
+                    continue
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(columns):
+                    raise DataError(
+                        f"{path}:{reader.line_num}: expected {len(columns)} columns ({', '.join(columns)}), "
+                        f"found {len(row)}"
+                    )
+                records.append(
+                    Record(f"{path}:{reader.line_num}", dict(zip(columns, row, strict=True)), len(records))
+                )
+        except (csv.Error, UnicodeDecodeError) as error:
+            raise DataError(f"{path}:{reader.line_num}: unreadable row ({error})") from error
+    return records
+
+
+def read_tsv(path: Path, spec: DataFile) -> list[Record]:
+    return _read_delimited(path, spec, "\t")
+
+
+def read_csv(path: Path, spec: DataFile) -> list[Record]:
+    return _read_delimited(path, spec, ",")
+
+
+def read_label_text(path: Path, spec: DataFile) -> list[Record]:
+    """``label sentence`` per line (the raw SST/MR/CR files)."""
+    label_col, text_col = spec.columns or ("label", "sentence")
+    records = []
+    for line_no, line in _lines(path, spec.encoding):
+        if not line.strip():
+            continue
+        label, _, text = line.strip().partition(" ")  # a bare label is an empty text (CR has one)
+        records.append(Record(f"{path}:{line_no}", {label_col: label, text_col: text}, len(records)))
+    return records
+
+
+def _load_json(path: Path, spec: DataFile) -> Any:
+    try:
+        return json.loads(path.read_text(encoding=spec.encoding))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from error
+
+
+def read_squad(path: Path, spec: DataFile) -> list[Record]:
+    """SQuAD v1.1 JSON -> one record per question (id, title, context, question, answers); group = article."""
+    doc = _load_json(path, spec)
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise DataError(f"{path}: not SQuAD JSON (expected a top-level object with a 'data' list)")
+    records = []
+    for a, article in enumerate(doc["data"]):
+        for p, paragraph in enumerate(article.get("paragraphs", [])):
+            for q, qa in enumerate(paragraph.get("qas", [])):
+                where = f"{path}: data[{a}].paragraphs[{p}].qas[{q}]"
+                answers = [ans["text"] for ans in qa.get("answers", [])]
+                if "question" not in qa or not answers:
+                    raise DataError(f"{where}: a question needs 'question' and at least one answer")
+                row = {
+                    "id": qa.get("id", ""),
+                    "title": article.get("title", ""),
+                    "context": paragraph["context"],
+                    "question": qa["question"],
+                    "answers": answers,
+                }
+                records.append(Record(where, row, a))
+    return records
+
+
+def read_multirc(path: Path, spec: DataFile) -> list[Record]:
+    """SuperGLUE MultiRC JSONL (one paragraph per line) -> one record per (question, answer)."""
+    records = []
+    for par in read_jsonl(path, spec):
+        try:
+            text, questions = par.data["passage"]["text"], par.data["passage"]["questions"]
+            for question in questions:
+                for answer in question["answers"]:
+                    row = {
+                        "paragraph": text,
+                        "question": question["question"],
+                        "answer": answer["text"],
+                        "label": answer.get("label"),
+                    }
+                    records.append(Record(par.where, row, par.group))
+        except (KeyError, TypeError) as error:
+            raise DataError(f"{par.where}: not SuperGLUE MultiRC (missing {error})") from error
+    return records
+
+
+def read_record(path: Path, spec: DataFile) -> list[Record]:
+    """SuperGLUE ReCoRD JSONL -> one record per query (passage, query, entities, answers)."""
+    records = []
+    for item in read_jsonl(path, spec):
+        try:
+            text = item.data["passage"]["text"]
+            spans = item.data["passage"]["entities"]
+            entities = list(dict.fromkeys(text[e["start"] : e["end"] + 1] for e in spans))
+            for qa in item.data["qas"]:
+                answers = [a["text"] for a in qa.get("answers", [])]
+                row = {"passage": text, "query": qa["query"], "entities": entities, "answers": answers}
+                records.append(Record(item.where, row, item.group))
+        except (KeyError, TypeError) as error:
+            raise DataError(f"{item.where}: not SuperGLUE ReCoRD (missing {error})") from error
+    return records
+
+
+READERS: dict[str, Callable[[Path, DataFile], list[Record]]] = {
+    "jsonl": read_jsonl,
+    "tsv": read_tsv,
+    "csv": read_csv,
+    "label_text": read_label_text,
+    "squad": read_squad,
+    "multirc": read_multirc,
+    "record": read_record,
+}
+SUFFIX_FORMATS = {".jsonl": "jsonl", ".tsv": "tsv", ".csv": "csv", ".txt": "label_text", ".json": "squad"}
+
+
+def read_file(path: Path, spec: DataFile) -> list[Record]:
+    """Read ``path`` with the reader named by ``spec.format`` (or guessed from the suffix)."""
+    fmt = spec.format or SUFFIX_FORMATS.get(path.suffix, "")
+    if fmt not in READERS:
+        raise DataError(f"{path}: unknown data format {fmt or path.suffix!r}; formats: {', '.join(READERS)}")
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    return READERS[fmt](path, spec)
