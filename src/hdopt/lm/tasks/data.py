@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,16 @@ def _read_split(task: Task, split: str, data_dir: Path) -> list[Record]:
     if spec.fold is not None:
         i, n = spec.fold
         records = [r for r in records if r.group % n == i]
-    if spec.minus is not None:
-        removed = {_identity(task, r.data) for r in _read_split(task, spec.minus, data_dir)}
-        records = [r for r in records if _identity(task, r.data) not in removed]
+    if spec.minus is not None:  # a multiset difference: each row of the other split removes one copy
+        removed = Counter(_identity(task, r.data) for r in _read_split(task, spec.minus, data_dir))
+        kept = []
+        for record in records:
+            key = _identity(task, record.data)
+            if removed[key] > 0:
+                removed[key] -= 1
+            else:
+                kept.append(record)
+        records = kept
     return records
 
 

@@ -36,11 +36,12 @@ def sample_protocol(
     """MeZO's protocol: one seeded draw of ``num_train + num_dev`` examples from the train pool, the last
     ``num_dev`` of them being dev; ``num_eval`` seeded draws from the eval pool.
 
-    A small pool gives fewer: all of it is drawn, dev keeps ``num_dev`` (at most half the draw) and train
-    gets the rest (so WSC, 554 rows with dev 500, trains on 54). ``num_eval=None`` keeps the whole pool.
+    A small pool gives fewer: all of it is drawn, dev keeps ``num_dev`` and train gets the rest (so WSC,
+    554 rows with dev 500, trains on 54; CB, 250 rows with dev 100, on 150). ``num_eval=None`` keeps the
+    whole eval pool.
     """
     drawn = _permuted(train_pool, seed)[: num_train + num_dev]
-    n_dev = min(num_dev, len(drawn) // 2)
+    n_dev = min(num_dev, max(len(drawn) - 1, 0))  # never leave train empty
     train, dev = drawn[: len(drawn) - n_dev], drawn[len(drawn) - n_dev :]
     evaluation = _permuted(eval_pool, seed)
     if num_eval is not None:
