@@ -1,0 +1,105 @@
+"""What every lab experiment returns and writes: checks (predicted vs measured), a verdict, results.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hdopt.dynamics.io import write_json
+
+
+@dataclass
+class Check:
+    """One prediction compared with its measurement.
+
+    Attributes:
+        name: what is compared.
+        predicted: the theory's value (or a description such as "< 0.05").
+        measured: the measurement.
+        passed: whether the measurement agrees within the stated tolerance.
+        tolerance: the acceptance rule, in words.
+    """
+
+    name: str
+    predicted: float | str
+    measured: float
+    passed: bool
+    tolerance: str
+
+    def line(self) -> str:
+        pred = _fmt(self.predicted) if not isinstance(self.predicted, str) else self.predicted
+        return f"{self.name}: predicted {pred}, measured {_fmt(self.measured)} ({'ok' if self.passed else 'FAIL'})"
+
+
+@dataclass
+class LabResult:
+    """The outcome of one experiment run.
+
+    Attributes:
+        name: experiment name.
+        config: the config dataclass used.
+        checks: predicted-vs-measured comparisons.
+        curves: series for plots and results.json (lists of floats).
+        runtime_s: wall-clock seconds.
+        plot: path of the PNG plot, once written.
+    """
+
+    name: str
+    config: Any
+    checks: list[Check]
+    curves: dict[str, Any] = field(default_factory=dict)
+    runtime_s: float = 0.0
+    plot: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def verdict(self) -> str:
+        """One line: PASS/FAIL, then every check as predicted vs measured."""
+        return f"{self.name}: {'PASS' if self.passed else 'FAIL'} | " + "; ".join(c.line() for c in self.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "experiment": self.name,
+            "passed": self.passed,
+            "verdict": self.verdict(),
+            "runtime_s": round(self.runtime_s, 2),
+            "config": dataclasses.asdict(self.config),
+            "checks": [dataclasses.asdict(c) for c in self.checks],
+            "curves": self.curves,
+            "plot": self.plot,
+        }
+
+    def write(self, out_dir: str | Path) -> Path:
+        """Write ``results.json`` (and config.json) atomically into ``out_dir``; returns the results path."""
+        out_dir = Path(out_dir)
+        write_json(out_dir / "config.json", dataclasses.asdict(self.config))
+        return write_json(out_dir / "results.json", self.to_json())
+
+
+def within(measured: float, predicted: float, rel: float) -> bool:
+    """``|measured - predicted| <= rel * |predicted|`` (False for NaN)."""
+    return math.isfinite(measured) and abs(measured - predicted) <= rel * abs(predicted)
+
+
+class Timer:
+    """``with Timer() as t: ...; t.seconds``."""
+
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def _fmt(x: float) -> str:
+    if x == 0 or not math.isfinite(x):
+        return str(x)
+    return f"{x:.3g}" if 1e-3 <= abs(x) < 1e4 else f"{x:.2e}"
