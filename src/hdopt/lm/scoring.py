@@ -1,0 +1,251 @@
+"""Option scoring: per-token log-likelihoods of candidate continuations, and the losses built on them.
+
+Every (prompt, option) pair is one right-padded row. The transformer body runs once over the batch; the
+LM head (a ``hidden x vocab`` matmul, the largest activation of a small model) is applied only at the
+positions that predict option tokens, not at every position.
+
+    score(prompt, option) = (1/|option|) * sum_t log p(option_t | prompt, option_<t)
+
+Classification: argmax over options of the score; the training loss is cross-entropy over the options'
+scores (MeZO's "length-normalised" classification loss). Generation/multiple-choice training uses the
+teacher-forced answer loss: mean negative log-likelihood of the gold continuation's tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hdopt.lm.tasks.base import Example
+
+
+@dataclass
+class OptionBatch:
+    """Rows of ``prompt + option`` token ids.
+
+    Shapes: R rows, T tokens, E examples. ``option_start[r]`` is the first option token of row r and
+    ``lengths[r]`` its unpadded length (options run to the end of the row). ``labels[e]`` is the gold
+    option of example e (-100 when unknown).
+    """
+
+    input_ids: torch.Tensor  # [R, T] long, right-padded
+    attention_mask: torch.Tensor  # [R, T] long
+    option_start: torch.Tensor  # [R] long
+    lengths: torch.Tensor  # [R] long
+    example_index: torch.Tensor  # [R] long, which example a row belongs to
+    option_index: torch.Tensor  # [R] long, which of its example's options a row holds
+    labels: torch.Tensor  # [E] long
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.labels.numel())
+
+    def to(self, device: torch.device | str) -> OptionBatch:
+        return OptionBatch(**{k: v.to(device) for k, v in vars(self).items()})
+
+
+def truncate_left(prompt_ids: list[int], budget: int, keep_first: bool) -> list[int]:
+    """Keep the last ``budget`` tokens of a prompt (and its first token, a BOS, when ``keep_first``)."""
+    if len(prompt_ids) <= budget:
+        return prompt_ids
+    if keep_first and budget > 1:
+        return prompt_ids[:1] + prompt_ids[len(prompt_ids) - budget + 1 :]
+    return prompt_ids[len(prompt_ids) - budget :] if budget > 0 else []
+
+
+def _starts_with_bos(tokenizer, ids: list[int]) -> bool:
+    return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+
+
+def encode_options(
+    tokenizer,
+    prompts: Sequence[str],
+    options: Sequence[Sequence[str]],
+    labels: Sequence[int | None] | None = None,
+    max_length: int = 2048,
+) -> OptionBatch:
+    """Tokenise every ``prompt + option`` pair into one batch.
+
+    The prompt is tokenised with the tokenizer's special tokens (a BOS where the model uses one), each
+    option without; prompts longer than ``max_length - len(option)`` lose tokens on the left (the BOS is
+    kept). Options are tokenised on their own, so their leading space belongs to them (``" great"``).
+    """
+    assert len(prompts) == len(options)
+    rows: list[list[int]] = []
+    starts, example_index, option_index = [], [], []
+    for e, (prompt, opts) in enumerate(zip(prompts, options, strict=True)):
+        prompt_ids = tokenizer(prompt).input_ids
+        keep_first = _starts_with_bos(tokenizer, prompt_ids)
+        for o, option in enumerate(opts):
+            option_ids = tokenizer(option, add_special_tokens=False).input_ids[: max_length - 1]
+            if not option_ids:
+                raise ValueError(f"option {option!r} has no tokens")
+            kept = truncate_left(prompt_ids, max_length - len(option_ids), keep_first)
+            rows.append(kept + option_ids)
+            starts.append(len(kept))
+            example_index.append(e)
+            option_index.append(o)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, ids in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        attention_mask[r, : len(ids)] = 1
+    gold = [-100 if label is None else label for label in (labels or [None] * len(prompts))]
+    return OptionBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        option_start=torch.tensor(starts),
+        lengths=attention_mask.sum(1),
+        example_index=torch.tensor(example_index),
+        option_index=torch.tensor(option_index),
+        labels=torch.tensor(gold),
+    )
+
+
+def encode_examples(
+    tokenizer, examples: Sequence[Example], max_length: int = 2048, prefix: str = ""
+) -> OptionBatch:
+    """Classification rows: every option of every example (``prefix`` is prepended to each prompt)."""
+    return encode_options(
+        tokenizer,
+        [prefix + e.prompt for e in examples],
+        [e.options for e in examples],
+        [e.label for e in examples],
+        max_length,
+    )
+
+
+def encode_answers(
+    tokenizer, examples: Sequence[Example], max_length: int = 2048, prefix: str = ""
+) -> OptionBatch:
+    """Teacher-forcing rows: one ``prompt + gold continuation`` row per example (``Example.target``)."""
+    return encode_options(
+        tokenizer,
+        [prefix + e.prompt for e in examples],
+        [[e.target] for e in examples],
+        [0] * len(examples),
+        max_length,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the model side
+
+
+def _unwrap(model):
+    """The transformers model under a PEFT wrapper (LoRA layers are injected in place, so it runs them)."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None:
+        return model
+    if getattr(config, "is_prompt_learning", False):
+        return None  # prefix/prompt tuning lives in the wrapper's forward: use the full forward
+    return model.get_base_model()
+
+
+def _can_split(inner) -> bool:
+    """True when the model has a separate body (``base_model``) and an output embedding (the head)."""
+    return getattr(inner, "base_model", inner) is not inner and inner.get_output_embeddings() is not None
+
+
+def _head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the LM head (and the output transforms some families add) to hidden states [M, H]."""
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config
+    scaling = getattr(config, "logits_scaling", None)  # Granite
+    if scaling:
+        logits = logits / scaling
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _check_head(inner) -> bool:
+    """Once per model: the split body+head path must reproduce the model's own logits."""
+    flag = getattr(inner, "_hdopt_split_head_ok", None)
+    if flag is not None:
+        return flag
+    was_training = inner.training
+    inner.eval()
+    ids = torch.arange(1, 6, device=inner.get_output_embeddings().weight.device).unsqueeze(0)
+    with torch.no_grad():
+        full = inner(input_ids=ids, use_cache=False).logits[0].float()
+        split = _head_logits(inner, inner.base_model(input_ids=ids, use_cache=False)[0][0]).float()
+    inner.train(was_training)
+    flag = bool(torch.allclose(full, split, atol=1e-4, rtol=1e-4))
+    inner._hdopt_split_head_ok = flag
+    return flag
+
+
+def token_logprobs(model, batch: OptionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of every option token.
+
+    Returns:
+        ``(logp, row)``: ``logp[m]`` is log p(token m | everything before it) and ``row[m]`` its row;
+        M = total option tokens in the batch. Differentiable with respect to the model's parameters.
+    """
+    device = batch.input_ids.device
+    offsets = [
+        torch.arange(s, n, device=device) for s, n in zip(batch.option_start, batch.lengths, strict=True)
+    ]
+    rows = torch.cat([torch.full_like(o, r) for r, o in enumerate(offsets)])
+    targets_pos = torch.cat(offsets)  # positions of option tokens
+    targets = batch.input_ids[rows, targets_pos]
+    predict_pos = targets_pos - 1  # the position whose output predicts each option token
+    inner = _unwrap(model)
+    if inner is not None and _can_split(inner) and _check_head(inner):
+        hidden = inner.base_model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        )[0]
+        logits = _head_logits(inner, hidden[rows, predict_pos])  # [M, V]: only the positions we need
+    else:  # full-vocabulary logits at every position, then gather (any model, slower)
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        logits = out.logits[rows, predict_pos]
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
+    return logp, rows
+
+
+def option_scores(model, batch: OptionBatch) -> torch.Tensor:
+    """Mean per-token log-likelihood of each row's option, shape [R] (differentiable)."""
+    logp, rows = token_logprobs(model, batch)
+    total = torch.zeros(batch.input_ids.shape[0], dtype=logp.dtype, device=logp.device).index_add(
+        0, rows, logp
+    )
+    return total / (batch.lengths - batch.option_start).to(logp.dtype)
+
+
+def scores_by_example(batch: OptionBatch, scores: torch.Tensor) -> torch.Tensor:
+    """Row scores [R] -> [E, max options], missing options filled with -inf."""
+    width = int(batch.option_index.max()) + 1
+    table = torch.full((batch.num_examples, width), float("-inf"), dtype=scores.dtype, device=scores.device)
+    return table.index_put((batch.example_index, batch.option_index), scores)
+
+
+def classification_loss(model, batch: OptionBatch) -> torch.Tensor:
+    """Cross-entropy over the options' mean log-likelihoods, averaged over examples (a scalar).
+
+    loss = -(1/E) * sum_e log softmax_o(score(e, o))[label_e]
+    """
+    logits = scores_by_example(batch, option_scores(model, batch))
+    return F.cross_entropy(logits, batch.labels, ignore_index=-100)
+
+
+def answer_loss(model, batch: OptionBatch) -> torch.Tensor:
+    """Teacher-forced LM loss: mean negative log-likelihood over all gold-continuation tokens (a scalar).
+
+    Build the batch with :func:`encode_answers` (one row per example, the row's option = the answer).
+    """
+    logp, _ = token_logprobs(model, batch)
+    return -logp.mean()
+
+
+@torch.no_grad()
+def predict(model, batch: OptionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(predictions [E], scores [E, max options])``: argmax of the mean option log-likelihood."""
+    table = scores_by_example(batch, option_scores(model, batch))
+    return table.argmax(dim=1), table
