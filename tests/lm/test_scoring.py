@@ -12,6 +12,7 @@ from hdopt.lm.scoring import (
     classification_loss,
     encode_answers,
     encode_options,
+    encode_prefix,
     option_scores,
     predict,
     truncate_left,
@@ -126,3 +127,19 @@ def test_truncated_scores_equal_brute_force_on_the_kept_tokens(tokenizer_plain):
     expected = [brute_force_score(model, tokenizer_plain, "fghij", " yes"),
                 brute_force_score(model, tokenizer_plain, "efghij", " no")]  # fmt: skip
     assert_scores_close(scores, expected)
+
+
+def test_prefix_cache_scores_equal_uncached(case):
+    """ICL demonstrations run once as a cached prefix give the same scores as prepending their text."""
+    model, tokenizer = case
+    demos = "a demo. It was great\n\nanother demo, rather longer than the window. It was terrible\n\n"
+    uncached = encode_options(tokenizer, [demos + p for p in PROMPTS], OPTIONS, LABELS)
+    rows = encode_options(tokenizer, PROMPTS, OPTIONS, LABELS, add_special_tokens=False)
+    prefix = encode_prefix(model, tokenizer(demos).input_ids)
+    assert prefix.length + rows.input_ids.shape[1] == uncached.input_ids.shape[1]
+    with torch.no_grad():
+        expected = option_scores(model, uncached)
+        cached = option_scores(model, rows, prefix)
+        cached_again = option_scores(model, rows, prefix)  # the prefix cache is not consumed
+    torch.testing.assert_close(cached, expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(cached_again, expected, atol=ATOL, rtol=0)

@@ -13,6 +13,8 @@ teacher-forced answer loss: mean negative log-likelihood of the gold continuatio
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,24 +68,28 @@ def encode_options(
     options: Sequence[Sequence[str]],
     labels: Sequence[int | None] | None = None,
     max_length: int = 2048,
+    add_special_tokens: bool = True,
 ) -> OptionBatch:
     """Tokenise every ``prompt + option`` pair into one batch.
 
-    The prompt is tokenised with the tokenizer's special tokens (a BOS where the model uses one), each
-    option without; prompts longer than ``max_length - len(option)`` lose tokens on the left (the BOS is
-    kept). Options are tokenised on their own, so their leading space belongs to them (``" great"``).
+    The prompt is tokenised with the tokenizer's special tokens (a BOS where the model uses one; pass
+    ``add_special_tokens=False`` when a :class:`Prefix` supplies it), each option without; prompts longer
+    than ``max_length - len(option)`` lose tokens on the left (the BOS is kept). Options are tokenised on
+    their own, so their leading space belongs to them (``" great"``).
     """
     assert len(prompts) == len(options)
     rows: list[list[int]] = []
     starts, example_index, option_index = [], [], []
     for e, (prompt, opts) in enumerate(zip(prompts, options, strict=True)):
-        prompt_ids = tokenizer(prompt).input_ids
+        prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
         keep_first = _starts_with_bos(tokenizer, prompt_ids)
         for o, option in enumerate(opts):
             option_ids = tokenizer(option, add_special_tokens=False).input_ids[: max_length - 1]
             if not option_ids:
                 raise ValueError(f"option {option!r} has no tokens")
             kept = truncate_left(prompt_ids, max_length - len(option_ids), keep_first)
+            if not kept:
+                raise ValueError(f"prompt {prompt!r} has no tokens to condition the option on")
             rows.append(kept + option_ids)
             starts.append(len(kept))
             example_index.append(e)
@@ -182,8 +188,53 @@ def _check_head(inner) -> bool:
     return flag
 
 
-def token_logprobs(model, batch: OptionBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities of every option token.
+@dataclass
+class Prefix:
+    """A context shared by every row (the ICL demonstrations), run through the model once.
+
+    ``cache`` is the model's key/value cache for the ``length`` prefix tokens (batch 1); scoring copies
+    and repeats it per batch, so each row only runs its own tokens.
+    """
+
+    length: int
+    cache: object
+
+
+@torch.no_grad()
+def encode_prefix(model, prefix_ids: Sequence[int]) -> Prefix:
+    """Run ``prefix_ids`` (with the BOS, if the model uses one) once and keep the key/value cache."""
+    device = model.get_input_embeddings().weight.device
+    ids = torch.tensor([list(prefix_ids)], device=device)
+    out = model(input_ids=ids, use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5.x
+    return Prefix(length=len(prefix_ids), cache=cache)
+
+
+def _cache_argument(module) -> str:
+    """``cache`` (transformers >= 5.x) or ``past_key_values`` (older), whichever ``forward`` takes."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def _model_inputs(module, batch: OptionBatch, prefix: Prefix | None) -> dict:
+    if prefix is None:
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+    rows = batch.input_ids.shape[0]
+    cache = copy.deepcopy(prefix.cache)
+    cache.batch_repeat_interleave(rows)
+    ones = torch.ones(rows, prefix.length, dtype=batch.attention_mask.dtype, device=batch.input_ids.device)
+    mask = torch.cat([ones, batch.attention_mask], dim=1)  # [R, P + T]
+    return {
+        "input_ids": batch.input_ids,
+        "attention_mask": mask,
+        _cache_argument(module): cache,
+        "use_cache": True,
+    }
+
+
+def token_logprobs(
+    model, batch: OptionBatch, prefix: Prefix | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities of every option token (after the shared ``prefix``, when given).
 
     Returns:
         ``(logp, row)``: ``logp[m]`` is log p(token m | everything before it) and ``row[m]`` its row;
@@ -199,20 +250,17 @@ def token_logprobs(model, batch: OptionBatch) -> tuple[torch.Tensor, torch.Tenso
     predict_pos = targets_pos - 1  # the position whose output predicts each option token
     inner = _unwrap(model)
     if inner is not None and _can_split(inner) and _check_head(inner):
-        hidden = inner.base_model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        )[0]
+        hidden = inner.base_model(**_model_inputs(inner.base_model, batch, prefix))[0]  # [R, T, H]
         logits = _head_logits(inner, hidden[rows, predict_pos])  # [M, V]: only the positions we need
     else:  # full-vocabulary logits at every position, then gather (any model, slower)
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        logits = out.logits[rows, predict_pos]
+        logits = model(**_model_inputs(model, batch, prefix)).logits[rows, predict_pos]
     logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
     return logp, rows
 
 
-def option_scores(model, batch: OptionBatch) -> torch.Tensor:
+def option_scores(model, batch: OptionBatch, prefix: Prefix | None = None) -> torch.Tensor:
     """Mean per-token log-likelihood of each row's option, shape [R] (differentiable)."""
-    logp, rows = token_logprobs(model, batch)
+    logp, rows = token_logprobs(model, batch, prefix)
     total = torch.zeros(batch.input_ids.shape[0], dtype=logp.dtype, device=logp.device).index_add(
         0, rows, logp
     )
@@ -245,7 +293,7 @@ def answer_loss(model, batch: OptionBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model, batch: OptionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model, batch: OptionBatch, prefix: Prefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(predictions [E], scores [E, max options])``: argmax of the mean option log-likelihood."""
-    table = scores_by_example(batch, option_scores(model, batch))
+    table = scores_by_example(batch, option_scores(model, batch, prefix))
     return table.argmax(dim=1), table
