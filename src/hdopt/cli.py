@@ -16,7 +16,11 @@ from hdopt import __version__
 # (name, one-line help, module that implements it)
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("demo", "forward-only (MeZO) fine-tuning demo on the embedded SmolLM2-135M", "hdopt.demo"),
-    ("models", "list the model aliases, their source, size and whether they are ready", "hdopt.lm.cli_models"),
+    (
+        "models",
+        "list the model aliases, their source, size and whether they are ready",
+        "hdopt.lm.cli_models",
+    ),
     ("eval", "zero-shot / in-context evaluation of a language model on a task", "hdopt.lm.cli_eval"),
     ("lab", "implicit-bias experiments (equilibrium, explr, sde, eos, mirror)", "hdopt.dynamics.cli"),
     ("tint", "TinT: in-context fine-tuning inside one forward pass (size, eval)", "hdopt.tint.cli"),

@@ -6,12 +6,13 @@ parameter receives does not depend on the order parameters are visited in, on ho
 chunks, or on which device generates it (integer hashing is exact everywhere; the Gaussian transform is
 float32 math, bitwise reproducible on one device type).
 
-The element hash is two rounds of a 32-bit integer mixer (``lowbias32``) keyed by the two halves of the key,
+The element hash is two keyed rounds of a 32-bit multiply-xorshift mixer (the constants of ``lowbias32``),
 run as in-place int32 tensor ops (int32 multiplies are native SIMD instructions; int64 ones are not).
 
 * Rademacher (+-1): one 32-bit word (counter ``c``) gives the signs of elements ``32c .. 32c+31``
   (expanded by a table lookup).
-* Gaussian: Box-Muller on pairs of 24-bit uniforms. Pair ``j`` hashes counter ``j``: the first round's word
+* Gaussian: Box-Muller (a 24-bit uniform for the radius, a 32-bit angle). Pair ``j`` hashes counter ``j``:
+  the first round's word
   gives the radius, the second round's word the angle. Elements come in blocks of 64: element ``64b + i``
   (``i < 32``) is ``r cos(theta)`` of pair ``32b + i`` and element ``64b + 32 + i`` is its ``r sin(theta)``,
   so a chunk is written with contiguous, vectorizable stores.
@@ -37,7 +38,6 @@ _MASK64 = (1 << 64) - 1
 _M1 = 0x7FEB352D
 _M2 = 0x846CA68B - (1 << 32)  # as a signed int32 constant
 _SEGMENT = 1 << 31  # counters are hashed as int32 within a segment; the segment index goes into the key
-_U24 = 1.0 / (1 << 24)
 _LN2 = 0.6931471805599453
 _BLOCK = 64  # elements per layout block (see the module docstring)
 
@@ -73,9 +73,12 @@ def _segment_keys(key: int, segment: int) -> tuple[int, int]:
 
 
 def _mix32_(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """In-place lowbias32 on an int32 tensor (logical shifts emulated by masking)."""
-    torch.bitwise_right_shift(x, 16, out=scratch)
-    x.bitwise_xor_(scratch.bitwise_and_(0xFFFF)).mul_(_M1)
+    """In-place 32-bit mixing round: multiply, xorshift, multiply, xorshift (the lowbias32 constants).
+
+    Logical right shifts are emulated by masking (torch has no unsigned 32-bit shifts). The input is already
+    ``counter ^ key``, a bijection of the counter, so the leading xorshift of lowbias32 is left out.
+    """
+    x.mul_(_M1)
     torch.bitwise_right_shift(x, 15, out=scratch)
     x.bitwise_xor_(scratch.bitwise_and_(0x1FFFF)).mul_(_M2)
     torch.bitwise_right_shift(x, 16, out=scratch)
@@ -138,6 +141,12 @@ class NoiseGenerator:
             pos += n
         return first, second
 
+    def words(self, key: int, start: int, count: int) -> torch.Tensor:
+        """Uniformly random int32 words for counters ``start ..`` (a view valid until the next call)."""
+        if count > self.chunk:
+            raise ValueError(f"asked for {count} words at once; this generator's chunk is {self.chunk}")
+        return self._hash(key, start, count)[1]
+
     def generate(self, key: int, start: int, length: int) -> torch.Tensor:
         """float32 noise for offsets ``[start, start+length)``; a view valid until the next call."""
         if length > self.chunk:
@@ -182,11 +191,17 @@ class NoiseGenerator:
 
 
 def _box_muller_(radius_bits, angle_bits, radius, theta) -> None:
-    """radius = sqrt(-2 ln u1), theta = 2 pi u2 from the low 24 bits of two int32 words (written in place)."""
-    radius.copy_(radius_bits.bitwise_and_(0xFFFFFF)).add_(0.5).mul_(_U24)  # u1 uniform on (0, 1)
-    torch.log2(radius, out=radius).mul_(-2.0 * _LN2)
+    """Box-Muller polar coordinates from two int32 words, written into ``radius`` and ``theta``.
+
+    ``radius = sqrt(-2 ln u)``, ``u = (b + 0.5) / 2^24`` from the low 24 bits ``b`` of the first word, i.e.
+    ``sqrt(2 ln2 (24 - log2(b + 0.5)))``; ``theta = pi * w / 2^31`` in ``[-pi, pi)`` from the signed second
+    word.
+    """
+    radius.copy_(radius_bits.bitwise_and_(0xFFFFFF)).add_(0.5)
+    torch.log2(radius, out=radius)
+    radius.mul_(-2.0 * _LN2).add_(48.0 * _LN2)
     torch.sqrt(radius, out=radius)
-    theta.copy_(angle_bits.bitwise_and_(0xFFFFFF)).mul_(2 * torch.pi * _U24)
+    theta.copy_(angle_bits).mul_(torch.pi / 2**31)
 
 
 def _hash_at(key: int, counters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

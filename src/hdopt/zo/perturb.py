@@ -1,0 +1,195 @@
+"""Evaluating a loss at perturbed weights ``theta + sum_i c_i z_i`` without changing the weights.
+
+The reference MeZO writes ``+eps*z``, ``-2eps*z`` and ``+eps*z`` into the weights; in floating point the
+round trip does not give the weights back (in bf16/fp16 about half of the elements drift). Here the weights
+are never modified to evaluate a perturbed loss:
+
+* ``forward`` mode: while the closure runs, global module hooks give every module that owns a trainable
+  parameter a *perturbed copy* of it for the duration of that module's forward (``module._parameters`` is
+  swapped, then swapped back). Only one module's copies exist at a time, so the extra memory is one module's
+  parameters, not a copy of the model. A plain ``nn.Embedding`` gets no copy at all: the noise of the rows the
+  batch gathers is added to its output.
+* ``inplace`` mode, for tensors no module owns (a bare ``requires_grad`` tensor in a closure): the tensor is
+  backed up, perturbed in place and copied back, which is exact too but costs a copy of those tensors.
+
+A perturbation is a list of ``(direction_key, coefficient)`` terms; the noise of parameter ``p`` under a
+direction is ``z = noise(derive_key(direction_key, p_id), offset)`` (see :mod:`hdopt.zo.noise`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hdopt.zo.noise import NoiseGenerator, chunks, derive_key
+from hdopt.zo.rounding import HALF_DTYPES
+
+Terms = Sequence[tuple[int, float]]  # (direction key, coefficient)
+
+
+@dataclass(eq=False)
+class ParamSlot:
+    """A trainable tensor and the stable identity its noise is keyed by."""
+
+    tensor: torch.Tensor
+    ident: int
+
+    def key(self, direction_key: int) -> int:
+        return derive_key(direction_key, self.ident)
+
+
+def perturbed_copy(
+    slot: ParamSlot, terms: Terms, generator: NoiseGenerator, scale: float = 1.0, shrink: float = 1.0
+) -> torch.Tensor:
+    """A new tensor ``shrink*theta + sum_i scale*c_i*z_i``, in float32 and rounded once to theta's dtype.
+
+    For float32/float64 tensors the operations are the ones the SGD update performs, so a candidate evaluated
+    here is bitwise the tensor the update would write.
+    """
+    src = slot.tensor.detach()
+    out = torch.empty_like(src, memory_format=torch.contiguous_format)
+    flat_src, flat_out = src.reshape(-1), out.view(-1)
+    keys = [(slot.key(direction), coef * scale) for direction, coef in terms]
+    for start, length in chunks(src.numel(), generator.chunk):
+        piece = flat_out[start : start + length]
+        acc = torch.empty(length, device=src.device) if src.dtype in HALF_DTYPES else piece
+        source = flat_src[start : start + length]
+        if shrink != 1.0:
+            torch.mul(source, shrink, out=acc)
+            source = acc
+        for key, coef in keys:  # the first term reads the source, later ones accumulate
+            torch.add(source, generator.generate(key, start, length), alpha=coef, out=acc)
+            source = acc
+        if source is not acc:
+            acc.copy_(source)
+        if acc is not piece:
+            piece.copy_(acc)
+    return out
+
+
+def _gathers_rows(module: nn.Module, name: str) -> bool:
+    """True for the weight of a plain nn.Embedding, whose output is exactly ``weight[ids]``."""
+    return (
+        name == "weight"
+        and type(module).forward is nn.Embedding.forward
+        and getattr(module, "max_norm", None) is None
+    )
+
+
+class Perturbation:
+    """Context manager: inside it, forward passes see ``theta + sum_i c_i z_i`` for the given slots.
+
+    Args:
+        slots: the trainable tensors, keyed by ``id(tensor)``.
+        terms: ``(direction_key, coefficient)`` pairs; empty means the unperturbed weights.
+        generator: the noise generator (distribution, chunk size, device).
+        inplace_ids: ids of slots perturbed in place (backed up, restored exactly) instead of at forward time.
+        factors: optional per-slot ``(scale, shrink)``: slot ``p`` sees ``shrink*theta + sum_i scale*c_i*z_i``
+            (used to evaluate candidate updates with per-group learning rates and weight decay).
+
+    After exit, :attr:`seen` holds the ids of slots that a module forward perturbed.
+    """
+
+    def __init__(
+        self,
+        slots: dict[int, ParamSlot],
+        terms: Terms,
+        generator: NoiseGenerator,
+        inplace_ids: frozenset[int] = frozenset(),
+        factors: dict[int, tuple[float, float]] | None = None,
+    ):
+        self.slots = slots
+        self.factors = factors or {}
+        self.terms = [(int(k), float(c)) for k, c in terms if c != 0.0]
+        self.active = bool(self.terms) or any(shrink != 1.0 for _, shrink in self.factors.values())
+        self.generator = generator
+        self.inplace_ids = inplace_ids
+        self.seen: set[int] = set()
+        # id(module) -> (module, stack of frames); a frame lists the (name, original) swapped by one call
+        self._swapped: dict[int, tuple[nn.Module, list[list[tuple[str, torch.Tensor]]]]] = {}
+        self._backups: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._handles: list = []
+
+    # -- module hooks (forward mode) --------------------------------------------------------------
+    def _pre_hook(self, module: nn.Module, args) -> None:
+        frame = []
+        for name, param in module._parameters.items():
+            slot = self.slots.get(id(param)) if param is not None else None
+            if slot is None or id(param) in self.inplace_ids:
+                continue
+            self.seen.add(id(param))
+            if _gathers_rows(module, name):
+                continue  # handled on the output in _post_hook
+            module._parameters[name] = self._copy(slot)
+            frame.append((name, param))
+        self._swapped.setdefault(id(module), (module, []))[1].append(frame)
+
+    def _post_hook(self, module: nn.Module, args, output):
+        entry = self._swapped.get(id(module))
+        if entry and entry[1]:
+            for name, param in entry[1].pop():
+                module._parameters[name] = param
+        weight = module._parameters.get("weight")
+        if (
+            weight is not None
+            and id(weight) in self.slots
+            and id(weight) not in self.inplace_ids
+            and _gathers_rows(module, "weight")
+        ):
+            return self._add_row_noise(self.slots[id(weight)], args[0], output)
+        return None
+
+    def _copy(self, slot: ParamSlot) -> torch.Tensor:
+        scale, shrink = self.factors.get(id(slot.tensor), (1.0, 1.0))
+        return perturbed_copy(slot, self.terms, self.generator, scale, shrink)
+
+    def _add_row_noise(self, slot: ParamSlot, ids: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        scale, shrink = self.factors.get(id(slot.tensor), (1.0, 1.0))
+        width = output.shape[-1]
+        acc = output.float() if output.dtype in HALF_DTYPES else output.clone()
+        if shrink != 1.0:
+            acc.mul_(shrink)
+        offsets = ids.reshape(-1).to(torch.int64) * width
+        for direction, coef in self.terms:
+            rows = self.generator.rows(slot.key(direction), offsets, width).view_as(acc)
+            acc.add_(rows, alpha=coef * scale)
+        return acc.to(output.dtype)
+
+    # -- context protocol -------------------------------------------------------------------------
+    def __enter__(self) -> Perturbation:
+        if not self.active:
+            return self
+        for ident in self.inplace_ids:
+            self._perturb_inplace(self.slots[ident])
+        if len(self.inplace_ids) < len(self.slots):
+            self._handles = [
+                nn.modules.module.register_module_forward_pre_hook(self._pre_hook),
+                nn.modules.module.register_module_forward_hook(self._post_hook),
+            ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._restore_swapped()
+        for tensor, backup in self._backups:
+            tensor.copy_(backup)
+        self._backups = []
+
+    def _perturb_inplace(self, slot: ParamSlot) -> None:
+        tensor = slot.tensor.detach()
+        self._backups.append((tensor, tensor.clone()))
+        tensor.copy_(self._copy(slot))
+        self.seen.add(id(slot.tensor))
+
+    def _restore_swapped(self) -> None:
+        """Undo swaps left by a forward that raised before its post-hook ran."""
+        for module, frames in self._swapped.values():
+            for frame in reversed(frames):
+                for name, param in frame:
+                    module._parameters[name] = param
+        self._swapped.clear()

@@ -1,0 +1,92 @@
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from hdopt.zo.noise import NoiseGenerator, derive_key, name_id
+from hdopt.zo.perturb import ParamSlot, Perturbation
+
+from .models import TinyLM, batch, bitwise_equal, snapshot
+
+
+def _slots(model):
+    return {id(p): ParamSlot(p, name_id(n)) for n, p in model.named_parameters()}
+
+
+def _explicitly_perturbed(model, terms, dist="gaussian"):
+    """A deep copy whose weights are written as theta + sum c z, tensor by tensor."""
+    twin = copy.deepcopy(model)
+    gen = NoiseGenerator(dist)
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            z_sum = torch.zeros(p.numel(), dtype=torch.float64)
+            for direction, coef in terms:
+                z_sum += coef * gen.generate(derive_key(direction, name_id(name)), 0, p.numel()).double()
+            p.copy_((p.double().view(-1) + z_sum).view_as(p))
+    return twin
+
+
+def test_forward_perturbation_equals_explicitly_perturbed_weights():
+    model, ids = TinyLM(dtype=torch.float64), batch()
+    terms = [(derive_key(5, 0), 1e-2), (derive_key(5, 1), -3e-3)]
+    with torch.no_grad(), Perturbation(_slots(model), terms, NoiseGenerator("gaussian")) as pert:
+        hooked = model.loss(ids)
+    explicit = _explicitly_perturbed(model, terms).loss(ids)
+    unperturbed = model.loss(ids)
+    assert abs(hooked.item() - explicit.item()) < 1e-12
+    assert abs(hooked.item() - unperturbed.item()) > 1e-4  # the perturbation did something
+    assert pert.seen == {id(p) for p in model.parameters()}
+
+
+def test_weights_are_untouched_during_and_after_perturbation():
+    model, ids = TinyLM(), batch()
+    before = snapshot(model)
+    seen_inside = {}
+
+    def spy(module, args, output):
+        seen_inside[module] = module.hidden.weight if hasattr(module, "hidden") else None
+
+    with torch.no_grad(), Perturbation(_slots(model), [(1, 0.5)], NoiseGenerator("rademacher")):
+        model.loss(ids)
+        assert bitwise_equal(before, snapshot(model))
+    assert bitwise_equal(before, snapshot(model))
+    assert isinstance(model.hidden._parameters["weight"], nn.Parameter)
+
+
+def test_a_forward_that_raises_still_restores_the_parameters():
+    model = TinyLM()
+    originals = dict(model.hidden._parameters)
+
+    class Boom(RuntimeError):
+        pass
+
+    def explode(module, args, output):
+        raise Boom
+
+    handle = model.norm.register_forward_hook(explode)
+    try:
+        with torch.no_grad(), Perturbation(_slots(model), [(1, 0.5)], NoiseGenerator()):
+            model.loss(batch())
+    except Boom:
+        pass
+    finally:
+        handle.remove()
+    assert all(model.hidden._parameters[k] is v for k, v in originals.items())
+
+
+def test_inplace_mode_restores_bitwise():
+    w = torch.randn(1000, dtype=torch.bfloat16)
+    before = w.clone()
+    slots = {id(w): ParamSlot(w, 7)}
+    with Perturbation(slots, [(3, 1e-3)], NoiseGenerator(), inplace_ids=frozenset(slots)) as pert:
+        assert not torch.equal(w, before)
+    assert torch.equal(w.view(torch.int16), before.view(torch.int16))
+    assert pert.seen == {id(w)}
+
+
+def test_no_hooks_leak_after_exit():
+    hooks_before = len(nn.modules.module._global_forward_pre_hooks)
+    with warnings.catch_warnings(), Perturbation(_slots(TinyLM()), [(1, 0.1)], NoiseGenerator()):
+        assert len(nn.modules.module._global_forward_pre_hooks) == hooks_before + 1
+    assert len(nn.modules.module._global_forward_pre_hooks) == hooks_before
