@@ -1,0 +1,45 @@
+"""Run folders: config.json, results.json and predictions.jsonl, each written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then rename over ``path`` (readers never see half)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    _atomic_write(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Atomically write one JSON object per line."""
+    _atomic_write(Path(path), "".join(json.dumps(row, default=str) + "\n" for row in rows))
+
+
+def default_run_dir(*parts: str, root: str | os.PathLike = "runs") -> Path:
+    """``runs/<part>-<part>-...-<UTC timestamp>``, made unique with a suffix if it exists."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    base = Path(root) / "-".join([*(p.replace("/", "_") for p in parts), stamp])
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
