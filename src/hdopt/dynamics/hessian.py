@@ -56,7 +56,7 @@ class HessianOperator:
             weight = len(y) / self._total
             loss = self.loss_fn(self.model(x), y)
             grads = torch.autograd.grad(loss, self.params)
-            loss_total += weight * float(loss)
+            loss_total += weight * loss.item()
             grad_total += weight * _flat(grads)
         return loss_total, grad_total
 
@@ -113,6 +113,8 @@ def lanczos(matvec: Matvec, dim: int, k: int = 1, iters: int = 20, generator: to
     history: list[float] = []
     for j in range(iters):
         w = matvec(basis[j]).to(dtype)
+        if not torch.isfinite(w).all():
+            raise FloatingPointError("the operator returned non-finite values (did training diverge?)")
         alphas.append(float(basis[j] @ w))
         Q = torch.stack(basis)
         w = w - Q.T @ (Q @ w)  # full reorthogonalization (twice is enough, Kahan-Parlett)

@@ -3,10 +3,10 @@
 Gradient flow on (u, v) for L(u*u - v*v) from u_0 = v_0 = alpha (elementwise) gives, with g = grad L(w),
 u' = -2 u g and v' = 2 v g, hence u = alpha e^{-2G}, v = alpha e^{2G} with G = integral of g, and
 
-    w = -2 alpha^2 sinh(2G)   <=>   d/dt grad psi(w) = -grad L(w),   grad psi(w) = (1/2) arcsinh(w / (2 alpha^2)).
+    w = alpha^2 (e^{-4G} - e^{4G}) = -2 alpha^2 sinh(4G)
+    <=>  d/dt grad psi(w) = -grad L(w),   grad psi(w) = (1/4) arcsinh(w / (2 alpha^2)).
 
-So the flow is mirror descent with this potential (with the time convention u' = -grad_u L; the paper's 1/4
-corresponds to a loss or time scaled by 2). psi interpolates between l1 (alpha -> 0: the flow picks the
+So the flow is mirror descent with this potential. psi interpolates between l1 (alpha -> 0: the flow picks the
 minimum-l1 interpolant, i.e. a sparse one) and l2 (alpha -> infinity: the minimum-l2 interpolant).
 Here both dynamics are discretized with the same step eta; they agree up to O(eta).
 """
@@ -17,13 +17,13 @@ import numpy as np
 
 
 def mirror_map(w: np.ndarray, alpha: float) -> np.ndarray:
-    """grad psi(w) = (1/2) arcsinh(w / (2 alpha^2))."""
-    return 0.5 * np.arcsinh(w / (2 * alpha**2))
+    """grad psi(w) = (1/4) arcsinh(w / (2 alpha^2))."""
+    return 0.25 * np.arcsinh(w / (2 * alpha**2))
 
 
 def inverse_mirror_map(z: np.ndarray, alpha: float) -> np.ndarray:
-    """(grad psi)^{-1}(z) = 2 alpha^2 sinh(2 z)."""
-    return 2 * alpha**2 * np.sinh(2 * z)
+    """(grad psi)^{-1}(z) = 2 alpha^2 sinh(4 z)."""
+    return 2 * alpha**2 * np.sinh(4 * z)
 
 
 def squared_loss_grad(X: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:

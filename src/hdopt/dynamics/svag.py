@@ -69,7 +69,7 @@ class SVAG:
         loss = self.c1 * loss1 + self.c2 * loss2
         loss.backward()
         self.optimizer.step()
-        return float(loss)
+        return loss.item()
 
     def state_dict(self) -> dict[str, Any]:
         return {"l": self.l, "optimizer": self.optimizer.state_dict()}

@@ -1,0 +1,186 @@
+"""`hdopt lab sde`: SGD and Adam follow SDEs, so their curves are kept by SVAG and by the right scaling rule.
+
+Claims:
+  * SVAG (Li, Malladi & Arora, NeurIPS 2021): with l in {1, 2, 4}, lr eta/l and l times the steps, the loss
+    curves plotted against eta * steps / l coincide (they approximate one SDE; l = 1 is SGD itself).
+  * Square-root rule (Malladi, Lyu, Panigrahi & Arora, NeurIPS 2022): growing Adam's batch kappa = 4 times with
+    lr * sqrt(kappa), 1 - beta -> kappa (1 - beta), eps / sqrt(kappa) keeps the loss curve against examples seen;
+    the linear rule (lr * kappa) and no scaling do not.
+
+Recipe: a ReLU MLP on digits with 20% label noise (noise makes the SDE's diffusion matter). Curves are the full
+training loss at fixed fractions of the run; a gap is the mean absolute difference to the reference curve
+divided by the mean of the reference curve.
+The gradient noise scale (per-sample variance vs squared mean gradient) is reported at the start and end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from hdopt.dynamics.data import TensorData, batches, load_data
+from hdopt.dynamics.experiments.common import full_loss, pyplot
+from hdopt.dynamics.hparams import scale_hparams, steps_for_batch
+from hdopt.dynamics.io import save_figure
+from hdopt.dynamics.models import relu_mlp
+from hdopt.dynamics.noise_scale import gradient_noise_scale
+from hdopt.dynamics.registry import Experiment, register
+from hdopt.dynamics.results import Check, LabResult, Timer
+from hdopt.dynamics.svag import SVAG
+
+CE = torch.nn.functional.cross_entropy
+
+
+@dataclass
+class SDEConfig:
+    """Attributes: data, label noise, net; SVAG part (SGD lr/batch/steps, values of l); Adam part (lr, betas,
+    eps, batch, steps, kappa); evaluation points per run; tolerances on the curve gaps; seed."""
+
+    data: str = "digits"
+    n_train: int | None = None
+    label_noise: float = 0.2
+    width: int = 128
+    depth: int = 2
+    sgd_lr: float = 0.2
+    sgd_batch: int = 32
+    sgd_steps: int = 1500
+    svag_ls: tuple[int, ...] = (1, 2, 4)
+    adam_lr: float = 1e-3
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    adam_batch: int = 32
+    adam_steps: int = 4000
+    kappa: float = 4.0
+    evals: int = 40
+    svag_tol: float = 0.15
+    rule_tol: float = 0.15
+    seed: int = 0
+
+
+PRESETS = {
+    "smoke": SDEConfig(n_train=400, width=32, sgd_steps=200, adam_steps=400, evals=10, svag_tol=0.3,
+                       rule_tol=0.3),
+    "default": SDEConfig(),
+    "full": SDEConfig(width=256, sgd_steps=4000, adam_steps=12000, svag_ls=(1, 2, 4, 8)),
+}
+
+
+def fresh_model(config: SDEConfig, data: TensorData) -> torch.nn.Module:
+    """The same initialization for every run."""
+    return relu_mlp(data.dim, config.width, data.num_classes, config.depth,
+                    generator=torch.Generator().manual_seed(config.seed))
+
+
+def eval_points(steps: int, evals: int) -> set[int]:
+    """Steps after which the full training loss is recorded (evenly spaced, always including the last)."""
+    return {round(steps * (i + 1) / evals) for i in range(evals)}
+
+
+def run_svag(config: SDEConfig, data: TensorData, l: int) -> list[float]:
+    """SGD wrapped by SVAG(l): lr sgd_lr / l for l * sgd_steps steps; training loss at the shared time points."""
+    model = fresh_model(config, data)
+    svag = SVAG(torch.optim.SGD(model.parameters(), lr=config.sgd_lr), l)
+    stream = batches(data.train_x, data.train_y, config.sgd_batch, torch.Generator().manual_seed(config.seed + l))
+    steps = l * config.sgd_steps
+    points, losses = eval_points(steps, config.evals), []
+
+    def closure() -> tuple[torch.Tensor, torch.Tensor]:
+        (x1, y1), (x2, y2) = next(stream), next(stream)  # two independent batches
+        return CE(model(x1), y1), CE(model(x2), y2)
+
+    for t in tqdm(range(1, steps + 1), desc=f"svag l={l}", disable=None, leave=False):
+        svag.step(closure)
+        if t in points:
+            losses.append(full_loss(model, data.train_x, data.train_y))
+    return losses
+
+
+def run_adam(config: SDEConfig, data: TensorData, opt_config: dict, batch: int, steps: int, label: str
+             ) -> tuple[list[float], torch.nn.Module]:
+    """Adam with ``opt_config`` at batch ``batch`` for ``steps`` steps; training loss at the shared points."""
+    model = fresh_model(config, data)
+    optimizer = torch.optim.Adam(model.parameters(), **opt_config)
+    stream = batches(data.train_x, data.train_y, batch, torch.Generator().manual_seed(config.seed + 100))
+    points, losses = eval_points(steps, config.evals), []
+    for t in tqdm(range(1, steps + 1), desc=f"adam {label}", disable=None, leave=False):
+        x, y = next(stream)
+        optimizer.zero_grad()
+        CE(model(x), y).backward()
+        optimizer.step()
+        if t in points:
+            losses.append(full_loss(model, data.train_x, data.train_y))
+    return losses, model
+
+
+def curve_gap(curve: list[float], reference: list[float]) -> float:
+    """Relative gap ``mean |curve - reference| / mean |reference|`` of two curves sampled at the same points."""
+    ref = np.asarray(reference)
+    return float(np.mean(np.abs(np.asarray(curve) - ref)) / np.mean(np.abs(ref)))
+
+
+def run(config: SDEConfig, out_dir: str | Path, data: TensorData | None = None) -> LabResult:
+    """SVAG curves for each l, Adam under three batch-scaling choices; compare gaps with the tolerances."""
+    with Timer() as timer:
+        data = data or load_data(config.data, config.n_train, config.label_noise, seed=config.seed)
+        svag = {l: run_svag(config, data, l) for l in config.svag_ls}
+
+        base = {"lr": config.adam_lr, "betas": config.adam_betas, "eps": config.adam_eps}
+        big_batch = round(config.kappa * config.adam_batch)
+        big_steps = steps_for_batch(config.adam_steps, config.kappa)
+        noise_start = gradient_noise_scale(fresh_model(config, data), CE, data.train_x, data.train_y)
+        adam = {"baseline": run_adam(config, data, base, config.adam_batch, config.adam_steps, "baseline")}
+        noise_end = gradient_noise_scale(adam["baseline"][1], CE, data.train_x, data.train_y)
+        for name, cfg in (("sqrt rule", scale_hparams(base, config.kappa, "sqrt")),
+                          ("linear rule", scale_hparams(base, config.kappa, "linear")),
+                          ("no scaling", dict(base))):
+            adam[name] = run_adam(config, data, cfg, big_batch, big_steps, name)
+
+    reference = svag[config.svag_ls[0]]
+    checks = [Check(f"SVAG l={l} gap to l={config.svag_ls[0]}", f"< {config.svag_tol:g}", curve_gap(c, reference),
+                    curve_gap(c, reference) < config.svag_tol, f"mean |dL| / mean L < {config.svag_tol:g}")
+              for l, c in svag.items() if l != config.svag_ls[0]]
+    baseline = adam["baseline"][0]
+    gaps = {name: curve_gap(curve, baseline) for name, (curve, _) in adam.items() if name != "baseline"}
+    checks.append(Check(f"Adam sqrt rule gap (kappa={config.kappa:g})", f"< {config.rule_tol:g}", gaps["sqrt rule"],
+                        gaps["sqrt rule"] < config.rule_tol, f"mean |dL| / mean L < {config.rule_tol:g}"))
+    for name in ("linear rule", "no scaling"):
+        checks.append(Check(f"Adam {name} gap", f"> {config.rule_tol:g}", gaps[name], gaps[name] > config.rule_tol,
+                            f"mean |dL| / mean L > {config.rule_tol:g} (the rule matters)"))
+    curves = {f"svag l={l}": c for l, c in svag.items()}
+    curves.update({f"adam {name}": c for name, (c, _) in adam.items()})
+    curves["time_fraction"] = [(i + 1) / config.evals for i in range(config.evals)]
+    curves["noise_scale"] = {"start": vars(noise_start), "end": vars(noise_end)}
+    curves["adam_configs"] = {"sqrt rule": scale_hparams(base, config.kappa, "sqrt"),
+                              "linear rule": scale_hparams(base, config.kappa, "linear"), "baseline": base}
+    result = LabResult("sde", config, checks, curves, timer.seconds)
+    result.plot = str(plot(result, Path(out_dir) / "sde.png"))
+    result.write(out_dir)
+    return result
+
+
+def plot(result: LabResult, path: Path) -> Path:
+    """Left: SVAG curves against continuous time eta*steps/l; right: Adam curves against examples seen."""
+    plt = pyplot()
+    c, cv = result.config, result.curves
+    frac = np.asarray(cv["time_fraction"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for l in c.svag_ls:
+        axes[0].plot(frac * c.sgd_steps * c.sgd_lr, cv[f"svag l={l}"], marker=".", label=f"SVAG l={l}")
+    axes[0].set(title=f"SVAG: SGD lr {c.sgd_lr:g}/l, batch {c.sgd_batch}, {c.label_noise:.0%} label noise",
+                xlabel="time = lr * steps / l", ylabel="train loss")
+    for name in ("baseline", "sqrt rule", "linear rule", "no scaling"):
+        axes[1].plot(frac * c.adam_steps * c.adam_batch, cv[f"adam {name}"], marker=".",
+                     label=name if name == "baseline" else f"batch x{c.kappa:g}, {name}")
+    axes[1].set(title="Adam: batch x kappa with each scaling rule", xlabel="examples seen", ylabel="train loss")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle(result.verdict()[:160], fontsize=8)
+    return save_figure(fig, path)
+
+
+register(Experiment("sde", "SVAG(l) curves coincide in lr*steps; Adam's sqrt scaling rule keeps the loss curve "
+                    "when the batch grows 4x, the linear rule and no scaling do not", SDEConfig, PRESETS, run))
