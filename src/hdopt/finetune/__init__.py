@@ -1,0 +1,43 @@
+"""Fine-tuning language models with forward passes (MeZO: full, LoRA, prefix) and backprop baselines.
+
+Modules: :mod:`~hdopt.finetune.config` (one dataclass per component), :mod:`~hdopt.finetune.methods`
+(the methods registry), :mod:`~hdopt.finetune.adapters` and :mod:`~hdopt.finetune.prefix` (what is
+trained), :mod:`~hdopt.finetune.batches` (data order, objectives), :mod:`~hdopt.finetune.optimizers`
+(optimizers, schedules, one step), :mod:`~hdopt.finetune.trainer` (the recipe),
+:mod:`~hdopt.finetune.checkpoint` and :mod:`~hdopt.finetune.rundir` (what a run writes).
+
+    >>> from hdopt.finetune import RunConfig, finetune                      # doctest: +SKIP
+    >>> cfg = RunConfig().replace(method="mezo", task="sst2", steps=2000)  # doctest: +SKIP
+    >>> results, run_dir = finetune(cfg)                                   # doctest: +SKIP
+"""
+
+from hdopt.finetune.config import (
+    ConfigError,
+    DataConfig,
+    MethodConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+)
+from hdopt.finetune.methods import Method, MethodError, get_method, list_methods, register_method
+from hdopt.finetune.optimizers import DivergenceError
+from hdopt.finetune.trainer import finetune, resume
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DivergenceError",
+    "Method",
+    "MethodConfig",
+    "MethodError",
+    "ModelConfig",
+    "OptimConfig",
+    "RunConfig",
+    "TrainConfig",
+    "finetune",
+    "get_method",
+    "list_methods",
+    "register_method",
+    "resume",
+]

@@ -1,0 +1,371 @@
+"""The fine-tuning recipe: setup -> train (eval, select, checkpoint) -> test, for every method.
+
+Reads top to bottom: :func:`setup` builds everything a run needs from its config; :func:`train_loop` runs
+the steps (a ZO step is forward passes only; an FO step is forward + backward); :func:`finish` evaluates the
+selected weights on the test split and writes results.json. :func:`finetune` starts a run, :func:`resume`
+continues one from its folder; both end bitwise where an uninterrupted run ends, because the batches, the ZO
+directions and the dropout masks depend only on (seed, step) and the restored state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import resource
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from hdopt.finetune import rundir
+from hdopt.finetune.adapters import prepare_model, trainable_parameters
+from hdopt.finetune.batches import check_objective, make_closure, micro_batches, step_indices
+from hdopt.finetune.checkpoint import checkpoint_meta, load_checkpoint, load_weights, save_checkpoint
+from hdopt.finetune.config import RunConfig
+from hdopt.finetune.methods import Method, get_method
+from hdopt.finetune.optimizers import (
+    DivergenceError,
+    build_optimizer,
+    build_scheduler,
+    fo_step,
+    forwards_per_step,
+    zo_step,
+)
+from hdopt.lm.evaluation import EvalConfig, context_length, evaluate
+from hdopt.lm.models import load_model
+from hdopt.lm.tasks import Splits, Task, load_split, resolve_task, sample_protocol
+from hdopt.zo import NonFiniteLossError, Trajectory
+
+GUARD_WINDOW = 5  # losses averaged by the divergence guard
+
+
+def resolve(cfg: RunConfig, method: Method, task: Task) -> RunConfig:
+    """Fill the fields left at ``None`` from the method's defaults and the task's protocol."""
+    out = cfg.to_dict()
+    for section in out.values():
+        for key, value in section.items():
+            if value is None and key in method.defaults:
+                section[key] = method.defaults[key]
+    if out["data"]["num_dev"] is None:
+        out["data"]["num_dev"] = task.num_dev
+    train = out["train"]
+    if train["save_every"] is None:
+        train["save_every"] = train["eval_every"] or train["steps"]
+    return RunConfig.from_dict(out)
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built once from its config."""
+
+    cfg: RunConfig
+    method: Method
+    task: Task
+    splits: Splits
+    model: torch.nn.Module
+    tokenizer: object
+    params: list[tuple[str, torch.nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+
+
+@dataclass
+class LoopState:
+    """The loop's counters (checkpointed with the weights)."""
+
+    step: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    initial_loss: float | None = None
+    recent_losses: list[float] = field(default_factory=list)
+    forwards: int = 0
+    backwards: int = 0
+    elapsed: float = 0.0
+
+
+def load_data(cfg: RunConfig, task: Task) -> Splits:
+    d = cfg.data
+    train_pool = load_split(task, "train", d.data_dir)
+    eval_pool = load_split(task, "eval", d.data_dir)
+    return sample_protocol(train_pool, eval_pool, d.data_seed, d.num_train, d.num_dev, d.num_eval)
+
+
+def setup(cfg: RunConfig, model=None, tokenizer=None) -> Setup:
+    """Resolve the config, load data and model, attach the adapter, build optimizer and schedule."""
+    method, task = get_method(cfg.method.method), resolve_task(cfg.data.task)
+    cfg = resolve(cfg, method, task)
+    torch.manual_seed(cfg.train.seed)  # dropout masks and any other draw from torch's global generator
+    check_objective(task, cfg.method.objective, method.trainer)
+    splits = load_data(cfg, task)
+    if not splits.train:
+        raise ValueError(f"task {task.name!r}: no training examples (check --num-train and the data)")
+    if model is None:
+        m = cfg.model
+        model, tokenizer = load_model(m.model, m.dtype, m.device, m.cache_dir)
+    model = prepare_model(model, method.adapter, cfg.method, cfg.train.seed)
+    params = trainable_parameters(model)
+    if method.trainer == "lp":
+        return Setup(cfg, method, task, splits, model, tokenizer, params, None, None, _device(model))
+    optimizer = build_optimizer(cfg, method.trainer, params)
+    scheduler = build_scheduler(optimizer, cfg.optim.schedule, cfg.train.steps)
+    return Setup(cfg, method, task, splits, model, tokenizer, params, optimizer, scheduler, _device(model))
+
+
+def _device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def evaluate_split(s: Setup, examples) -> dict[str, float]:
+    """Zero-shot-style evaluation of the current weights (no demonstrations), via :mod:`hdopt.lm`."""
+    ecfg = EvalConfig(
+        model=s.cfg.model.model, task=s.task.name, batch_size=s.cfg.train.eval_batch_size,
+        max_length=context_length(s.model, s.cfg.data.max_length), progress=False,
+    )  # fmt: skip
+    was_training = s.model.training
+    s.model.eval()
+    result = evaluate(s.model, s.tokenizer, s.task, examples, [], ecfg)
+    s.model.train(was_training)
+    return result.metrics
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------
+def save_resume_point(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog) -> None:
+    """Trajectory first, then the checkpoint (a longer trajectory is truncated on resume)."""
+    if s.method.trainer == "zo":
+        s.optimizer.save_trajectory(folder / rundir.TRAJECTORY)
+    training = {
+        "optimizer": s.optimizer.state_dict(),
+        "scheduler": s.scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "loop": dataclasses.asdict(state),
+    }
+    save_checkpoint(folder / rundir.CHECKPOINT, s.params, training, {"step": state.step})
+
+
+def restore(s: Setup, folder: Path, log: rundir.MetricsLog) -> LoopState:
+    """Load the resume checkpoint into the setup; returns the loop state it was taken at."""
+    weights, training, meta = load_checkpoint(folder / rundir.CHECKPOINT)
+    load_weights(s.params, weights)
+    s.optimizer.load_state_dict(training["optimizer"])
+    s.scheduler.load_state_dict(training["scheduler"])
+    torch.set_rng_state(training["rng"])
+    state = LoopState(**training["loop"])
+    if s.method.trainer == "zo":
+        _, trajectory = Trajectory.load(folder / rundir.TRAJECTORY)
+        trajectory.truncate(state.step)
+        s.optimizer.trajectory = trajectory
+    log.truncate(state.step)
+    return state
+
+
+# -- the loop ------------------------------------------------------------------------------------------------
+class StopRequest:
+    """Ctrl-C sets a flag; the loop finishes its step, saves a checkpoint and stops (twice: stop now)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to stop now)", file=sys.stderr)
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def check_divergence(state: LoopState, loss: float, factor: float, guarded: bool) -> None:
+    """Raise :class:`DivergenceError` when the loss is not finite or has blown up."""
+    if not math.isfinite(loss):
+        raise DivergenceError(f"the loss is {loss} at step {state.step}")
+    if state.initial_loss is None:
+        state.initial_loss = loss
+    state.recent_losses = (state.recent_losses + [loss])[-GUARD_WINDOW:]
+    mean = sum(state.recent_losses) / len(state.recent_losses)
+    if guarded and state.initial_loss > 0 and mean > factor * state.initial_loss:
+        raise DivergenceError(
+            f"the mean loss of the last {len(state.recent_losses)} steps ({mean:.4g}) exceeds "
+            f"{factor:g} x the first loss ({state.initial_loss:.4g}) at step {state.step}"
+        )
+
+
+def train_step(s: Setup, step: int) -> float:
+    """One optimizer step on the batch of ``step``."""
+    cfg = s.cfg
+    indices = step_indices(len(s.splits.train), cfg.train.batch_size, cfg.train.seed, step)
+    closures = [
+        make_closure(s.model, s.tokenizer, s.task, [s.splits.train[i] for i in micro], cfg.method.objective,
+                     cfg.data.max_length, s.device)  # fmt: skip
+        for micro in micro_batches(indices, cfg.train.grad_accum)
+    ]
+    if s.method.trainer == "zo":
+        try:
+            return zo_step(s.optimizer, closures)
+        except NonFiniteLossError as err:
+            raise DivergenceError(str(err)) from None
+    return fo_step(s.optimizer, closures)
+
+
+def evaluate_and_select(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog) -> None:
+    """Dev evaluation; keeps the best trainable weights in best.safetensors."""
+    if not s.splits.dev:
+        return
+    metrics = evaluate_split(s, s.splits.dev)
+    value = metrics[s.task.metric]
+    log.record({"step": state.step, "forwards": state.forwards, "backwards": state.backwards,
+                **{f"dev_{k}": v for k, v in metrics.items()}})  # fmt: skip
+    if state.best_metric is None or value > state.best_metric:
+        state.best_metric, state.best_step = value, state.step
+        if s.cfg.train.keep_best:
+            save_checkpoint(folder / rundir.BEST, s.params, meta={"step": state.step, s.task.metric: value})
+
+
+def train_loop(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog,
+               on_step: Callable[[int], None] | None = None) -> str:  # fmt: skip
+    """Run steps ``state.step .. steps-1``; returns ``completed`` or ``interrupted``."""
+    t = s.cfg.train
+    fwd, bwd = forwards_per_step(s.cfg, s.method.trainer)
+    guarded = s.cfg.method.objective == "loss"
+    s.model.train(s.method.trainer == "fo")  # dropout only for backprop; ZO compares two forwards
+    if state.step == 0 and t.eval_every:
+        evaluate_and_select(s, state, folder, log)
+    bar = tqdm(total=t.steps, initial=state.step, desc=s.method.name, unit="step", disable=not t.progress)
+    status = "completed"
+    with StopRequest() as stop:
+        while state.step < t.steps:
+            start = time.perf_counter()
+            loss = train_step(s, state.step)
+            s.scheduler.step()
+            state.step += 1
+            state.forwards, state.backwards = state.forwards + fwd, state.backwards + bwd
+            state.elapsed += time.perf_counter() - start
+            check_divergence(state, loss, t.divergence_factor, guarded)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if state.step % t.log_every == 0 or state.step == t.steps:
+                log.record({"step": state.step, "loss": loss, "lr": s.scheduler.get_last_lr()[0],
+                            "elapsed": round(state.elapsed, 3)})  # fmt: skip
+            if t.eval_every and (state.step % t.eval_every == 0 or state.step == t.steps):
+                evaluate_and_select(s, state, folder, log)
+            if state.step % t.save_every == 0 or state.step == t.steps or stop.requested:
+                save_resume_point(s, state, folder, log)
+            if on_step is not None:
+                on_step(state.step)
+            if stop.requested and state.step < t.steps:
+                status = "interrupted"
+                break
+    bar.close()
+    return status
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA max allocated on a GPU, else the peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def finish(s: Setup, state: LoopState, folder: Path, status: str = "completed", error: str = "") -> dict:
+    """Test evaluation of the selected weights (unless the run stopped early); writes results.json."""
+    results = {
+        "status": status, "method": s.method.name, "model": s.cfg.model.model, "task": s.task.name,
+        "metric": s.task.metric, "steps": state.step, "forwards": state.forwards,
+        "backwards": state.backwards, "wall_seconds": round(state.elapsed, 2),
+        "best_dev": state.best_metric, "best_step": state.best_step,
+        "trainable_parameters": sum(p.numel() for _, p in s.params),
+    }  # fmt: skip
+    if error:
+        results["error"] = error
+    if status == "completed":
+        if s.cfg.train.keep_best and (folder / rundir.BEST).is_file():
+            load_weights(s.params, load_checkpoint(folder / rundir.BEST)[0])
+        test = evaluate_split(s, s.splits.eval)
+        results.update({f"test_{k}": v for k, v in test.items()})
+        results["test"] = test[s.task.metric]
+    results["peak_memory_mib"] = round(peak_memory_mib(s.device), 1)
+    rundir.write_json(folder / rundir.RESULTS, results)
+    return results
+
+
+def _run(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog, on_step) -> dict:
+    try:
+        status = train_loop(s, state, folder, log, on_step)
+    except DivergenceError as err:
+        message = (
+            f"training diverged: {err}. The last checkpoint ({rundir.CHECKPOINT}, step "
+            f"{_checkpoint_step(folder)}) is intact; lower --lr (or, for ZO, --eps) and start again"
+        )
+        finish(s, state, folder, "diverged", message)
+        log.close()
+        raise DivergenceError(message) from None
+    if s.method.trainer == "zo":
+        s.optimizer.save_trajectory(folder / rundir.TRAJECTORY)
+    results = finish(s, state, folder, status)
+    log.close()
+    return results
+
+
+def finetune(cfg: RunConfig, model=None, tokenizer=None, *,
+             on_step: Callable[[int], None] | None = None) -> tuple[dict, Path]:  # fmt: skip
+    """Run ``cfg`` from the start; returns ``(results, run folder)``.
+
+    Args:
+        cfg: the run's configuration (``None`` fields take the method's defaults).
+        model, tokenizer: an already loaded pair (else ``load_model(cfg.model.model, ...)``).
+        on_step: called after every step with the step number (tests use it to simulate a kill).
+    """
+    s = setup(cfg, model, tokenizer)
+    if s.method.trainer == "lp":
+        from hdopt.finetune.probe import linear_probe
+
+        return linear_probe(s)
+    folder = rundir.new_run_dir(s.cfg.train.output_dir, s.task.name, s.method.name, s.cfg.model.model)
+    if (folder / rundir.CHECKPOINT).exists():
+        raise FileExistsError(f"{folder} already holds a run: resume it with --resume {folder}")
+    rundir.write_json(folder / rundir.CONFIG, {**s.cfg.to_dict(), "method_record": _method_record(s.method)})
+    log = rundir.MetricsLog(folder, tensorboard=rundir.open_tensorboard(folder, s.cfg.train.tensorboard))
+    return _run(s, LoopState(), folder, log, on_step), folder
+
+
+def resume(folder: str | Path, model=None, tokenizer=None, *,
+           on_step: Callable[[int], None] | None = None, **overrides) -> tuple[dict, Path]:  # fmt: skip
+    """Continue the run in ``folder`` from its last checkpoint (same config; ``overrides`` e.g. progress)."""
+    folder = Path(folder)
+    doc = rundir.read_json(folder / rundir.CONFIG)
+    doc.pop("method_record", None)
+    cfg = RunConfig.from_dict(doc, str(folder / rundir.CONFIG))
+    cfg = cfg.replace(**overrides) if overrides else cfg
+    if not (folder / rundir.CHECKPOINT).is_file():
+        raise FileNotFoundError(f"{folder} has no {rundir.CHECKPOINT} to resume from (none saved yet)")
+    s = setup(cfg, model, tokenizer)
+    log = rundir.MetricsLog(folder, rundir.read_metrics(folder),
+                            rundir.open_tensorboard(folder, s.cfg.train.tensorboard))  # fmt: skip
+    state = restore(s, folder, log)
+    return _run(s, state, folder, log, on_step), folder
+
+
+def _checkpoint_step(folder: Path):
+    path = folder / rundir.CHECKPOINT
+    return checkpoint_meta(path).get("step") if path.is_file() else None
+
+
+def _method_record(method: Method) -> dict:
+    return {"name": method.name, "trainer": method.trainer, "adapter": method.adapter}
+
+
+__all__ = ["LoopState", "Setup", "finetune", "replace", "resume", "setup"]

@@ -1,0 +1,64 @@
+"""Fixtures for the finetune tests: tiny random causal LMs (Llama / GPT-2 / OPT / Gemma-3), a byte-level
+tokenizer and a trivially learnable custom task (the label is the first word of the text)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hdopt.finetune import RunConfig
+from tests.lm.conftest import VOCAB, byte_tokenizer, tiny_model
+
+FAMILIES = ("llama", "gpt2", "opt", "gemma3")
+
+
+def make_model(family: str):
+    """A 2-layer, hidden-32 random model of ``family`` (seeded, eval mode)."""
+    if family != "opt":
+        return tiny_model(family)
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=256, word_embed_proj_dim=32, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    return OPTForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return byte_tokenizer(add_bos=True)
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def task_file(tmp_path_factory) -> Path:
+    """``toy``: "good ..." texts are labelled ' yes', "bad ..." texts ' no' (learnable from one token)."""
+    folder = tmp_path_factory.mktemp("toy")
+    words = ["cat", "dog", "sun", "map", "cup", "pen", "box", "hat"]
+    rows = [{"text": f"{'good' if i % 2 else 'bad'} {words[i % 8]}", "label": str(i % 2)} for i in range(64)]
+    _write_rows(folder / "train.jsonl", rows[:48])
+    _write_rows(folder / "eval.jsonl", rows[48:])
+    (folder / "toy.yaml").write_text(
+        "name: toy\ndata: {train: train.jsonl, eval: eval.jsonl}\ntemplate: '{text}:'\n"
+        "label_column: label\nlabel_words: {'0': ' no', '1': ' yes'}\n",
+        encoding="utf-8",
+    )
+    return folder / "toy.yaml"
+
+
+def toy_config(task_file: Path, out: Path, method: str, **overrides) -> RunConfig:
+    """A small run on the toy task: 16 train / 8 dev / 8 test examples, batch 8, no progress bar."""
+    base = dict(
+        task=str(task_file), method=method, num_train=16, num_dev=8, num_eval=8, max_length=32,
+        steps=6, batch_size=8, eval_every=3, output_dir=str(out), progress=False, eval_batch_size=8,
+    )  # fmt: skip
+    base.update(overrides)
+    return RunConfig().replace(**base)
