@@ -41,6 +41,14 @@ def moving_average(values: Sequence[float], window: int) -> np.ndarray:
     return out
 
 
+def verdict_title(fig, verdict: str, width: int = 190) -> None:
+    """Put the whole verdict line above a figure, wrapped to ``width`` characters."""
+    import textwrap
+
+    fig.suptitle("\n".join(textwrap.wrap(verdict, width)), fontsize=8)
+    fig.subplots_adjust(top=0.8)
+
+
 def pyplot():
     """matplotlib's pyplot on the non-interactive Agg backend."""
     import matplotlib

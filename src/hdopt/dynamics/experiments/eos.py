@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from hdopt.dynamics.data import TensorData, load_data
-from hdopt.dynamics.experiments.common import pyplot
+from hdopt.dynamics.experiments.common import pyplot, verdict_title
 from hdopt.dynamics.hessian import HessianOperator, lanczos
 from hdopt.dynamics.io import save_figure
 from hdopt.dynamics.models import tanh_mlp
@@ -146,7 +146,7 @@ def plot(result: LabResult, path: Path) -> Path:
     axes[2].set(title="normalized GD at its edge of stability", xlabel="step")
     for ax in axes:
         ax.legend(fontsize=8)
-    fig.suptitle(result.verdict()[:160], fontsize=8)
+    verdict_title(fig, result.verdict())
     return save_figure(fig, path)
 
 

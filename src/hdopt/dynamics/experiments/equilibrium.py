@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from hdopt.dynamics.data import TensorData, batches, load_data
-from hdopt.dynamics.experiments.common import full_loss, moving_average, pyplot, thin
+from hdopt.dynamics.experiments.common import full_loss, moving_average, pyplot, thin, verdict_title
 from hdopt.dynamics.io import save_figure
 from hdopt.dynamics.models import scale_invariant_mlp
 from hdopt.dynamics.norms import NormMonitor, equilibrium_angular_update
@@ -56,7 +56,7 @@ class EquilibriumConfig:
 
 
 PRESETS = {
-    "smoke": EquilibriumConfig(n_train=300, width=32, lr=0.4, weight_decay=0.01, time_units=5.0,
+    "smoke": EquilibriumConfig(n_train=300, width=32, lr=0.4, weight_decay=0.02, time_units=5.0,
                                rel_tol=0.3),
     "default": EquilibriumConfig(),
     "full": EquilibriumConfig(width=256, weight_decay=5e-4, time_units=10.0),
@@ -169,7 +169,7 @@ def plot(result: LabResult, path: Path) -> Path:
     axes[2].set(title="train loss (minibatch, smoothed)", xlabel="eta * lambda * t")
     for ax in axes:
         ax.legend(fontsize=8)
-    fig.suptitle(result.verdict()[:160], fontsize=8)
+    verdict_title(fig, result.verdict())
     return save_figure(fig, path)
 
 

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from hdopt.dynamics.data import TensorData, batches, load_data
-from hdopt.dynamics.experiments.common import pyplot, thin
+from hdopt.dynamics.experiments.common import pyplot, thin, verdict_title
 from hdopt.dynamics.explr import explr_alpha, make_explr_sgd
 from hdopt.dynamics.io import save_figure
 from hdopt.dynamics.models import scale_invariant_mlp
@@ -133,7 +133,7 @@ def plot(result: LabResult, path: Path) -> Path:
     axes[1].set(title="weight norm: decays with wd, grows with exp lr", xlabel="step")
     for ax in axes:
         ax.legend(fontsize=8)
-    fig.suptitle(result.verdict()[:160], fontsize=8)
+    verdict_title(fig, result.verdict())
     return save_figure(fig, path)
 
 

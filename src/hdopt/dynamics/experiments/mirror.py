@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hdopt.dynamics.experiments.common import pyplot
+from hdopt.dynamics.experiments.common import pyplot, verdict_title
 from hdopt.dynamics.io import save_figure
 from hdopt.dynamics.mirror import gd_reparam, min_l1_interpolant, min_l2_interpolant, mirror_descent
 from hdopt.dynamics.registry import Experiment, register
@@ -142,7 +142,7 @@ def plot(result: LabResult, snapshots: dict, path: Path) -> Path:
     axes[2].set(title=f"trajectories, alpha {alpha:g} (solid GD, dashed MD)", xlabel="recorded step")
     for ax in axes:
         ax.legend(fontsize=8)
-    fig.suptitle(result.verdict()[:160], fontsize=8)
+    verdict_title(fig, result.verdict())
     return save_figure(fig, path)
 
 

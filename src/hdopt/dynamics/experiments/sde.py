@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from hdopt.dynamics.data import TensorData, batches, load_data
-from hdopt.dynamics.experiments.common import full_loss, pyplot
+from hdopt.dynamics.experiments.common import full_loss, pyplot, verdict_title
 from hdopt.dynamics.hparams import scale_hparams, steps_for_batch
 from hdopt.dynamics.io import save_figure
 from hdopt.dynamics.models import relu_mlp
@@ -38,7 +38,7 @@ CE = torch.nn.functional.cross_entropy
 @dataclass
 class SDEConfig:
     """Attributes: data, label noise, net; SVAG part (SGD lr/batch/steps, values of l); Adam part (lr, betas,
-    eps, batch, steps, kappa); evaluation points per run; tolerances on the curve gaps; seed."""
+    eps, batch, steps, kappa); evaluation points per run; examples for the noise scale; tolerances on the curve gaps; seed."""
 
     data: str = "digits"
     n_train: int | None = None
@@ -56,14 +56,15 @@ class SDEConfig:
     adam_steps: int = 4000
     kappa: float = 4.0
     evals: int = 40
+    noise_examples: int = 1024
     svag_tol: float = 0.15
     rule_tol: float = 0.15
     seed: int = 0
 
 
 PRESETS = {
-    "smoke": SDEConfig(n_train=400, width=32, sgd_steps=200, adam_steps=400, evals=10, svag_tol=0.3,
-                       rule_tol=0.3),
+    "smoke": SDEConfig(n_train=400, width=32, sgd_steps=200, adam_steps=1200, evals=10, svag_tol=0.3,
+                       rule_tol=0.2),
     "default": SDEConfig(),
     "full": SDEConfig(width=256, sgd_steps=4000, adam_steps=12000, svag_ls=(1, 2, 4, 8)),
 }
@@ -131,9 +132,10 @@ def run(config: SDEConfig, out_dir: str | Path, data: TensorData | None = None) 
         base = {"lr": config.adam_lr, "betas": config.adam_betas, "eps": config.adam_eps}
         big_batch = round(config.kappa * config.adam_batch)
         big_steps = steps_for_batch(config.adam_steps, config.kappa)
-        noise_start = gradient_noise_scale(fresh_model(config, data), CE, data.train_x, data.train_y)
+        probe = data.train_x[:config.noise_examples], data.train_y[:config.noise_examples]
+        noise_start = gradient_noise_scale(fresh_model(config, data), CE, *probe)
         adam = {"baseline": run_adam(config, data, base, config.adam_batch, config.adam_steps, "baseline")}
-        noise_end = gradient_noise_scale(adam["baseline"][1], CE, data.train_x, data.train_y)
+        noise_end = gradient_noise_scale(adam["baseline"][1], CE, *probe)
         for name, cfg in (("sqrt rule", scale_hparams(base, config.kappa, "sqrt")),
                           ("linear rule", scale_hparams(base, config.kappa, "linear")),
                           ("no scaling", dict(base))):
@@ -178,7 +180,7 @@ def plot(result: LabResult, path: Path) -> Path:
     axes[1].set(title="Adam: batch x kappa with each scaling rule", xlabel="examples seen", ylabel="train loss")
     for ax in axes:
         ax.legend(fontsize=8)
-    fig.suptitle(result.verdict()[:160], fontsize=8)
+    verdict_title(fig, result.verdict())
     return save_figure(fig, path)
 
 

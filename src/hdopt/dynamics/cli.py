@@ -1,0 +1,63 @@
+"""``hdopt lab <name>``: run one implicit-bias experiment, write results.json + a PNG, print the verdict.
+
+Flags map one-to-one onto the experiment's config dataclass (``--seed`` -> ``seed``, ``--data`` -> ``data``,
+``--n-train`` -> ``n_train``); ``--scale`` picks the preset. The exit status is 0 when every prediction is
+met, 1 when one is not (the verdict line says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from hdopt.dynamics.data import DATASETS
+from hdopt.dynamics.registry import SCALES, get, names
+
+FASHION_DEFAULT_N = 10000  # Fashion-MNIST's 60k examples would make the default runs far slower
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the ``lab`` arguments to ``parser``."""
+    parser.add_argument("name", choices=names(), help="experiment to run")
+    parser.add_argument("--scale", choices=SCALES, default="default",
+                        help="smoke: seconds; default: <= 5 minutes on a 2-core CPU; full: the bigger version")
+    parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/lab/NAME-SCALE)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for data, init and batches")
+    parser.add_argument("--data", choices=DATASETS, default=None,
+                        help="data set (default digits; fashion-mnist needs the Debian package)")
+    parser.add_argument("--n-train", type=int, default=None, help="training examples to use")
+
+
+def build_config(args: argparse.Namespace):
+    """The experiment's preset for ``args.scale`` with the flags applied."""
+    experiment = get(args.name)
+    fields = {f.name for f in dataclasses.fields(experiment.config_cls)}
+    overrides = {}
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    for flag, field in (("data", "data"), ("n_train", "n_train")):
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if field not in fields:
+            raise SystemExit(f"hdopt lab {args.name}: --{flag.replace('_', '-')} does not apply "
+                             f"(this experiment builds its own problem)")
+        overrides[field] = value
+    if overrides.get("data") == "fashion-mnist" and "n_train" not in overrides:
+        overrides["n_train"] = FASHION_DEFAULT_N
+    return experiment.config(args.scale, **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the experiment; print the verdict and where the files went. Returns 0 on PASS, 1 on FAIL."""
+    experiment = get(args.name)
+    config = build_config(args)
+    out = args.out or Path("runs") / "lab" / f"{args.name}-{args.scale}"
+    try:
+        result = experiment.run(config, out)
+    except FileNotFoundError as err:
+        raise SystemExit(f"hdopt lab {args.name}: {err}") from err
+    print(result.verdict())
+    print(f"wrote {out / 'results.json'} and {result.plot} in {result.runtime_s:.1f} s")
+    return 0 if result.passed else 1
