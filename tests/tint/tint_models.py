@@ -8,19 +8,21 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 VOCAB = 61
 
 
-def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, layers: int = 3):
+def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, layers: int = 3, width: int = 16,
+               vocab: int = VOCAB):
+    """A random auxiliary; GPT-2/OPT ``width`` is the model width (16; the explicit tests use 8)."""
     torch.manual_seed(seed)
     if arch == "gpt2":
-        cfg = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=16, n_layer=layers, n_head=2,
+        cfg = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=width, n_layer=layers, n_head=2,
                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model = GPT2LMHeadModel(cfg)
     elif arch == "opt":
-        cfg = OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=layers, ffn_dim=32,
-                        num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=16,
+        cfg = OPTConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, ffn_dim=2 * width,
+                        num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=width,
                         dropout=0.0, attention_dropout=0.0, pad_token_id=1)
         model = OPTForCausalLM(cfg)
     elif arch == "llama":
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                           rope_theta=10000.0, tie_word_embeddings=True)
         model = LlamaForCausalLM(cfg)
