@@ -13,6 +13,7 @@ from hdopt.finetune import RunConfig
 from tests.lm.conftest import VOCAB, byte_tokenizer, tiny_model
 
 FAMILIES = ("llama", "gpt2", "opt", "gemma3")
+torch.set_num_threads(1)  # tiny matmuls: threads only contend (the CPU is shared)
 
 
 def make_model(family: str):

@@ -262,10 +262,10 @@ def train_loop(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog,
                             "elapsed": round(state.elapsed, 3)})  # fmt: skip
             if t.eval_every and (state.step % t.eval_every == 0 or state.step == t.steps):
                 evaluate_and_select(s, state, folder, log)
-            if state.step % t.save_every == 0 or state.step == t.steps or stop.requested:
-                save_resume_point(s, state, folder, log)
             if on_step is not None:
                 on_step(state.step)
+            if state.step % t.save_every == 0 or state.step == t.steps or stop.requested:
+                save_resume_point(s, state, folder, log)
             if stop.requested and state.step < t.steps:
                 status = "interrupted"
                 break
