@@ -1,4 +1,5 @@
-"""Every experiment end to end through ``hdopt lab NAME --scale smoke``, plus failing variants of the verdicts."""
+"""Every experiment end to end through ``hdopt lab NAME --scale smoke``, plus failing variants of the
+verdicts."""
 
 import json
 

@@ -34,7 +34,7 @@ def run_pair(momentum, steps=60, seed_buffers=True):
     exp_opt, sched = make_explr_sgd(twin.parameters(), 0.2, 0.01, momentum)
     if not seed_buffers:
         exp_opt.state.clear()
-    for t in range(steps):
+    for _ in range(steps):
         idx = torch.randperm(24, generator=gen)[:12]
         for model, o in ((net, opt), (twin, exp_opt)):
             o.zero_grad()

@@ -36,7 +36,8 @@ def test_check_restores_the_model():
 
 
 def test_weight_followed_by_norm_but_with_bias_is_not_a_candidate_under_layernorm():
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2, bias=False),
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8),
+                                torch.nn.Linear(8, 2, bias=False),
                                 torch.nn.LayerNorm(2, eps=1e-12))
     assert find_scale_invariant(model) == ["2.weight"]
     assert scale_invariant_parameters(model.double(), forward) == ["2.weight"]

@@ -48,7 +48,8 @@ def test_verdict_is_pass_only_when_every_check_passes(tmp_path):
     assert LabResult("t", _Cfg(), [ok]).verdict().startswith("t: PASS")
     result = LabResult("t", _Cfg(), [ok, bad])
     assert not result.passed
-    assert result.verdict() == "t: FAIL | a: predicted 2, measured 2.01 (ok); b: predicted < 1, measured 3 (FAIL)"
+    assert result.verdict() == ("t: FAIL | a: predicted 2, measured 2.01 (ok); "
+                                "b: predicted < 1, measured 3 (FAIL)")
     path = result.write(tmp_path)
     assert path.name == "results.json" and (tmp_path / "config.json").exists()
     assert not list(tmp_path.glob("*.tmp"))  # atomic write left nothing behind

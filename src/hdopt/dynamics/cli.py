@@ -21,7 +21,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``lab`` arguments to ``parser``."""
     parser.add_argument("name", choices=names(), help="experiment to run")
     parser.add_argument("--scale", choices=SCALES, default="default",
-                        help="smoke: seconds; default: <= 5 minutes on a 2-core CPU; full: the bigger version")
+                        help="smoke: seconds; default: <= 5 minutes on a 2-core CPU; "
+                        "full: the bigger version")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/lab/NAME-SCALE)")
     parser.add_argument("--seed", type=int, default=None, help="seed for data, init and batches")
     parser.add_argument("--data", choices=DATASETS, default=None,

@@ -1,4 +1,5 @@
-"""Small classification data sets as tensors: scikit-learn digits, Fashion-MNIST (IDX files), any torch Dataset.
+"""Small classification data sets as tensors: scikit-learn digits, Fashion-MNIST (IDX files), any torch
+Dataset.
 
 Everything returns a :class:`TensorData` (train/test tensors plus the clean training labels when label noise
 was added), so experiments and the Local SGD part share one loader. Label noise follows the usual protocol:
@@ -260,7 +261,8 @@ def load_data(name: str, n_train: int | None = None, label_noise: float = 0.0, s
     raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
 
 
-def _subset(x: np.ndarray, y: np.ndarray, n: int | None, gen: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _subset(x: np.ndarray, y: np.ndarray, n: int | None,
+            gen: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
     if n is None or n >= len(y):
         return x, y
     idx = torch.randperm(len(y), generator=gen)[:n].numpy()

@@ -10,7 +10,8 @@ momentum gamma, *no* weight decay and the schedule
 equivalent run must start with momentum buffer v_0 = (alpha - 1) / (eta alpha) * w_0 (it encodes
 w~_{-1} = alpha w_0); :func:`make_explr_sgd` sets it up.
 
-Derivation: substitute w_t = alpha^t w~_t into w_{t+1} = (1 + gamma - eta lambda) w_t - gamma w_{t-1} - eta grad L(w_t)
+Derivation: substitute w_t = alpha^t w~_t into w_{t+1} = (1 + gamma - eta lambda) w_t - gamma w_{t-1} - eta
+grad L(w_t)
 and use grad L(c w) = grad L(w) / c; the result is momentum SGD on w~ with momentum gamma / alpha^2 in the
 "position" form, which is torch's momentum gamma under the lr ratio eta_t / eta_{t-1} = alpha^(-2).
 """
@@ -50,7 +51,8 @@ def explr_factor(step: int, alpha: float) -> float:
 
 def make_explr_sgd(params: Iterable[torch.Tensor], lr: float, weight_decay: float, momentum: float = 0.0
                    ) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LambdaLR]:
-    """SGD without weight decay plus the exponential schedule equivalent to ``SGD(lr, momentum, weight_decay)``.
+    """SGD without weight decay plus the exponential schedule equivalent to ``SGD(lr, momentum,
+    weight_decay)``.
 
     Call ``optimizer.step()`` then ``scheduler.step()`` once per iteration, as usual.
 
@@ -59,7 +61,8 @@ def make_explr_sgd(params: Iterable[torch.Tensor], lr: float, weight_decay: floa
         lr, weight_decay, momentum: the weight-decay run to imitate.
 
     Returns:
-        ``(optimizer, scheduler)``; with momentum the buffers are pre-seeded with ``(alpha-1)/(lr alpha) w_0``.
+        ``(optimizer, scheduler)``; with momentum the buffers are pre-seeded with ``(alpha-1)/(lr alpha)
+        w_0``.
     """
     params = list(params)
     alpha = explr_alpha(lr, weight_decay, momentum)

@@ -26,7 +26,8 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class HessianOperator:
-    """The Hessian of ``mean over batches of loss_fn(model(x), y)`` w.r.t. the trainable parameters, as a matvec.
+    """The Hessian of ``mean over batches of loss_fn(model(x), y)`` w.r.t. the trainable parameters, as a
+    matvec.
 
     Args:
         model: the network (its mode is left as is; BatchNorm in train mode uses batch statistics).
@@ -76,7 +77,8 @@ class HessianOperator:
 
 @dataclass
 class EigResult:
-    """Top eigenvalues (descending) and the number of matvecs spent; ``history`` holds the estimate per step."""
+    """Top eigenvalues (descending) and the number of matvecs spent; ``history`` holds the estimate per
+    step."""
 
     eigenvalues: list[float]
     matvecs: int
@@ -89,7 +91,8 @@ def lanczos(matvec: Matvec, dim: int, k: int = 1, iters: int = 20, generator: to
 
     Builds an orthonormal Krylov basis q_1..q_m (m = ``iters``) with
     ``beta_j q_{j+1} = A q_j - alpha_j q_j - beta_{j-1} q_{j-1}`` (then re-orthogonalized against all q's),
-    and returns the largest Ritz values, the eigenvalues of the tridiagonal ``T = tridiag(beta, alpha, beta)``.
+    and returns the largest Ritz values, the eigenvalues of the tridiagonal ``T = tridiag(beta, alpha,
+    beta)``.
     Extreme eigenvalues converge geometrically at a rate governed by sqrt(gap), much faster than power
     iteration's (lambda_2 / lambda_1)^m.
 
@@ -102,7 +105,8 @@ def lanczos(matvec: Matvec, dim: int, k: int = 1, iters: int = 20, generator: to
         dtype: dtype of the basis (float64 keeps orthogonality).
 
     Returns:
-        :class:`EigResult` with the ``k`` largest Ritz values; ``history[j]`` is the top Ritz value after j+1 steps.
+        :class:`EigResult` with the ``k`` largest Ritz values; ``history[j]`` is the top Ritz value after
+        j+1 steps.
     """
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     iters = min(iters, dim)
@@ -140,7 +144,8 @@ def _tridiagonal_eigs(alphas: list[float], betas: list[float]) -> torch.Tensor:
 
 
 def power_iteration(matvec: Matvec, dim: int, iters: int = 100, tol: float = 0.0,
-                    generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64) -> EigResult:
+                    generator: torch.Generator | None = None,
+                    dtype: torch.dtype = torch.float64) -> EigResult:
     """Largest-magnitude eigenvalue by power iteration: ``v <- A v / ||A v||``, estimate ``v^T A v``.
 
     Args:
@@ -193,7 +198,8 @@ def hutchinson_trace(matvec: Matvec, dim: int, samples: int = 100, generator: to
 
 def sharpness(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
               batches: Batch | Sequence[Batch], k: int = 1, iters: int = 20, seed: int = 0) -> list[float]:
-    """Top-``k`` Hessian eigenvalues of the loss (full batch, or averaged over ``batches``) by :func:`lanczos`.
+    """Top-``k`` Hessian eigenvalues of the loss (full batch, or averaged over ``batches``) by
+    :func:`lanczos`.
 
     Args:
         model, loss_fn, batches: as in :class:`HessianOperator`.

@@ -1,4 +1,5 @@
-"""Detect scale-invariant parameters: a structural guess (weights followed by a norm layer) and a numerical check.
+"""Detect scale-invariant parameters: a structural guess (weights followed by a norm layer) and a numerical
+check.
 
 A parameter w is scale-invariant when the network's output satisfies f(c w) = f(w) for all c > 0. That holds
 exactly for a bias-free Linear/Conv layer whose only consumer is BatchNorm (with batch statistics), LayerNorm

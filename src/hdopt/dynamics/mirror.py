@@ -1,4 +1,5 @@
-"""Reparametrized regression w = u*u - v*v and the mirror descent it equals (Li, Wang, Lee & Arora, NeurIPS 2022).
+"""Reparametrized regression w = u*u - v*v and the mirror descent it equals (Li, Wang, Lee & Arora, NeurIPS
+2022).
 
 Gradient flow on (u, v) for L(u*u - v*v) from u_0 = v_0 = alpha (elementwise) gives, with g = grad L(w),
 u' = -2 u g and v' = 2 v g, hence u = alpha e^{-2G}, v = alpha e^{2G} with G = integral of g, and

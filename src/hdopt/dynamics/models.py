@@ -1,4 +1,5 @@
-"""The small networks the experiments train (shapes in comments: B = batch, D = input dim, H = width, C = classes).
+"""The small networks the experiments train (shapes in comments: B = batch, D = input dim, H = width, C =
+classes).
 
 * :func:`scale_invariant_mlp` — every trainable weight is followed by batch normalization without affine
   parameters, so the network's output is exactly invariant to rescaling any weight matrix (the setting of
@@ -14,17 +15,20 @@ from torch import nn
 
 
 def scale_invariant_mlp(in_dim: int, width: int, num_classes: int, depth: int = 2, eps: float = 1e-5,
-                        generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+                        generator: torch.Generator | None = None,
+                        dtype: torch.dtype = torch.float32) -> nn.Sequential:
     """MLP ``[Linear(no bias) -> BatchNorm(affine=False) -> ReLU] * depth -> Linear(no bias) -> BatchNorm``.
 
-    Batch statistics are always used (``track_running_stats=False``): running averages mix weights of different
+    Batch statistics are always used (``track_running_stats=False``): running averages mix weights of
+    different
     scales over time and would break the exact invariance the weight-decay/exp-lr equivalence relies on.
     The logits are batch-normalized too, which keeps the last layer scale-invariant.
 
     Args:
         in_dim, width, num_classes: D, H, C.
         depth: number of hidden layers.
-        eps: batch-norm epsilon (> 0); invariance is exact up to ``eps / Var`` (1e-30 makes it exact in float64).
+        eps: batch-norm epsilon (> 0); invariance is exact up to ``eps / Var`` (1e-30 makes it exact in
+        float64).
         generator: seeds the initialization (Kaiming-uniform).
         dtype: parameter dtype.
 
@@ -66,7 +70,8 @@ def _mlp(in_dim: int, width: int, out_dim: int, depth: int, act: type[nn.Module]
 
 @torch.no_grad()
 def _init(model: nn.Sequential, generator: torch.Generator | None) -> nn.Sequential:
-    """PyTorch's default Linear init (uniform(+-1/sqrt(fan_in))), drawn from ``generator`` for reproducibility."""
+    """PyTorch's default Linear init (uniform(+-1/sqrt(fan_in))), drawn from ``generator`` for
+    reproducibility."""
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     for module in model:
         if isinstance(module, nn.Linear):

@@ -1,7 +1,8 @@
 """Gradient noise: per-sample gradient variance against the squared norm of the mean gradient.
 
 With per-sample gradients g_1..g_n and mean G, the signal is ``||G||^2`` and the noise is the trace of the
-per-sample covariance ``tr(Sigma) = (1/(n-1)) sum_i ||g_i - G||^2``. Their ratio ``B_simple = tr(Sigma)/||G||^2``
+per-sample covariance ``tr(Sigma) = (1/(n-1)) sum_i ||g_i - G||^2``. Their ratio ``B_simple =
+tr(Sigma)/||G||^2``
 is the "simple" gradient noise scale (McCandlish et al. 2018), the batch size at which noise and signal in
 an SGD step are equal; Li, Malladi & Arora (2021) use the same two quantities (G_t, N_t) to judge when the
 SDE approximation applies.
@@ -19,7 +20,8 @@ from torch.func import functional_call, grad, vmap
 
 @dataclass
 class NoiseScale:
-    """``grad_sq_norm`` = ||G||^2, ``trace_cov`` = tr(Sigma), ``b_simple`` = tr(Sigma)/||G||^2, ``n`` samples."""
+    """``grad_sq_norm`` = ||G||^2, ``trace_cov`` = tr(Sigma), ``b_simple`` = tr(Sigma)/||G||^2, ``n``
+    samples."""
 
     grad_sq_norm: float
     trace_cov: float

@@ -27,7 +27,8 @@ def weight_norm(tensors: Iterable[torch.Tensor]) -> float:
 def angular_update(before: Iterable[torch.Tensor], after: Iterable[torch.Tensor]) -> float:
     """Angle (radians) between two states of the same weights, each taken as one vector.
 
-    Computed as ``atan2(||a x b||, a.b)`` via ``||a||^2 ||b||^2 - (a.b)^2`` in float64, accurate for tiny angles.
+    Computed as ``atan2(||a x b||, a.b)`` via ``||a||^2 ||b||^2 - (a.b)^2`` in float64, accurate for tiny
+    angles.
 
     Args:
         before, after: matching tensors.
@@ -62,7 +63,8 @@ def intrinsic_lr(lr: float, weight_decay: float) -> float:
 
 
 def equilibrium_angular_update(lr: float, weight_decay: float) -> float:
-    """Predicted equilibrium angular update per step, ``sqrt(2 * lr * weight_decay)`` (plain SGD, no momentum)."""
+    """Predicted equilibrium angular update per step, ``sqrt(2 * lr * weight_decay)`` (plain SGD, no
+    momentum)."""
     return math.sqrt(2.0 * lr * weight_decay)
 
 

@@ -32,7 +32,8 @@ class Check:
 
     def line(self) -> str:
         pred = _fmt(self.predicted) if not isinstance(self.predicted, str) else self.predicted
-        return f"{self.name}: predicted {pred}, measured {_fmt(self.measured)} ({'ok' if self.passed else 'FAIL'})"
+        mark = "ok" if self.passed else "FAIL"
+        return f"{self.name}: predicted {pred}, measured {_fmt(self.measured)} ({mark})"
 
 
 @dataclass
@@ -61,7 +62,8 @@ class LabResult:
 
     def verdict(self) -> str:
         """One line: PASS/FAIL, then every check as predicted vs measured."""
-        return f"{self.name}: {'PASS' if self.passed else 'FAIL'} | " + "; ".join(c.line() for c in self.checks)
+        head = f"{self.name}: {'PASS' if self.passed else 'FAIL'} | "
+        return head + "; ".join(c.line() for c in self.checks)
 
     def to_json(self) -> dict[str, Any]:
         return {

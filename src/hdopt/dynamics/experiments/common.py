@@ -10,7 +10,8 @@ from torch import nn
 
 
 @torch.no_grad()
-def full_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=nn.functional.cross_entropy) -> float:
+def full_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+              loss_fn=nn.functional.cross_entropy) -> float:
     """Loss of ``model`` on all of ``(x, y)`` in one batch."""
     return float(loss_fn(model(x), y))
 

@@ -4,11 +4,13 @@ Claims:
   * Cohen et al., ICLR 2021: with lr eta, the sharpness (top Hessian eigenvalue) of the training loss rises
     during training ("progressive sharpening") until it reaches 2/eta, then hovers there while the loss keeps
     falling non-monotonically.
-  * Arora, Li & Panigrahi, ICML 2022: for normalized GD (w <- w - eta g/||g||) the stable step is eta/||g||, so
+  * Arora, Li & Panigrahi, ICML 2022: for normalized GD (w <- w - eta g/||g||) the stable step is eta/||g||,
+  so
     the edge of stability is sharpness * eta / ||g|| = 2; the iterate then moves along the minimizer manifold
     reducing sharpness.
 
-Recipe: a tanh MLP with squared loss 0.5 * mean_i ||f(x_i) - onehot(y_i)||^2 on 1,000 digits, trained with full
+Recipe: a tanh MLP with squared loss 0.5 * mean_i ||f(x_i) - onehot(y_i)||^2 on 1,000 digits, trained with
+full
 batch GD at two learning rates and with normalized GD; sharpness by Lanczos on Hessian-vector products every
 ``measure_every`` steps. "Settled" values are taken over the last ``tail`` of each run.
 """
@@ -58,7 +60,8 @@ class EoSConfig:
 
 
 PRESETS = {
-    "smoke": EoSConfig(n_train=300, width=32, lrs=(0.5, 0.6), ngd_lr=0.03, steps=300, ngd_steps=300, measure_every=10,
+    "smoke": EoSConfig(n_train=300, width=32, lrs=(0.5, 0.6), ngd_lr=0.03, steps=300, ngd_steps=300,
+                       measure_every=10,
                        lanczos_iters=12, rel_tol=0.2),
     "default": EoSConfig(),
     "full": EoSConfig(width=128, lrs=(0.1, 0.2), steps=8000, ngd_steps=8000, measure_every=40),
@@ -66,7 +69,8 @@ PRESETS = {
 
 
 def train(config: EoSConfig, data: TensorData, optimizer_name: str, lr: float, steps: int) -> dict[str, list]:
-    """Full-batch training from the shared init; logs loss every step, sharpness and ||grad|| when measured."""
+    """Full-batch training from the shared init; logs loss every step, sharpness and ||grad|| when
+    measured."""
     x, y = data.train_x, torch.nn.functional.one_hot(data.train_y, data.num_classes).to(data.train_x.dtype)
     model = tanh_mlp(data.dim, config.width, data.num_classes, config.depth,
                      generator=torch.Generator().manual_seed(config.seed))
@@ -76,7 +80,8 @@ def train(config: EoSConfig, data: TensorData, optimizer_name: str, lr: float, s
     for t in tqdm(range(steps + 1), desc=f"eos {optimizer_name} lr={lr:g}", disable=None, leave=False):
         if t % config.measure_every == 0:
             op = HessianOperator(model, half_mse, (x, y))
-            top = lanczos(op, op.dim, 1, config.lanczos_iters, torch.Generator().manual_seed(t)).eigenvalues[0]
+            gen = torch.Generator().manual_seed(t)
+            top = lanczos(op, op.dim, 1, config.lanczos_iters, gen).eigenvalues[0]
             log["step"].append(t)
             log["sharpness"].append(top)
             log["grad_norm"].append(float(op.loss_and_grad()[1].norm()))
@@ -106,7 +111,8 @@ def run(config: EoSConfig, out_dir: str | Path, data: TensorData | None = None) 
     checks = []
     for lr, log in gd.items():
         settled = float(np.median(tail_values(log["sharpness"], config.tail)))
-        checks.append(Check(f"GD lr {lr:g}: initial sharpness below 2/eta", f"< {2 / lr:.3g}", log["sharpness"][0],
+        checks.append(Check(f"GD lr {lr:g}: initial sharpness below 2/eta", f"< {2 / lr:.3g}",
+                            log["sharpness"][0],
                             log["sharpness"][0] < 2 / lr, "progressive sharpening has room to act"))
         checks.append(Check(f"GD lr {lr:g}: settled sharpness", 2 / lr, settled,
                             within(settled, 2 / lr, config.rel_tol), f"median of last {config.tail:.0%} "
@@ -133,7 +139,8 @@ def plot(result: LabResult, path: Path) -> Path:
     for i, lr in enumerate(c.lrs):
         color = f"C{i}"
         axes[0].semilogy(cv[f"gd lr={lr:g}/loss"], color=color, label=f"GD lr {lr:g}")
-        axes[1].plot(cv[f"gd lr={lr:g}/step"], cv[f"gd lr={lr:g}/sharpness"], color=color, label=f"GD lr {lr:g}")
+        axes[1].plot(cv[f"gd lr={lr:g}/step"], cv[f"gd lr={lr:g}/sharpness"], color=color,
+                     label=f"GD lr {lr:g}")
         axes[1].axhline(2 / lr, color=color, ls="--", label=f"2/eta = {2 / lr:g}")
     key = f"ngd lr={c.ngd_lr:g}"
     axes[0].semilogy(cv[f"{key}/loss"], color="C3", label=f"normalized GD lr {c.ngd_lr:g}")

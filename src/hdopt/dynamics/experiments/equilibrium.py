@@ -1,11 +1,13 @@
 """`hdopt lab equilibrium`: scale-invariant nets reach an equilibrium set by the intrinsic lr eta*lambda.
 
 Claim (Li, Lyu & Arora, NeurIPS 2020): for SGD with lr eta and weight decay lambda on a scale-invariant net,
-each weight's norm obeys ||w_{t+1}||^2 = (1 - eta lambda)^2 ||w_t||^2 + eta^2 ||g_t||^2 (g orthogonal to w), so at
+each weight's norm obeys ||w_{t+1}||^2 = (1 - eta lambda)^2 ||w_t||^2 + eta^2 ||g_t||^2 (g orthogonal to w),
+so at
 equilibrium 2 eta lambda ||w||^2 ~ eta^2 ||g||^2, i.e.
   * the RMS angular update per step -> sqrt(2 eta lambda);
   * ||w|| is proportional to (eta / lambda)^(1/4): equal eta*lambda with eta/lambda 16x apart -> norm ratio 2;
-  * the approach takes O(1 / (eta lambda)) steps; with g ~ 1/||w||, x = ||w||^2 obeys d(x^2)/dt = -4 eta lambda x^2
+  * the approach takes O(1 / (eta lambda)) steps; with g ~ 1/||w||, x = ||w||^2 obeys d(x^2)/dt = -4 eta
+  lambda x^2
     + const, so starting k times larger delays equilibrium by ln(k) / (eta lambda) steps.
 
 Recipe: three runs of a BN MLP (digits) on the same batch stream — A (eta, lambda), B (eta*f, lambda/f, same
@@ -73,7 +75,8 @@ def train_run(config: EquilibriumConfig, data: TensorData, lr: float, weight_dec
             p.mul_(init_scale)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
     monitor = NormMonitor({name: [p] for name, p in model.named_parameters()})
-    stream = batches(data.train_x, data.train_y, config.batch_size, torch.Generator().manual_seed(config.seed + 1))
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    stream = batches(data.train_x, data.train_y, config.batch_size, gen)
     angles, norms, losses = [], [], []
     for _ in tqdm(range(config.steps), desc=f"equilibrium lr={lr:g} wd={weight_decay:g} x{init_scale:g}",
                   disable=None, leave=False):
@@ -149,7 +152,8 @@ def run(config: EquilibriumConfig, out_dir: str | Path, data: TensorData | None 
 
 
 def plot(result: LabResult, path: Path) -> Path:
-    """Three panels against eta*lambda*t: angular update (with sqrt(2 eta lambda)), weight norm, train loss."""
+    """Three panels against eta*lambda*t: angular update (with sqrt(2 eta lambda)), weight norm, train
+    loss."""
     plt = pyplot()
     c, cv = result.config, result.curves
     t = cv["eta_lambda_t"]
@@ -164,7 +168,8 @@ def plot(result: LabResult, path: Path) -> Path:
         axes[2].plot(t, cv[f"{key}/loss"], label=label)
     axes[0].axhline(equilibrium_angular_update(c.lr, c.weight_decay), color="k", ls="--",
                     label="predicted sqrt(2 eta lambda)")
-    axes[0].set(title="angular update per step (RMS over layers)", xlabel="eta * lambda * t", ylabel="radians")
+    axes[0].set(title="angular update per step (RMS over layers)", xlabel="eta * lambda * t",
+                ylabel="radians")
     axes[1].set(title="total weight norm", xlabel="eta * lambda * t", yscale="log")
     axes[2].set(title="train loss (minibatch, smoothed)", xlabel="eta * lambda * t")
     for ax in axes:

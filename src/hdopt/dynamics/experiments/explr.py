@@ -1,10 +1,12 @@
 """`hdopt lab explr`: weight decay equals an exponentially growing learning rate (Li & Arora, ICLR 2020).
 
-Claim: on a scale-invariant net, SGD(lr eta, momentum gamma, weight decay lambda) and SGD(momentum gamma, no weight
+Claim: on a scale-invariant net, SGD(lr eta, momentum gamma, weight decay lambda) and SGD(momentum gamma, no
+weight
 decay, lr eta * alpha^(-2t-1)) produce the same functions at every step; alpha solves
 x^2 - (1 + gamma - eta lambda) x + gamma = 0, and the weights differ only by the factor alpha^t.
 
-Recipe: a BN MLP with exactly scale-invariant weights (batch norm without affine parameters, epsilon 1e-30), in
+Recipe: a BN MLP with exactly scale-invariant weights (batch norm without affine parameters, epsilon 1e-30),
+in
 float64, trained both ways on the same batches, for gamma = 0 and gamma = 0.9; a control run with neither
 weight decay nor the schedule shows how far apart unrelated runs drift. Outputs are compared on the test set.
 """
@@ -58,7 +60,8 @@ PRESETS = {
 
 
 def train_pair(config: ExpLRConfig, data: TensorData, momentum: float) -> dict[str, list[float]]:
-    """Train the weight-decay run, its exp-lr twin and a plain control on one batch stream; compare outputs."""
+    """Train the weight-decay run, its exp-lr twin and a plain control on one batch stream; compare
+    outputs."""
     dtype = getattr(torch, config.dtype)
     base = scale_invariant_mlp(data.dim, config.width, data.num_classes, config.depth, eps=config.bn_eps,
                                generator=torch.Generator().manual_seed(config.seed), dtype=dtype)
@@ -104,12 +107,14 @@ def run(config: ExpLRConfig, out_dir: str | Path, data: TensorData | None = None
         diff, control = max(log["diff"]), max(log["control_diff"])
         checks.append(Check(f"max |output diff|, momentum {m:g}", f"< {config.tol:g}", diff,
                             diff < config.tol, f"< {config.tol:g}"))
+        scale_error = max(log["scale_error"])
         checks.append(Check(f"max |w_t|/(alpha^t |w~_t|) - 1, momentum {m:g}", f"< {config.tol:g}",
-                            max(log["scale_error"]), max(log["scale_error"]) < config.tol, f"< {config.tol:g}"))
+                            scale_error, scale_error < config.tol, f"< {config.tol:g}"))
         checks.append(Check(f"control (no wd, constant lr) diff, momentum {m:g}", "> 1e3 x tol", control,
                             control > 1e3 * config.tol, "> 1e3 x tol (the comparison can tell runs apart)"))
     curves = {f"momentum={m:g}/{k}": thin(v) for m, log in logs.items() for k, v in log.items()}
-    curves["alpha"] = {f"momentum={m:g}": explr_alpha(config.lr, config.weight_decay, m) for m in config.momenta}
+    curves["alpha"] = {f"momentum={m:g}": explr_alpha(config.lr, config.weight_decay, m)
+                       for m in config.momenta}
     result = LabResult("explr", config, checks, curves, timer.seconds)
     result.plot = str(plot(result, Path(out_dir) / "explr.png"))
     result.write(out_dir)

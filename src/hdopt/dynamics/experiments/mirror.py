@@ -2,7 +2,8 @@
 
 Claim (Li, Wang, Lee & Arora, NeurIPS 2022; Woodworth et al. 2020): gradient flow on (u, v) from u = v = alpha
 is mirror descent on w with grad psi(w) = (1/4) arcsinh(w / (2 alpha^2)). Hence on an underdetermined linear
-regression, small alpha converges to the minimum-l1 interpolant (sparse) and large alpha to the minimum-l2 one.
+regression, small alpha converges to the minimum-l1 interpolant (sparse) and large alpha to the minimum-l2
+one.
 
 Recipe: n = 40 Gaussian measurements of a 5-sparse w* in d = 100 dimensions; for each alpha run GD on (u, v)
 and mirror descent with the same step; compare the trajectories (their gap must shrink like the step:
@@ -43,7 +44,8 @@ class MirrorConfig:
 
 
 PRESETS = {
-    "smoke": MirrorConfig(n=20, d=40, k=3, alphas=(0.01, 10.0), lr=0.01, steps=6000, compare_steps=1000, traj_tol=0.1,
+    "smoke": MirrorConfig(n=20, d=40, k=3, alphas=(0.01, 10.0), lr=0.01, steps=6000, compare_steps=1000,
+                          traj_tol=0.1,
                           l1_tol=0.1, l2_tol=0.05),
     "default": MirrorConfig(),
     "full": MirrorConfig(n=100, d=400, k=10, alphas=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0),
@@ -66,7 +68,8 @@ def trajectory_gap(X: np.ndarray, y: np.ndarray, alpha: float, lr: float, steps:
     every = max(1, steps // 100)
     _, gd = gd_reparam(X, y, alpha, lr, steps, every)
     w_md, md = mirror_descent(X, y, alpha, lr, steps, every)
-    return max(float(np.linalg.norm(a - b)) for a, b in zip(gd, md, strict=True)) / float(np.linalg.norm(w_md))
+    gap = max(float(np.linalg.norm(a - b)) for a, b in zip(gd, md, strict=True))
+    return gap / float(np.linalg.norm(w_md))
 
 
 def run(config: MirrorConfig, out_dir: str | Path, data: object = None) -> LabResult:
@@ -106,18 +109,23 @@ def run(config: MirrorConfig, out_dir: str | Path, data: object = None) -> LabRe
     curves = {
         "alphas": list(config.alphas),
         "l1_norm": [float(np.abs(finals[a]).sum()) for a in config.alphas],
-        "dist_to_min_l1": [float(np.linalg.norm(finals[a] - w_l1) / np.linalg.norm(w_l1)) for a in config.alphas],
-        "dist_to_min_l2": [float(np.linalg.norm(finals[a] - w_l2) / np.linalg.norm(w_l2)) for a in config.alphas],
+        "dist_to_min_l1": [_rel_dist(finals[a], w_l1) for a in config.alphas],
+        "dist_to_min_l2": [_rel_dist(finals[a], w_l2) for a in config.alphas],
         "residual": [float(np.linalg.norm(X @ finals[a] - y)) for a in config.alphas],
         "gd_md_gap": [gaps[a] for a in config.alphas],
         "min_l1_norm": float(np.abs(w_l1).sum()), "min_l2_l1_norm": float(np.abs(w_l2).sum()),
         "true_l1_norm": float(np.abs(w_star).sum()),
-        "w_star": w_star.tolist(), "w_small_alpha": finals[small].tolist(), "w_large_alpha": finals[large].tolist(),
+        "w_star": w_star.tolist(), "w_small_alpha": finals[small].tolist(),
+        "w_large_alpha": finals[large].tolist(),
     }
     result = LabResult("mirror", config, checks, curves, timer.seconds)
     result.plot = str(plot(result, snapshots, Path(out_dir) / "mirror.png"))
     result.write(out_dir)
     return result
+
+
+def _rel_dist(w: np.ndarray, target: np.ndarray) -> float:
+    return float(np.linalg.norm(w - target) / np.linalg.norm(target))
 
 
 def plot(result: LabResult, snapshots: dict, path: Path) -> Path:
@@ -146,5 +154,6 @@ def plot(result: LabResult, snapshots: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-register(Experiment("mirror", "GD on w = u*u - v*v equals mirror descent with psi' = arcsinh(w/(2 alpha^2))/4; "
+register(Experiment("mirror", "GD on w = u*u - v*v equals mirror descent with "
+                    "psi' = arcsinh(w/(2 alpha^2))/4; "
                     "small alpha -> min-l1 (sparse), large alpha -> min-l2", MirrorConfig, PRESETS, run))

@@ -3,11 +3,14 @@
 Claims:
   * SVAG (Li, Malladi & Arora, NeurIPS 2021): with l in {1, 2, 4}, lr eta/l and l times the steps, the loss
     curves plotted against eta * steps / l coincide (they approximate one SDE; l = 1 is SGD itself).
-  * Square-root rule (Malladi, Lyu, Panigrahi & Arora, NeurIPS 2022): growing Adam's batch kappa = 4 times with
-    lr * sqrt(kappa), 1 - beta -> kappa (1 - beta), eps / sqrt(kappa) keeps the loss curve against examples seen;
+  * Square-root rule (Malladi, Lyu, Panigrahi & Arora, NeurIPS 2022): growing Adam's batch kappa = 4 times
+  with
+    lr * sqrt(kappa), 1 - beta -> kappa (1 - beta), eps / sqrt(kappa) keeps the loss curve against examples
+    seen;
     the linear rule (lr * kappa) and no scaling do not.
 
-Recipe: a ReLU MLP on digits with 20% label noise (noise makes the SDE's diffusion matter). Curves are the full
+Recipe: a ReLU MLP on digits with 20% label noise (noise makes the SDE's diffusion matter). Curves are the
+full
 training loss at fixed fractions of the run; a gap is the mean absolute difference to the reference curve
 divided by the mean of the reference curve.
 The gradient noise scale (per-sample variance vs squared mean gradient) is reported at the start and end.
@@ -38,7 +41,8 @@ CE = torch.nn.functional.cross_entropy
 @dataclass
 class SDEConfig:
     """Attributes: data, label noise, net; SVAG part (SGD lr/batch/steps, values of l); Adam part (lr, betas,
-    eps, batch, steps, kappa); evaluation points per run; examples for the noise scale; tolerances on the curve gaps; seed."""
+    eps, batch, steps, kappa); evaluation points per run; examples for the noise scale; tolerances on the
+    curve gaps; seed."""
 
     data: str = "digits"
     n_train: int | None = None
@@ -82,10 +86,12 @@ def eval_points(steps: int, evals: int) -> set[int]:
 
 
 def run_svag(config: SDEConfig, data: TensorData, l: int) -> list[float]:
-    """SGD wrapped by SVAG(l): lr sgd_lr / l for l * sgd_steps steps; training loss at the shared time points."""
+    """SGD wrapped by SVAG(l): lr sgd_lr / l for l * sgd_steps steps; training loss at the shared time
+    points."""
     model = fresh_model(config, data)
     svag = SVAG(torch.optim.SGD(model.parameters(), lr=config.sgd_lr), l)
-    stream = batches(data.train_x, data.train_y, config.sgd_batch, torch.Generator().manual_seed(config.seed + l))
+    gen = torch.Generator().manual_seed(config.seed + l)
+    stream = batches(data.train_x, data.train_y, config.sgd_batch, gen)
     steps = l * config.sgd_steps
     points, losses = eval_points(steps, config.evals), []
 
@@ -118,7 +124,8 @@ def run_adam(config: SDEConfig, data: TensorData, opt_config: dict, batch: int, 
 
 
 def curve_gap(curve: list[float], reference: list[float]) -> float:
-    """Relative gap ``mean |curve - reference| / mean |reference|`` of two curves sampled at the same points."""
+    """Relative gap ``mean |curve - reference| / mean |reference|`` of two curves sampled at the same
+    points."""
     ref = np.asarray(reference)
     return float(np.mean(np.abs(np.asarray(curve) - ref)) / np.mean(np.abs(ref)))
 
@@ -142,15 +149,18 @@ def run(config: SDEConfig, out_dir: str | Path, data: TensorData | None = None) 
             adam[name] = run_adam(config, data, cfg, big_batch, big_steps, name)
 
     reference = svag[config.svag_ls[0]]
-    checks = [Check(f"SVAG l={l} gap to l={config.svag_ls[0]}", f"< {config.svag_tol:g}", curve_gap(c, reference),
-                    curve_gap(c, reference) < config.svag_tol, f"mean |dL| / mean L < {config.svag_tol:g}")
+    checks = [Check(f"SVAG l={l} gap to l={config.svag_ls[0]}", f"< {config.svag_tol:g}",
+                    curve_gap(c, reference), curve_gap(c, reference) < config.svag_tol,
+                    f"mean |dL| / mean L < {config.svag_tol:g}")
               for l, c in svag.items() if l != config.svag_ls[0]]
     baseline = adam["baseline"][0]
     gaps = {name: curve_gap(curve, baseline) for name, (curve, _) in adam.items() if name != "baseline"}
-    checks.append(Check(f"Adam sqrt rule gap (kappa={config.kappa:g})", f"< {config.rule_tol:g}", gaps["sqrt rule"],
-                        gaps["sqrt rule"] < config.rule_tol, f"mean |dL| / mean L < {config.rule_tol:g}"))
+    checks.append(Check(f"Adam sqrt rule gap (kappa={config.kappa:g})", f"< {config.rule_tol:g}",
+                        gaps["sqrt rule"], gaps["sqrt rule"] < config.rule_tol,
+                        f"mean |dL| / mean L < {config.rule_tol:g}"))
     for name in ("linear rule", "no scaling"):
-        checks.append(Check(f"Adam {name} gap", f"> {config.rule_tol:g}", gaps[name], gaps[name] > config.rule_tol,
+        checks.append(Check(f"Adam {name} gap", f"> {config.rule_tol:g}", gaps[name],
+                            gaps[name] > config.rule_tol,
                             f"mean |dL| / mean L > {config.rule_tol:g} (the rule matters)"))
     curves = {f"svag l={l}": c for l, c in svag.items()}
     curves.update({f"adam {name}": c for name, (c, _) in adam.items()})
@@ -177,12 +187,14 @@ def plot(result: LabResult, path: Path) -> Path:
     for name in ("baseline", "sqrt rule", "linear rule", "no scaling"):
         axes[1].plot(frac * c.adam_steps * c.adam_batch, cv[f"adam {name}"], marker=".",
                      label=name if name == "baseline" else f"batch x{c.kappa:g}, {name}")
-    axes[1].set(title="Adam: batch x kappa with each scaling rule", xlabel="examples seen", ylabel="train loss")
+    axes[1].set(title="Adam: batch x kappa with each scaling rule", xlabel="examples seen",
+                ylabel="train loss")
     for ax in axes:
         ax.legend(fontsize=8)
     verdict_title(fig, result.verdict())
     return save_figure(fig, path)
 
 
-register(Experiment("sde", "SVAG(l) curves coincide in lr*steps; Adam's sqrt scaling rule keeps the loss curve "
-                    "when the batch grows 4x, the linear rule and no scaling do not", SDEConfig, PRESETS, run))
+register(Experiment("sde", "SVAG(l) curves coincide in lr*steps; Adam's sqrt scaling rule keeps the "
+                    "loss curve when the batch grows 4x, the linear rule and no scaling do not",
+                    SDEConfig, PRESETS, run))
