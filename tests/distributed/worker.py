@@ -1,0 +1,95 @@
+"""Multi-process worker for tests/distributed: ``torchrun --nproc_per_node 2 worker.py OUT SCENARIO...``.
+
+Scenarios write ``OUT/<scenario>.rank<r>.pt`` (tensors and messages) for the tests to compare.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from scenarios import LOCAL_SGD_STEPS, LocalRun, zo_run
+
+from hdopt.distributed import (
+    Communicator,
+    ConfigMismatchError,
+    exit_on_rank_failure,
+    init_from_env,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+def local_sgd(comm: Communicator, out: Path) -> None:
+    run = LocalRun([comm.rank], comm)
+    run.train(LOCAL_SGD_STEPS)
+    torch.save({"flat": run.flat(), "rounds": len(run.sgd.rounds), "bytes": run.sgd.bytes_communicated,
+                "comm_bytes": comm.stats.bytes}, out / f"local_sgd.rank{comm.rank}.pt")
+
+
+def zo(comm: Communicator, out: Path) -> None:
+    torch.save(zo_run(comm.rank, comm.world_size, comm), out / f"zo.rank{comm.rank}.pt")
+
+
+def checkpoint(comm: Communicator, out: Path) -> None:
+    """Train 7 steps (mid-round: replicas differ), checkpoint, and stop; ``resume`` finishes the run."""
+    run = LocalRun([comm.rank], comm)
+    run.train(7)
+    save_checkpoint(out / "ckpt.pt", run.state_dict(), comm)
+
+
+def resume(comm: Communicator, out: Path) -> None:
+    run = LocalRun([comm.rank], comm)
+    run.load_state_dict(load_checkpoint(out / "ckpt.pt", comm))
+    run.train(LOCAL_SGD_STEPS - 7)
+    torch.save({"flat": run.flat()}, out / f"resume.rank{comm.rank}.pt")
+
+
+def mismatch(comm: Communicator, out: Path) -> None:
+    """Rank 1 builds its model from another seed: both ranks must refuse to start."""
+    try:
+        LocalRun([comm.rank], comm, seed=comm.rank)
+        message = "started"
+    except ConfigMismatchError as err:
+        message = str(err)
+    torch.save({"message": message}, out / f"mismatch.rank{comm.rank}.pt")
+
+
+def fault(comm: Communicator, out: Path, kind: str) -> None:
+    """Rank 1 dies (``die``) or sleeps (``hang``) before its 7th step; rank 0 must fail naming rank 1."""
+    run = LocalRun([comm.rank], comm)
+    run.train(6)
+    if comm.rank == 1:
+        if kind == "die":
+            os._exit(17)
+        time.sleep(120)
+    start = time.perf_counter()
+    try:
+        run.train(10)
+    finally:
+        (out / f"{kind}.rank{comm.rank}.seconds").write_text(f"{time.perf_counter() - start:.3f}")
+
+
+SCENARIOS = {"local_sgd": local_sgd, "zo": zo, "checkpoint": checkpoint, "resume": resume,
+             "mismatch": mismatch}
+
+
+def main() -> None:
+    out, names = Path(sys.argv[1]), sys.argv[2:]
+    timeout = float(os.environ.get("HDOPT_TEST_TIMEOUT", "60"))
+    torch.set_num_threads(1)
+    init_from_env(timeout_s=60.0)  # generous start-up; the training deadline is the communicator's
+    comm = Communicator(timeout_s=timeout)
+    with exit_on_rank_failure(code=3):
+        for name in names:
+            if name in ("die", "hang"):
+                fault(comm, out, name)
+            else:
+                SCENARIOS[name](comm, out)
+
+
+if __name__ == "__main__":
+    main()
