@@ -90,7 +90,7 @@ class MethodConfig:
             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
         )
         _check(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}")
-        _check(self.noise in ("gaussian", "rademacher"), f"noise must be gaussian or rademacher: {self.noise}")
+        _check(self.noise in ("gaussian", "rademacher"), f"noise: gaussian or rademacher, not {self.noise}")
         _check(self.estimator in ("central", "one-sided"), "estimator must be central or one-sided")
         _check(self.prefix_init in ("activations", "random"), "prefix_init must be activations or random")
         _positive(self, "q", "lora_r", "prefix_tokens")

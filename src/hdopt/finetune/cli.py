@@ -1,0 +1,103 @@
+"""``hdopt finetune``: fine-tune a language model with MeZO (full / LoRA / prefix) or a backprop baseline.
+
+Every config field is a flag (``--num-train`` sets ``DataConfig.num_train``); ``--config run.yaml`` sets
+sections first and flags override it. ``--resume RUN_DIR`` continues an interrupted run with its own config.
+
+    hdopt finetune --model smollm2-135m --task sst2 --method mezo --steps 2000 --lr 1e-6 --eps 1e-3 \\
+        --num-train 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from hdopt.finetune.config import SECTIONS, ConfigError, RunConfig
+from hdopt.finetune.methods import MethodError, get_method, list_methods
+from hdopt.finetune.optimizers import DivergenceError
+
+RESUME_FLAGS = ("progress", "tensorboard")  # the only fields a resumed run may change
+EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 130
+
+
+def _flag_type(annotation: str):
+    """``(argparse kwargs)`` for a dataclass field annotation (a string under postponed evaluation)."""
+    if annotation.startswith("bool"):
+        return {"action": argparse.BooleanOptionalAction}
+    if annotation.startswith("list"):
+        return {"nargs": "+"}
+    for name, kind in (("int", int), ("float", float)):
+        if annotation.startswith(name):
+            return {"type": kind}
+    return {"type": str}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per config field (grouped by section), plus --config and --resume."""
+    parser.description = "Fine-tune with forward passes (MeZO) or backprop. Methods: " + ", ".join(
+        f"{m} ({get_method(m).description})" for m in list_methods()
+    )
+    parser.add_argument("--config", metavar="RUN_YAML", help="YAML: sections model/data/method/optim/train")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the interrupted run in RUN_DIR")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} ({cls.__name__})")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = "the method's default" if default is None else repr(default)
+            flag = f"--{f.name.replace('_', '-')}"
+            help_text = f"{section}.{f.name} (default: {shown})"
+            kwargs = _flag_type(str(f.type))
+            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text, **kwargs)
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("config", "resume") and not k.startswith("_")}
+
+
+def _summary(results: dict, folder) -> str:
+    metric = results["metric"]
+    parts = [f"{results['method']} on {results['task']}: {results['status']}", f"steps {results['steps']}"]
+    if results.get("best_dev") is not None:
+        parts.append(f"best dev {metric} {results['best_dev']:.2f} (step {results['best_step']})")
+    if "test" in results:
+        parts.append(f"test {metric} {results['test']:.2f}")
+    parts.append(f"{results['wall_seconds']:.0f} s, peak {results['peak_memory_mib']:.0f} MiB")
+    return "; ".join(parts) + f"\nrun folder: {folder}"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start or resume a run; prints a summary. Exit codes: 0 done, 2 bad input, 3 diverged, 130 stopped."""
+    from hdopt.finetune.trainer import finetune, resume
+
+    overrides = _overrides(args)
+    try:
+        if args.resume:
+            fixed = sorted(set(overrides) - set(RESUME_FLAGS))
+            if fixed or args.config:
+                raise ConfigError(f"a resumed run keeps its config; drop {fixed or ['--config']}")
+            results, folder = resume(args.resume, **overrides)
+        else:
+            cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+            results, folder = finetune(cfg.replace(**overrides))
+    except DivergenceError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except (ConfigError, MethodError, FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(_summary(results, folder))
+    if results["status"] == "interrupted":
+        print(f"stopped: continue with `hdopt finetune --resume {folder}`")
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hdopt finetune")
+    configure(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
