@@ -76,4 +76,12 @@ def open_tensorboard(folder: Path, wanted: bool):
     return SummaryWriter(str(folder / "tensorboard"))
 
 
-__all__ = ["MetricsLog", "new_run_dir", "open_tensorboard", "read_json", "read_metrics", "write_json"]
+__all__ = [
+    "MetricsLog",
+    "new_run_dir",
+    "open_tensorboard",
+    "read_json",
+    "read_metrics",
+    "write_json",
+    "write_jsonl",
+]

@@ -1,0 +1,80 @@
+"""Linear probing (``lp``): logistic regression on frozen last-prompt-token features (MeZO's LP baseline).
+
+The feature of an example is the final hidden state at the last prompt token (before any option), from
+the frozen body. A standardised logistic regression (scikit-learn, L2, C = 1) is fit on the train
+features and scored on dev and test. Only tasks with fixed label words are supported; MeZO's head tuning
+for multiple-choice and generation tasks is not implemented.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hdopt.finetune import rundir
+from hdopt.finetune.checkpoint import save_checkpoint
+
+
+@torch.no_grad()
+def last_token_features(model, tokenizer, examples, max_length: int, batch_size: int) -> np.ndarray:
+    """``[N, hidden]`` float32 features: the body's output at each prompt's last token."""
+    device = model.get_input_embeddings().weight.device
+    body = model.base_model
+    out = []
+    for i in range(0, len(examples), batch_size):
+        rows = [tokenizer(e.prompt).input_ids[-max_length:] for e in examples[i : i + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
+        hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)[0]
+        last = mask.sum(1).to(device) - 1
+        out.append(hidden[torch.arange(len(rows), device=device), last].float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def linear_probe(s) -> tuple[dict, Path]:
+    """Fit and evaluate the probe for a trainer ``Setup``; writes the run folder."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if not s.task.label_words:
+        raise ValueError(f"lp supports classification tasks with fixed label words; {s.task.name!r} has none")
+    cfg = s.cfg
+    folder = rundir.new_run_dir(cfg.train.output_dir, s.task.name, s.method.name, cfg.model.model)
+    rundir.write_json(folder / rundir.CONFIG, cfg.to_dict())
+    start = time.perf_counter()
+    s.model.eval()
+
+    def feats(examples):
+        size = cfg.train.eval_batch_size
+        return last_token_features(s.model, s.tokenizer, examples, cfg.data.max_length, size)
+
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=cfg.train.seed))
+    probe.fit(feats(s.splits.train), [e.label for e in s.splits.train])
+
+    def accuracy(examples) -> float:
+        return round(100.0 * float(np.mean(probe.predict(feats(examples)) == [e.label for e in examples])), 2)
+
+    dev = accuracy(s.splits.dev) if s.splits.dev else None
+    test = accuracy(s.splits.eval)
+    linear = probe[-1]
+    weights = [("coef", torch.tensor(linear.coef_)), ("intercept", torch.tensor(linear.intercept_))]
+    save_checkpoint(folder / rundir.BEST, weights, meta={"dev": dev})
+    results = {
+        "status": "completed", "method": "lp", "model": cfg.model.model, "task": s.task.name,
+        "metric": "accuracy", "steps": 0, "forwards": len(s.splits.train) + len(s.splits.dev),
+        "backwards": 0, "wall_seconds": round(time.perf_counter() - start, 2), "best_dev": dev,
+        "best_step": 0, "test_accuracy": test, "test": test,
+        "trainable_parameters": int(linear.coef_.size + linear.intercept_.size),
+        "peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }  # fmt: skip
+    rundir.write_jsonl(folder / rundir.METRICS, [{"step": 0, "dev_accuracy": dev}])
+    rundir.write_json(folder / rundir.RESULTS, results)
+    return results, folder
