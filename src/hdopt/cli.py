@@ -22,6 +22,13 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
         "hdopt.lm.cli_models",
     ),
     ("eval", "zero-shot / in-context evaluation of a language model on a task", "hdopt.lm.cli_eval"),
+    (
+        "finetune",
+        "fine-tune a language model: MeZO (full/LoRA/prefix) or backprop baselines",
+        "hdopt.finetune.cli",
+    ),
+    ("compare", "Markdown table of several fine-tuning runs", "hdopt.finetune.cli_compare"),
+    ("replay", "rebuild a ZO run's weights bitwise from its trajectory log", "hdopt.finetune.cli_replay"),
     ("lab", "implicit-bias experiments (equilibrium, explr, sde, eos, mirror)", "hdopt.dynamics.cli"),
     ("tint", "TinT: in-context fine-tuning inside one forward pass (size, eval)", "hdopt.tint.cli"),
 ]

@@ -1,0 +1,254 @@
+"""Benchmark: cost and memory of a zeroth-order step vs a forward pass, against the reference algorithm.
+
+Measured side by side in one run on the same model and batch (SmolLM2-135M, 16 x 32 tokens, LM loss over all
+positions by default):
+
+* forward: one ``model(input_ids, labels)`` pass under ``torch.no_grad``;
+* hdopt ZOSGD step, Gaussian and Rademacher noise (perturbation at forward time, chunked counter-based noise);
+* a reference-style MeZO step re-implemented from the paper's description: ``torch.manual_seed`` before each
+  of four sweeps that draw ``z ~ N(0, I)`` per tensor with ``torch.normal``; out-of-place
+  ``p.data = p.data + c * z`` for +eps, -2eps, +eps and the update.
+
+Rounds interleave the four measurements so machine noise hits them alike; the figures are medians over
+rounds of the per-round ratios. Peak memory is measured in a fresh subprocess per mode (CPU: peak RSS;
+CUDA: ``torch.cuda.max_memory_allocated``). Also reported: elements changed by an lr = 0 step (exact
+restore) for each dtype, for hdopt and for the reference round trip.
+
+Run:  python benchmarks/zo_step.py [--rounds 7] [--device cpu|cuda]
+Saves benchmarks/results/zo_step.json (and .md) unless --out says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hdopt.lm.models import load_model
+from hdopt.zo import ZOSGD
+from hdopt.zo.noise import NoiseGenerator, chunks
+from hdopt.zo.trajectory import atomic_write_bytes
+
+RESULTS = Path(__file__).parent / "results"
+MODES = ("forward", "zosgd-gaussian", "zosgd-rademacher", "reference")
+
+
+# -- the reference algorithm, from the paper's description ------------------------------------------------------
+def _reference_sweep(params, seed: int, coef: float) -> None:
+    torch.manual_seed(seed)
+    for p in params:
+        z = torch.normal(mean=0.0, std=1.0, size=p.shape, dtype=p.dtype, device=p.device)
+        p.data = p.data + coef * z
+
+
+@torch.no_grad()
+def reference_step(params, closure, lr: float, eps: float, seed: int) -> float:
+    """MeZO as published: perturb +eps, evaluate, -2eps, evaluate, +eps (restore), update along z."""
+    _reference_sweep(params, seed, eps)
+    loss_plus = float(closure())
+    _reference_sweep(params, seed, -2 * eps)
+    loss_minus = float(closure())
+    _reference_sweep(params, seed, eps)
+    grad = (loss_plus - loss_minus) / (2 * eps)
+    _reference_sweep(params, seed, -lr * grad)
+    return loss_plus
+
+
+# -- measurements ---------------------------------------------------------------------------------------------------
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _setup(args):
+    model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=gen).to(args.device)
+
+    def closure():
+        return model(input_ids=ids, labels=ids).loss
+
+    return model, closure
+
+
+def _runner(mode: str, model, closure, args):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if mode == "forward":
+        return lambda: torch.no_grad()(closure)()
+    if mode == "reference":
+        counter = iter(range(10**9))
+        return lambda: reference_step(params, closure, args.lr, args.eps, seed=next(counter))
+    noise = mode.split("-")[1]
+    opt = ZOSGD(model.named_parameters(), lr=args.lr, eps=args.eps, noise=noise, seed=1)
+    return lambda: opt.step(closure)
+
+
+def time_modes(args) -> dict:
+    model, closure = _setup(args)
+    runners = {mode: _runner(mode, model, closure, args) for mode in MODES}
+    for run in runners.values():  # warm-up
+        run()
+    times = {mode: [] for mode in MODES}
+    for r in range(args.rounds):
+        for mode, run in runners.items():
+            _sync(args.device)
+            start = time.perf_counter()
+            run()
+            _sync(args.device)
+            times[mode].append(time.perf_counter() - start)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in MODES), flush=True)
+    ratios = {
+        mode: statistics.median(t / f for t, f in zip(times[mode], times["forward"], strict=True))
+        for mode in MODES
+    }
+    return {"seconds_median": {m: statistics.median(v) for m, v in times.items()}, "forward_equivalents": ratios}
+
+
+def noise_sweeps(args) -> dict:
+    """Seconds for one sweep of noise over the model's parameter count (generate + add into a buffer)."""
+    numel = sum(p.numel() for p in load_model(args.model, dtype="float32")[0].parameters())
+    target = torch.zeros(min(numel, 1 << 20), device=args.device)
+    out = {}
+    for dist in ("gaussian", "rademacher"):
+        gen = NoiseGenerator(dist, device=args.device)
+        samples = []
+        for _ in range(3):
+            _sync(args.device)
+            start = time.perf_counter()
+            for s, n in chunks(numel, gen.chunk):
+                target[:n].add_(gen.generate(12345, s, n), alpha=1e-3)
+            _sync(args.device)
+            samples.append(time.perf_counter() - start)
+        out[f"hdopt {dist}"] = statistics.median(samples)
+    samples = []
+    buf = torch.empty(1 << 20, device=args.device)
+    for _ in range(3):
+        _sync(args.device)
+        start = time.perf_counter()
+        for _s, n in chunks(numel, 1 << 20):
+            torch.randn(n, out=buf[:n])
+            target[:n].add_(buf[:n], alpha=1e-3)
+        _sync(args.device)
+        samples.append(time.perf_counter() - start)
+    out["torch.randn"] = statistics.median(samples)
+    return out
+
+
+def memory_probe(mode: str, args) -> float:
+    """Peak memory (MiB) of two iterations of ``mode`` in this (fresh) process."""
+    model, closure = _setup(args)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    run = _runner(mode, model, closure, args)
+    for _ in range(2):
+        run()
+    if args.device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_memory(args) -> dict:
+    peaks = {}
+    for mode in MODES:
+        cmd = [sys.executable, __file__, "--memory-probe", mode, *_passthrough(args)]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        peaks[mode] = float(result.stdout.strip().splitlines()[-1])
+        print(f"peak memory {mode}: {peaks[mode]:.0f} MiB", flush=True)
+    return {"peak_mib": peaks, "ratio_to_forward": {m: peaks[m] / peaks["forward"] for m in MODES}}
+
+
+@torch.no_grad()
+def exact_restore() -> dict:
+    """Fraction of elements an lr = 0 step changes: hdopt vs the reference round trip, per dtype."""
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(512, 512).to(dtype)
+        x = torch.randn(8, 512).to(dtype)
+        before = layer.weight.detach().clone()
+
+        def closure(layer=layer, x=x):
+            return layer(x).float().pow(2).mean()
+
+        ZOSGD(layer.named_parameters(), lr=0.0, eps=1e-3).step(closure)
+        ours = (layer.weight != before).float().mean().item()
+        reference_step([layer.weight, layer.bias], closure, lr=0.0, eps=1e-3, seed=0)
+        ref = (layer.weight != before).float().mean().item()
+        out[str(dtype).replace("torch.", "")] = {"hdopt": ours, "reference": ref}
+    return out
+
+
+def _passthrough(args) -> list[str]:
+    return [
+        "--model", args.model, "--dtype", args.dtype, "--device", args.device, "--batch", str(args.batch),
+        "--seq", str(args.seq), "--lr", str(args.lr), "--eps", str(args.eps),
+    ]  # fmt: skip
+
+
+def _markdown(report: dict) -> str:
+    t, m = report["timing"], report["memory"]
+    lines = [
+        f"Model {report['model']} ({report['dtype']}), batch {report['batch']} x {report['seq']} tokens, "
+        f"{report['hardware']}, medians over {report['rounds']} rounds.",
+        "",
+        "| | seconds | forward equivalents | peak memory (MiB) | memory vs inference |",
+        "|---|---|---|---|---|",
+    ]
+    for mode in MODES:
+        lines.append(
+            f"| {mode} | {t['seconds_median'][mode]:.2f} | {t['forward_equivalents'][mode]:.2f} | "
+            f"{m['peak_mib'][mode]:.0f} | {m['ratio_to_forward'][mode]:.3f}x |"
+        )
+    lines += ["", "| noise sweep over all parameters | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in report["noise_sweep_seconds"].items()]
+    lines += ["", "| dtype | elements changed by an lr=0 step: hdopt | reference round trip |", "|---|---|---|"]
+    lines += [f"| {k} | {v['hdopt']:.1%} | {v['reference']:.1%} |" for k, v in report["exact_restore"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--lr", type=float, default=1e-6)
+    parser.add_argument("--eps", type=float, default=1e-3)
+    parser.add_argument("--out", type=Path, default=RESULTS / "zo_step.json")
+    parser.add_argument("--memory-probe", choices=MODES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        print(memory_probe(args.memory_probe, args))
+        return 0
+    if args.device.startswith("cuda"):
+        hardware = torch.cuda.get_device_name()
+    else:
+        hardware = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    report = {
+        "model": args.model, "dtype": args.dtype, "device": args.device, "hardware": hardware,
+        "batch": args.batch, "seq": args.seq, "rounds": args.rounds, "torch": torch.__version__,
+        "timing": time_modes(args),
+        "memory": measure_memory(args),
+        "noise_sweep_seconds": noise_sweeps(args),
+        "exact_restore": exact_restore(),
+    }  # fmt: skip
+    markdown = _markdown(report)
+    print(markdown)
+    atomic_write_bytes(args.out, json.dumps(report, indent=2).encode())
+    atomic_write_bytes(args.out.with_suffix(".md"), markdown.encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
