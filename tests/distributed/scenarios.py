@@ -19,7 +19,7 @@ LOCAL_SGD_CONFIG = LocalSGDConfig(
     schedule="phase", phase_milestones=(9,), phase_periods=(2, 5), post_local_steps=4,
     average_optimizer_state=True, outer_lr=0.8, outer_momentum=0.5, outer_nesterov=True,
 )
-LOCAL_SGD_STEPS = 20
+LOCAL_SGD_STEPS = 18
 ZO_STEPS = 6
 ZO_BATCH = 8  # the global batch; each of N ranks gets ZO_BATCH / N
 

@@ -49,13 +49,16 @@ def resume(comm: Communicator, out: Path) -> None:
 
 
 def mismatch(comm: Communicator, out: Path) -> None:
-    """Rank 1 builds its model from another seed: both ranks must refuse to start."""
-    try:
-        LocalRun([comm.rank], comm, seed=comm.rank)
-        message = "started"
-    except ConfigMismatchError as err:
-        message = str(err)
-    torch.save({"message": message}, out / f"mismatch.rank{comm.rank}.pt")
+    """Rank 1 builds its model from another seed, then uses another ZO seed: both ranks refuse both."""
+    messages = []
+    for start in (lambda: LocalRun([comm.rank], comm, seed=comm.rank),
+                  lambda: zo_run(comm.rank, comm.world_size, comm, seed=7 + comm.rank)):
+        try:
+            start()
+            messages.append("started")
+        except ConfigMismatchError as err:
+            messages.append(str(err))
+    torch.save({"messages": messages}, out / f"mismatch.rank{comm.rank}.pt")
 
 
 def fault(comm: Communicator, out: Path, kind: str) -> None:

@@ -10,6 +10,7 @@ ranks draw different directions.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from typing import Any
 
@@ -36,7 +37,8 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
     layout = [(name, tuple(t.shape), str(t.dtype)) for name, t in tensors]
     sums = [(float(t.double().sum()), float(t.double().pow(2).sum())) if t.is_floating_point()
             else (float(t.sum()), 0.0) for _, t in tensors]
-    return {"model layout": _text(layout), "initial weights": _text(sums)}
+    digest = hashlib.sha256(_text(sums).encode()).hexdigest()[:16]
+    return {"model layout": _text(layout), "initial weights": f"checksum {digest}"}
 
 
 def optimizer_fingerprint(optimizer: Optimizer) -> dict[str, str]:
