@@ -80,9 +80,8 @@ def _score(tint: StructuredTinT, blocks, queries: list[list[int]], words: list[i
            past=None) -> torch.Tensor:
     """Label-word logits (B, 2) at each query's last token."""
     ids, mask = _pad(queries)
-    logits, _ = tint.run(ids, blocks, past=past)
-    last = mask.sum(1) - 1
-    return logits[torch.arange(len(queries)), last][:, words]
+    logits, _ = tint.run(ids, blocks, past=past, positions=mask.sum(1) - 1)  # (B, 1, V) at the last token
+    return logits[:, 0, words]
 
 
 def _targets(T: int, positions: list[int]) -> torch.Tensor:

@@ -108,10 +108,12 @@ class StructuredTinT(nn.Module):
 
     @torch.no_grad()
     def run(self, ids: torch.Tensor, blocks: list[Block], key_mask: torch.Tensor | None = None,
-            past: KVCache | None = None, logits_from: int = 0, want_cache: bool = False):
+            past: KVCache | None = None, logits_from: int = 0, want_cache: bool = False,
+            positions: torch.Tensor | None = None):
         """Auxiliary forward with the given blocks; ``past`` is a KV cache of earlier tokens (batch 1 or B).
 
-        Returns (logits (B, T - logits_from, V), KV cache of all tokens or None).
+        Returns (logits (B, T - logits_from, V), or (B, 1, V) at ``positions`` (B,) when given; the KV cache
+        of all tokens or None).
         """
         start = 0 if past is None else past[0][0].shape[2]
         T = ids.shape[1]
@@ -126,7 +128,8 @@ class StructuredTinT(nn.Module):
             x, _, kv = block_forward(self.spec, p, x, ctx)
             if want_cache:
                 cache.append(kv)
-        return final_logits(self.spec, x[:, logits_from:]), (cache if want_cache else None)
+        x = x[torch.arange(x.shape[0]), positions][:, None] if positions is not None else x[:, logits_from:]
+        return final_logits(self.spec, x), (cache if want_cache else None)
 
     def forward(self, input_ids: torch.Tensor, context_len: int, targets: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> TinTOutput:

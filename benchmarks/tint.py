@@ -1,0 +1,255 @@
+"""TinT experiments with SmolLM2-135M as the auxiliary (2-core CPU budget, ~20 minutes).
+
+    python benchmarks/tint.py lm          # SQuAD paragraphs: perplexity of aux vs TinT vs dynamic evaluation
+    python benchmarks/tint.py fewshot     # SST-2/MR/CR, 0 and 32 shots, 3 seeds: ICL vs TinT vs fine-tuning
+    python benchmarks/tint.py speed       # time and peak memory: structured vs explicit vs fine-tuning
+    python benchmarks/tint.py tables      # print the markdown tables of docs/tint.md from the saved results
+
+Results go to benchmarks/results/tint_<part>.json (atomic writes; a rerun resumes from finished cells).
+Cuts from the reference protocol (for the CPU budget) are listed in PROTOCOL and printed with the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hdopt.tint import TinTConfig, build
+from hdopt.tint import evaluate as ev
+from hdopt.tint.baselines import sgd_finetune
+from hdopt.tint.data import TASKS, load_sentiment, squad_paragraphs
+from hdopt.tint.results import read_json, write_json
+
+RESULTS = Path(__file__).parent / "results"
+LRS = (1e-3, 1e-2, 1e-1)  # inner-lr grid, chosen on a dev split drawn from the training pool
+PROTOCOL = {
+    "aux": "smollm2-135m (float32)", "hardware": "2-core CPU, no GPU (shared)",
+    "tint": "structured, backward='reference' (the paper's rule), top 3 layers, 1 step, mean loss",
+    "ft": "explicit SGD with torch autograd on the same 3 layers, same lr rule, 1 step",
+    "speed": "one process per cell (peak RSS above the loaded model); SmolLM2 contexts of 128/512 tokens +"
+             " 32 query tokens; explicit vs structured on a tiny GPT-2 (width 16, 2 layers, T = 32)",
+    "fewshot": "tasks sst2/mr/cr; 0 and 32 shots (16 per class, LM-BFF template '<x> It was great/terrible');"
+               " 100 eval examples per task (reference: 200); 3 seeds for 32 shots; label-token loss for"
+               " 32 shots, the query's own LM loss for 0 shots; lr per (task, shots, method) from"
+               f" {list(LRS)} on 32 dev examples from the training pool (never the reported split)",
+    "lm": "24 SQuAD dev paragraphs of >= 128 tokens (reference: 1024-token chunks of larger corpora),"
+          " truncated to 256 tokens, first half = context, second half scored; lr chosen on 6 other"
+          " paragraphs",
+}
+
+
+def load_aux():
+    from hdopt.lm.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+def tint_for(model, lr: float):
+    return build(model, TinTConfig(n_layers=3, n_steps=1, inner_lr=lr, backward="reference"))
+
+
+# ---------------------------------------------------------------- language modelling
+def run_lm(n_eval: int = 24, n_dev: int = 6, max_tokens: int = 256) -> dict:
+    model, tok = load_aux()
+    paras = [tok(p).input_ids[:max_tokens] for p in squad_paragraphs()]
+    paras = [p for p in paras if len(p) >= 128]
+    dev, test = paras[-n_dev:], paras[:n_eval]  # different articles: the file is ordered by article
+    tint = tint_for(model, LRS[0])
+    dev_ppl = {lr: ev.perplexity([ev.continuation_nll("ft", model, ev.with_lr(tint, lr), p, len(p) // 2)
+                                  for p in dev]) for lr in LRS}
+    lr = min(dev_ppl, key=dev_ppl.get)  # dynamic evaluation's best lr, used for TinT too ("same lr")
+    tint = ev.with_lr(tint, lr)
+    out = {"lr": lr, "dev_ppl": {str(k): v for k, v in dev_ppl.items()}, "n_eval": len(test)}
+    for method in ev.METHODS:
+        t0 = time.time()
+        out[method] = ev.perplexity([ev.continuation_nll(method, model, tint, p, len(p) // 2) for p in test])
+        out[f"{method}_seconds"] = time.time() - t0
+        print(f"lm {method}: ppl {out[method]:.3f}", flush=True)
+    write_json(RESULTS / "tint_lm.json", {"protocol": PROTOCOL, "results": out})
+    return out
+
+
+# ---------------------------------------------------------------- few-shot classification
+def run_fewshot(n_eval: int = 100, n_dev: int = 32, seeds=(0, 1, 2), tasks=TASKS, shots_list=(0, 32)) -> dict:
+    path = RESULTS / "tint_fewshot.json"
+    saved = read_json(path, {"protocol": PROTOCOL, "cells": {}})
+    cells = saved["cells"]
+    model, tok = load_aux()
+    base = tint_for(model, LRS[0])
+    for task in tasks:
+        pool, reported = load_sentiment(task)
+        rng = random.Random(1234)
+        tests = rng.sample(reported, n_eval)
+        dev = rng.sample(pool, n_dev + 200)
+        dev, demo_pool = dev[:n_dev], [e for e in pool if e not in dev[:n_dev]]
+        for shots in shots_list:
+            for method in ev.METHODS:
+                lr = _choose_lr(cells, task, shots, method, model, tok, base, demo_pool, dev, path, saved)
+                for seed in (seeds if shots else (0,)):
+                    key = f"{task}/{shots}/{seed}/{method}"
+                    if key in cells:
+                        continue
+                    demos = ev.sample_demos(demo_pool, shots, seed) if shots else []
+                    t0 = time.time()
+                    acc = ev.classify(method, model, tok, ev.with_lr(base, lr), demos, tests)
+                    cells[key] = {"acc": acc, "lr": lr, "seconds": time.time() - t0}
+                    print(f"{key}: acc {acc:.3f} (lr {lr}, {time.time() - t0:.0f}s)", flush=True)
+                    write_json(path, saved)
+    return saved
+
+
+def _choose_lr(cells, task, shots, method, model, tok, base, demo_pool, dev, path, saved) -> float:
+    """Inner lr with the best dev accuracy (demos from seed 100, dev drawn from the training pool)."""
+    if method == "icl":
+        return 0.0
+    key = f"{task}/{shots}/dev/{method}"
+    if key not in cells:
+        demos = ev.sample_demos(demo_pool, shots, 100) if shots else []
+        accs = {str(lr): ev.classify(method, model, tok, ev.with_lr(base, lr), demos, dev) for lr in LRS}
+        cells[key] = accs
+        print(f"{key}: {accs}", flush=True)
+        write_json(path, saved)
+    accs = cells[key]
+    return float(max(accs, key=lambda k: (accs[k], -float(k))))  # ties -> the smaller lr
+
+
+# ---------------------------------------------------------------- speed and memory
+SPEED_CELLS = [("smollm2", kind, T) for T in (128, 512) for kind in ("aux", "structured", "ft")]
+SPEED_CELLS += [("tiny-gpt2", kind, 32) for kind in ("aux", "structured", "explicit")]
+
+
+def speed_one(model_name: str, kind: str, T: int, repeats: int = 3) -> dict:
+    """Median seconds and peak extra RSS of one TinT forward (or a baseline) on [context (T) | query (32)]."""
+    import resource
+
+    if model_name == "smollm2":
+        model, _ = load_aux()
+        tint = tint_for(model, 1e-4)
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        gpt2 = GPT2Config(vocab_size=61, n_positions=64, n_embd=16, n_layer=2, n_head=2)
+        model = GPT2LMHeadModel(gpt2).eval()
+        cfg = TinTConfig(n_layers=2, n_steps=1, inner_lr=1e-4, backward="reference", max_len=T + 32)
+        tint = build(model, cfg)
+        if kind == "explicit":
+            tint = build(model, TinTConfig(**{**cfg.to_dict(), "realization": "explicit"}))
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (1, T + 32), generator=torch.Generator().manual_seed(0))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        if kind == "aux":
+            with torch.no_grad():
+                model(input_ids=ids)
+        elif kind == "ft":
+            ctx = ids[:, :T]
+            top, _ = sgd_finetune(model, ctx, torch.ones_like(ctx, dtype=torch.bool), 3, 1, 1e-4)
+            tint.run(ids, tint.blocks_with(top), logits_from=T - 1)
+        else:
+            tint(ids, context_len=T)
+        times.append(time.perf_counter() - t0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    params = tint.num_parameters() if kind != "aux" else sum(p.numel() for p in model.parameters())
+    return {"model": model_name, "kind": kind, "T": T, "seconds": statistics.median(times),
+            "peak_extra_mb": (peak - base) / 1024, "params": params}
+
+
+def run_speed() -> dict:
+    """Each cell in a fresh process so that peak memory is its own."""
+    import json
+    import subprocess
+
+    out = []
+    for model_name, kind, T in SPEED_CELLS:
+        cmd = [sys.executable, __file__, "_speed_one", model_name, kind, str(T)]
+        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        out.append(json.loads(line))
+        print(out[-1], flush=True)
+    write_json(RESULTS / "tint_speed.json", {"protocol": PROTOCOL, "cells": out})
+    return {"cells": out}
+
+
+# ---------------------------------------------------------------- tables
+def tables() -> str:
+    lines = []
+    lm = read_json(RESULTS / "tint_lm.json")
+    if lm:
+        r = lm["results"]
+        lines += ["| auxiliary | TinT (reference rule) | dynamic evaluation (autograd SGD) | inner lr |",
+                  "|---|---|---|---|",
+                  f"| {r['icl']:.3f} | {r['tint']:.3f} | {r['ft']:.3f} | {r['lr']:g} |", ""]
+    sp = read_json(RESULTS / "tint_speed.json")
+    if sp:
+        lines += ["| model | context T | computation | seconds | peak extra RSS (MB) | parameters |",
+                  "|---|---|---|---|---|---|"]
+        names = {"aux": "auxiliary forward (no update)", "structured": "TinT, structured",
+                 "explicit": "TinT, explicit", "ft": "explicit fine-tuning (autograd) + forward"}
+        for c in sp["cells"]:
+            lines.append(f"| {c['model']} | {c['T']} | {names[c['kind']]} | {c['seconds']:.3f} | "
+                         f"{c['peak_extra_mb']:.0f} | {c['params']:,} |")
+        lines.append("")
+    fs = read_json(RESULTS / "tint_fewshot.json")
+    if fs:
+        cells = fs["cells"]
+        lines += ["| task | shots | ICL | TinT | fine-tuning | lr TinT / FT |", "|---|---|---|---|---|---|"]
+        for task in TASKS:
+            for shots in (0, 32):
+                row = [_acc(cells, task, shots, m) for m in ev.METHODS]
+                lrs = [_lr(cells, task, shots, m) for m in ("tint", "ft")]
+                lines.append(f"| {task} | {shots} | " + " | ".join(row) + f" | {lrs[0]} / {lrs[1]} |")
+    return "\n".join(lines)
+
+
+def _accs(cells, task, shots, method):
+    prefix, suffix = f"{task}/{shots}/", f"/{method}"
+    return [v["acc"] for k, v in cells.items() if k.startswith(prefix) and k.endswith(suffix) and "acc" in v]
+
+
+def _acc(cells, task, shots, method) -> str:
+    a = _accs(cells, task, shots, method)
+    if not a:
+        return "-"
+    sd = statistics.pstdev(a) if len(a) > 1 else 0.0
+    return f"{100 * statistics.mean(a):.1f} ± {100 * sd:.1f}" if len(a) > 1 else f"{100 * a[0]:.1f}"
+
+
+def _lr(cells, task, shots, method) -> str:
+    v = [c["lr"] for k, c in cells.items() if k.startswith(f"{task}/{shots}/") and k.endswith(f"/{method}")
+         and "lr" in c]
+    return f"{v[0]:g}" if v else "-"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    if argv is None and len(sys.argv) == 5 and sys.argv[1] == "_speed_one":  # worker process of run_speed
+        import json
+
+        torch.set_num_threads(1)
+        print(json.dumps(speed_one(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+        return 0
+    parser.add_argument("part", choices=["lm", "fewshot", "speed", "tables", "all"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.part in ("lm", "all"):
+        run_lm()
+    if args.part in ("fewshot", "all"):
+        run_fewshot()
+    if args.part in ("speed", "all"):
+        run_speed()
+    print(tables())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

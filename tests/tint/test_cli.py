@@ -1,0 +1,39 @@
+"""``hdopt tint`` through the real entry point."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hdopt.cli import main
+
+
+def test_size_prints_both_realizations_and_the_reference(capsys):
+    assert main(["tint", "size", "--aux", "gpt2-shape", "--layers", "12", "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "1,476,796,914" in out and "explicit" in out and "structured" in out
+
+
+def test_size_json_for_smollm2(capsys):
+    assert main(["tint", "size", "--aux", "smollm2-135m", "--layers", "3", "--steps", "1", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert table["aux_params"] == 134_515_008  # SmolLM2-135M with tied embeddings
+    assert table["structured_per_example"] == 3 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536 + 2 * 576)
+
+
+def test_bad_arguments_exit_nonzero():
+    with pytest.raises(SystemExit):
+        main(["tint", "size", "--aux", "gpt5"])
+
+
+@pytest.mark.integration
+def test_eval_on_smollm2(tmp_path, capsys):
+    pytest.importorskip("hdopt.lm.models")
+    code = main(["tint", "eval", "--aux", "smollm2-135m", "--task", "sst2", "--shots", "2", "--layers", "1",
+                 "--steps", "1", "--inner-lr", "1e-4", "--num-eval", "4", "--method", "tint",
+                 "--output-dir", str(tmp_path)])
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert 0.0 <= results["tint"]["accuracy"] <= 1.0
+    assert json.loads((tmp_path / "config.json").read_text())["tint"]["n_layers"] == 1
