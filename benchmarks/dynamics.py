@@ -3,9 +3,8 @@
 Problems: (1) a 500 x 500 symmetric matrix with top eigenvalues 10, 9.5, 9 (a small gap, the hard case
 for power iteration); (2) the tanh MLP of ``hdopt lab eos`` on 1,000 digits at initialization; (3) the same
 net after 600 full-batch GD steps at lr 0.4 (at the edge of stability, sharpness ~ 2/eta = 5). The reference
-top
-eigenvalue is Lanczos with 150 HVPs (for the matrix: the exact value). For each of ``--starts`` random start
-vectors we count the HVPs after which the estimate stays within 1% of the reference.
+top eigenvalue is Lanczos with 150 HVPs (for the matrix: the exact value). For each of ``--starts`` random
+start vectors we count the HVPs after which the estimate stays within 1% of the reference.
 
     PYTHONPATH=src python benchmarks/dynamics.py            # prints a table, writes
                                                             # benchmarks/results/dynamics_lanczos.json

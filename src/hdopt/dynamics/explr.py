@@ -11,9 +11,9 @@ equivalent run must start with momentum buffer v_0 = (alpha - 1) / (eta alpha) *
 w~_{-1} = alpha w_0); :func:`make_explr_sgd` sets it up.
 
 Derivation: substitute w_t = alpha^t w~_t into w_{t+1} = (1 + gamma - eta lambda) w_t - gamma w_{t-1} - eta
-grad L(w_t)
-and use grad L(c w) = grad L(w) / c; the result is momentum SGD on w~ with momentum gamma / alpha^2 in the
-"position" form, which is torch's momentum gamma under the lr ratio eta_t / eta_{t-1} = alpha^(-2).
+grad L(w_t) and use grad L(c w) = grad L(w) / c; the result is momentum SGD on w~ with momentum gamma /
+alpha^2 in the "position" form, which is torch's momentum gamma under the lr ratio eta_t / eta_{t-1} =
+alpha^(-2).
 """
 
 from __future__ import annotations

@@ -92,9 +92,8 @@ def lanczos(matvec: Matvec, dim: int, k: int = 1, iters: int = 20, generator: to
     Builds an orthonormal Krylov basis q_1..q_m (m = ``iters``) with
     ``beta_j q_{j+1} = A q_j - alpha_j q_j - beta_{j-1} q_{j-1}`` (then re-orthogonalized against all q's),
     and returns the largest Ritz values, the eigenvalues of the tridiagonal ``T = tridiag(beta, alpha,
-    beta)``.
-    Extreme eigenvalues converge geometrically at a rate governed by sqrt(gap), much faster than power
-    iteration's (lambda_2 / lambda_1)^m.
+    beta)``. Extreme eigenvalues converge geometrically at a rate governed by sqrt(gap), much faster than
+    power iteration's (lambda_2 / lambda_1)^m.
 
     Args:
         matvec: ``v -> A v`` on flat vectors.

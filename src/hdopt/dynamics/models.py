@@ -20,9 +20,8 @@ def scale_invariant_mlp(in_dim: int, width: int, num_classes: int, depth: int = 
     """MLP ``[Linear(no bias) -> BatchNorm(affine=False) -> ReLU] * depth -> Linear(no bias) -> BatchNorm``.
 
     Batch statistics are always used (``track_running_stats=False``): running averages mix weights of
-    different
-    scales over time and would break the exact invariance the weight-decay/exp-lr equivalence relies on.
-    The logits are batch-normalized too, which keeps the last layer scale-invariant.
+    different scales over time and would break the exact invariance the weight-decay/exp-lr equivalence relies
+    on. The logits are batch-normalized too, which keeps the last layer scale-invariant.
 
     Args:
         in_dim, width, num_classes: D, H, C.

@@ -1,8 +1,7 @@
 """The registry of lab experiments: each experiment module registers itself once, by name.
 
 An :class:`Experiment` is data: a name, a one-line claim, a config dataclass with one preset per scale, and
-the
-``run(config, out_dir, data=None) -> LabResult`` recipe. Registering a name twice is an error.
+the ``run(config, out_dir, data=None) -> LabResult`` recipe. Registering a name twice is an error.
 """
 
 from __future__ import annotations

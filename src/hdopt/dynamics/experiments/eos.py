@@ -10,9 +10,8 @@ Claims:
     reducing sharpness.
 
 Recipe: a tanh MLP with squared loss 0.5 * mean_i ||f(x_i) - onehot(y_i)||^2 on 1,000 digits, trained with
-full
-batch GD at two learning rates and with normalized GD; sharpness by Lanczos on Hessian-vector products every
-``measure_every`` steps. "Settled" values are taken over the last ``tail`` of each run.
+full batch GD at two learning rates and with normalized GD; sharpness by Lanczos on Hessian-vector products
+every ``measure_every`` steps. "Settled" values are taken over the last ``tail`` of each run.
 """
 
 from __future__ import annotations

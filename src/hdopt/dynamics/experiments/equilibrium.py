@@ -2,8 +2,7 @@
 
 Claim (Li, Lyu & Arora, NeurIPS 2020): for SGD with lr eta and weight decay lambda on a scale-invariant net,
 each weight's norm obeys ||w_{t+1}||^2 = (1 - eta lambda)^2 ||w_t||^2 + eta^2 ||g_t||^2 (g orthogonal to w),
-so at
-equilibrium 2 eta lambda ||w||^2 ~ eta^2 ||g||^2, i.e.
+so at equilibrium 2 eta lambda ||w||^2 ~ eta^2 ||g||^2, i.e.
   * the RMS angular update per step -> sqrt(2 eta lambda);
   * ||w|| is proportional to (eta / lambda)^(1/4): equal eta*lambda with eta/lambda 16x apart -> norm ratio 2;
   * the approach takes O(1 / (eta lambda)) steps; with g ~ 1/||w||, x = ||w||^2 obeys d(x^2)/dt = -4 eta

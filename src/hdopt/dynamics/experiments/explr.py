@@ -1,13 +1,11 @@
 """`hdopt lab explr`: weight decay equals an exponentially growing learning rate (Li & Arora, ICLR 2020).
 
 Claim: on a scale-invariant net, SGD(lr eta, momentum gamma, weight decay lambda) and SGD(momentum gamma, no
-weight
-decay, lr eta * alpha^(-2t-1)) produce the same functions at every step; alpha solves
+weight decay, lr eta * alpha^(-2t-1)) produce the same functions at every step; alpha solves
 x^2 - (1 + gamma - eta lambda) x + gamma = 0, and the weights differ only by the factor alpha^t.
 
 Recipe: a BN MLP with exactly scale-invariant weights (batch norm without affine parameters, epsilon 1e-30),
-in
-float64, trained both ways on the same batches, for gamma = 0 and gamma = 0.9; a control run with neither
+in float64, trained both ways on the same batches, for gamma = 0 and gamma = 0.9; a control run with neither
 weight decay nor the schedule shows how far apart unrelated runs drift. Outputs are compared on the test set.
 """
 

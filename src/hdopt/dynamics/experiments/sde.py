@@ -6,14 +6,12 @@ Claims:
   * Square-root rule (Malladi, Lyu, Panigrahi & Arora, NeurIPS 2022): growing Adam's batch kappa = 4 times
   with
     lr * sqrt(kappa), 1 - beta -> kappa (1 - beta), eps / sqrt(kappa) keeps the loss curve against examples
-    seen;
-    the linear rule (lr * kappa) and no scaling do not.
+    seen; the linear rule (lr * kappa) and no scaling do not.
 
 Recipe: a ReLU MLP on digits with 20% label noise (noise makes the SDE's diffusion matter). Curves are the
-full
-training loss at fixed fractions of the run; a gap is the mean absolute difference to the reference curve
-divided by the mean of the reference curve.
-The gradient noise scale (per-sample variance vs squared mean gradient) is reported at the start and end.
+full training loss at fixed fractions of the run; a gap is the mean absolute difference to the reference curve
+divided by the mean of the reference curve. The gradient noise scale (per-sample variance vs squared mean
+gradient) is reported at the start and end.
 """
 
 from __future__ import annotations
