@@ -99,6 +99,23 @@ def test_answer_loss_is_token_mean_nll(case):
     assert model.get_output_embeddings().weight.grad is not None
 
 
+def test_one_token_options_share_a_row(case):
+    model, tokenizer = case
+    prompts, options = ["is it? ", "and this one?"], [["Y", "N"], ["Y", "N", "M"]]  # one byte token each
+    batch = encode_options(tokenizer, prompts, options, [0, 2])
+    assert batch.input_ids.shape[0] == 2  # one sequence per example, not one per option
+    with torch.no_grad():
+        scores = option_scores(model, batch)
+    assert_scores_close(
+        scores,
+        [
+            brute_force_score(model, tokenizer, p, o)
+            for p, os in zip(prompts, options, strict=True)
+            for o in os
+        ],
+    )
+
+
 def test_predict_takes_argmax_and_pads_missing_options(case):
     model, tokenizer = case
     batch = encode_options(tokenizer, PROMPTS, OPTIONS, LABELS)
@@ -111,9 +128,11 @@ def test_predict_takes_argmax_and_pads_missing_options(case):
 def test_left_truncation_keeps_bos_and_option(tokenizer_bos):
     batch = encode_options(tokenizer_bos, ["0123456789"], [[" ab"]], max_length=8)
     ids = batch.input_ids[0].tolist()
-    assert len(ids) == 8 and ids[0] == tokenizer_bos.bos_token_id
-    assert tokenizer_bos.decode(ids[1:]) == "6789 ab"
-    assert batch.option_start.tolist() == [5]
+    # 8 tokens in all: BOS + "6789" + " ab"; the last option token is predicted, never fed
+    assert len(ids) == 7 and ids[0] == tokenizer_bos.bos_token_id
+    assert tokenizer_bos.decode(ids[1:]) == "6789 a"
+    assert batch.target_pos.tolist() == [4, 5, 6]  # " ab": the last prompt token predicts " "
+    assert tokenizer_bos.decode(batch.target_token) == " ab"
     assert truncate_left([1, 2, 3, 4], 2, keep_first=False) == [3, 4]
     assert truncate_left([1, 2, 3, 4], 3, keep_first=True) == [1, 3, 4]
 

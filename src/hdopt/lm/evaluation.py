@@ -113,6 +113,11 @@ def _prefix_for(model, tokenizer, demos, row_budget: int, cfg: EvalConfig) -> tu
     return encode_prefix(model, kept), {"prefix_tokens": len(kept), "prefix_truncated": len(kept) < len(ids)}
 
 
+def _sequences_per_example(tokenizer, options: Sequence[str]) -> int:
+    """Rows an example needs: options sharing all but their last token share a row."""
+    return len({tuple(tokenizer(o, add_special_tokens=False).input_ids[:-1]) for o in options})
+
+
 def evaluate_classification(
     model, tokenizer, examples: Sequence[Example], demos, cfg: EvalConfig
 ) -> EvalResult:
@@ -126,7 +131,7 @@ def evaluate_classification(
     prefix, extra = _prefix_for(model, tokenizer, demos, max(lengths), cfg)
     prefix_len = prefix.length if prefix else 0
     records, tokens = [None] * len(examples), prefix_len
-    rows_per = [len(e.options) for e in examples]
+    rows_per = [_sequences_per_example(tokenizer, e.options) for e in examples]
     bar = tqdm(total=len(examples), desc="scoring", unit="ex", disable=not cfg.progress)
     for idx in _batches(lengths, rows_per, prefix_len, cfg):
         chunk = [examples[i] for i in idx]

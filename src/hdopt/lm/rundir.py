@@ -24,6 +24,11 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomically write ``text``."""
+    _atomic_write(Path(path), text)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Atomically write ``obj`` as indented JSON."""
     _atomic_write(Path(path), json.dumps(obj, indent=2, default=str) + "\n")

@@ -1,8 +1,8 @@
 """Option scoring: per-token log-likelihoods of candidate continuations, and the losses built on them.
 
-Every (prompt, option) pair is one right-padded row. The transformer body runs once over the batch; the
-LM head (a ``hidden x vocab`` matmul, the largest activation of a small model) is applied only at the
-positions that predict option tokens, not at every position.
+Every (prompt, option) pair is one right-padded row (one-token options of an example share a row). The
+transformer body runs once over the batch; the LM head (a ``hidden x vocab`` matmul, the largest
+activation of a small model) is applied only at the positions that predict option tokens.
 
     score(prompt, option) = (1/|option|) * sum_t log p(option_t | prompt, option_<t)
 
@@ -26,24 +26,33 @@ from hdopt.lm.tasks.base import Example
 
 @dataclass
 class OptionBatch:
-    """Rows of ``prompt + option`` token ids.
+    """Token sequences and the option tokens they predict.
 
-    Shapes: R rows, T tokens, E examples. ``option_start[r]`` is the first option token of row r and
-    ``lengths[r]`` its unpadded length (options run to the end of the row). ``labels[e]`` is the gold
-    option of example e (-100 when unknown).
+    Shapes: S sequences of T tokens, M option tokens, R options (one per (example, option) pair), E
+    examples. A sequence is a prompt followed by all but the last token of an option; options of one
+    example with the same such tokens (one-token label words: " terrible"/" great", Yes/No) share one
+    sequence, so a two-way one-token task runs one row per example. Option token m is predicted by the
+    output at ``(target_seq[m], target_pos[m])``.
     """
 
-    input_ids: torch.Tensor  # [R, T] long, right-padded
-    attention_mask: torch.Tensor  # [R, T] long
-    option_start: torch.Tensor  # [R] long
-    lengths: torch.Tensor  # [R] long
-    example_index: torch.Tensor  # [R] long, which example a row belongs to
-    option_index: torch.Tensor  # [R] long, which of its example's options a row holds
-    labels: torch.Tensor  # [E] long
+    input_ids: torch.Tensor  # [S, T] long, right-padded
+    attention_mask: torch.Tensor  # [S, T] long
+    target_seq: torch.Tensor  # [M] long
+    target_pos: torch.Tensor  # [M] long, the position whose output predicts the token
+    target_token: torch.Tensor  # [M] long
+    target_option: torch.Tensor  # [M] long, in 0..R-1
+    option_example: torch.Tensor  # [R] long, the example an option belongs to
+    option_index: torch.Tensor  # [R] long, its index among that example's options
+    option_length: torch.Tensor  # [R] long, its number of tokens
+    labels: torch.Tensor  # [E] long, gold option per example (-100 when unknown)
 
     @property
     def num_examples(self) -> int:
         return int(self.labels.numel())
+
+    @property
+    def num_options(self) -> int:
+        return int(self.option_example.numel())
 
     def to(self, device: torch.device | str) -> OptionBatch:
         return OptionBatch(**{k: v.to(device) for k, v in vars(self).items()})
@@ -78,11 +87,13 @@ def encode_options(
     their own, so their leading space belongs to them (``" great"``).
     """
     assert len(prompts) == len(options)
-    rows: list[list[int]] = []
-    starts, example_index, option_index = [], [], []
+    sequences: list[list[int]] = []
+    targets: list[tuple[int, int, int, int]] = []  # (sequence, position, token, option)
+    option_rows: list[tuple[int, int, int]] = []  # (example, option index, length)
     for e, (prompt, opts) in enumerate(zip(prompts, options, strict=True)):
         prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
         keep_first = _starts_with_bos(tokenizer, prompt_ids)
+        shared: dict[tuple[int, ...], int] = {}  # this example's sequences
         for o, option in enumerate(opts):
             option_ids = tokenizer(option, add_special_tokens=False).input_ids[: max_length - 1]
             if not option_ids:
@@ -90,26 +101,34 @@ def encode_options(
             kept = truncate_left(prompt_ids, max_length - len(option_ids), keep_first)
             if not kept:
                 raise ValueError(f"prompt {prompt!r} has no tokens to condition the option on")
-            rows.append(kept + option_ids)
-            starts.append(len(kept))
-            example_index.append(e)
-            option_index.append(o)
-    width = max(len(r) for r in rows)
+            key = tuple(kept + option_ids[:-1])  # the last option token is predicted, never fed
+            if key not in shared:
+                shared[key] = len(sequences)
+                sequences.append(list(key))
+            r = len(option_rows)
+            option_rows.append((e, o, len(option_ids)))
+            targets += [(shared[key], len(kept) - 1 + t, tok, r) for t, tok in enumerate(option_ids)]
+    width = max(len(ids) for ids in sequences)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, ids in enumerate(rows):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        attention_mask[r, : len(ids)] = 1
+    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, ids in enumerate(sequences):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+    target = torch.tensor(targets, dtype=torch.long).T
+    option = torch.tensor(option_rows, dtype=torch.long).T
     gold = [-100 if label is None else label for label in (labels or [None] * len(prompts))]
     return OptionBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        option_start=torch.tensor(starts),
-        lengths=attention_mask.sum(1),
-        example_index=torch.tensor(example_index),
-        option_index=torch.tensor(option_index),
-        labels=torch.tensor(gold),
+        target_seq=target[0],
+        target_pos=target[1],
+        target_token=target[2],
+        target_option=target[3],
+        option_example=option[0],
+        option_index=option[1],
+        option_length=option[2],
+        labels=torch.tensor(gold, dtype=torch.long),
     )
 
 
@@ -222,7 +241,7 @@ def _model_inputs(module, batch: OptionBatch, prefix: Prefix | None) -> dict:
     cache = copy.deepcopy(prefix.cache)
     cache.batch_repeat_interleave(rows)
     ones = torch.ones(rows, prefix.length, dtype=batch.attention_mask.dtype, device=batch.input_ids.device)
-    mask = torch.cat([ones, batch.attention_mask], dim=1)  # [R, P + T]
+    mask = torch.cat([ones, batch.attention_mask], dim=1)  # [S, P + T]
     return {
         "input_ids": batch.input_ids,
         "attention_mask": mask,
@@ -231,47 +250,35 @@ def _model_inputs(module, batch: OptionBatch, prefix: Prefix | None) -> dict:
     }
 
 
-def token_logprobs(
-    model, batch: OptionBatch, prefix: Prefix | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(model, batch: OptionBatch, prefix: Prefix | None = None) -> torch.Tensor:
     """Log-probabilities of every option token (after the shared ``prefix``, when given).
 
     Returns:
-        ``(logp, row)``: ``logp[m]`` is log p(token m | everything before it) and ``row[m]`` its row;
-        M = total option tokens in the batch. Differentiable with respect to the model's parameters.
+        ``logp`` of shape [M]: ``logp[m] = log p(target_token[m] | the tokens before it)``.
+        Differentiable with respect to the model's parameters.
     """
-    device = batch.input_ids.device
-    offsets = [
-        torch.arange(s, n, device=device) for s, n in zip(batch.option_start, batch.lengths, strict=True)
-    ]
-    rows = torch.cat([torch.full_like(o, r) for r, o in enumerate(offsets)])
-    targets_pos = torch.cat(offsets)  # positions of option tokens
-    targets = batch.input_ids[rows, targets_pos]
-    predict_pos = targets_pos - 1  # the position whose output predicts each option token
+    seq, pos = batch.target_seq, batch.target_pos
     inner = _unwrap(model)
     if inner is not None and _can_split(inner) and _check_head(inner):
-        hidden = inner.base_model(**_model_inputs(inner.base_model, batch, prefix))[0]  # [R, T, H]
-        logits = _head_logits(inner, hidden[rows, predict_pos])  # [M, V]: only the positions we need
+        hidden = inner.base_model(**_model_inputs(inner.base_model, batch, prefix))[0]  # [S, T, H]
+        logits = _head_logits(inner, hidden[seq, pos])  # [M, V]: only the positions we need
     else:  # full-vocabulary logits at every position, then gather (any model, slower)
-        logits = model(**_model_inputs(model, batch, prefix)).logits[rows, predict_pos]
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]
-    return logp, rows
+        logits = model(**_model_inputs(model, batch, prefix)).logits[seq, pos]
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, batch.target_token[:, None])[:, 0]
 
 
 def option_scores(model, batch: OptionBatch, prefix: Prefix | None = None) -> torch.Tensor:
-    """Mean per-token log-likelihood of each row's option, shape [R] (differentiable)."""
-    logp, rows = token_logprobs(model, batch, prefix)
-    total = torch.zeros(batch.input_ids.shape[0], dtype=logp.dtype, device=logp.device).index_add(
-        0, rows, logp
-    )
-    return total / (batch.lengths - batch.option_start).to(logp.dtype)
+    """Mean per-token log-likelihood of each option, shape [R] (differentiable)."""
+    logp = token_logprobs(model, batch, prefix)
+    total = logp.new_zeros(batch.num_options).index_add(0, batch.target_option, logp)
+    return total / batch.option_length.to(logp.dtype)
 
 
 def scores_by_example(batch: OptionBatch, scores: torch.Tensor) -> torch.Tensor:
-    """Row scores [R] -> [E, max options], missing options filled with -inf."""
+    """Option scores [R] -> [E, max options], missing options filled with -inf."""
     width = int(batch.option_index.max()) + 1
     table = torch.full((batch.num_examples, width), float("-inf"), dtype=scores.dtype, device=scores.device)
-    return table.index_put((batch.example_index, batch.option_index), scores)
+    return table.index_put((batch.option_example, batch.option_index), scores)
 
 
 def classification_loss(model, batch: OptionBatch) -> torch.Tensor:
@@ -288,8 +295,7 @@ def answer_loss(model, batch: OptionBatch) -> torch.Tensor:
 
     Build the batch with :func:`encode_answers` (one row per example, the row's option = the answer).
     """
-    logp, _ = token_logprobs(model, batch)
-    return -logp.mean()
+    return -token_logprobs(model, batch).mean()
 
 
 @torch.no_grad()
