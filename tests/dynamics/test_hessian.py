@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hdopt.dynamics.hessian import (
+    CurvatureMonitor,
     HessianOperator,
     hessian_trace,
     hutchinson_trace,
@@ -93,3 +94,15 @@ def test_dataset_average_equals_full_batch():
 def test_lanczos_rejects_non_finite_operators():
     with pytest.raises(FloatingPointError, match="diverge"):
         lanczos(lambda v: v * math.nan, 5)
+
+
+def test_curvature_monitor_records_on_schedule():
+    model, loss_fn, X, y, H = quadratic_problem()
+    monitor = CurvatureMonitor(model, loss_fn, (X, y), every=5, k=2, iters=6, trace_samples=50)
+    records = [monitor(step) for step in range(11)]
+    assert [r["step"] for r in records if r] == [0, 5, 10]
+    eigs = torch.linalg.eigvalsh(H).flip(0)[:2].tolist()
+    assert monitor.history[0]["sharpness"] == pytest.approx(eigs, rel=1e-9)
+    assert abs(monitor.history[0]["trace"] - H.trace().item()) < 4 * monitor.history[0]["trace_err"] + 1e-9
+    with pytest.raises(ValueError, match="every"):
+        CurvatureMonitor(model, loss_fn, (X, y), every=0)

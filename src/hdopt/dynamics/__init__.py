@@ -18,6 +18,7 @@ from hdopt.dynamics.data import (
 )
 from hdopt.dynamics.explr import explr_alpha, explr_factor, make_explr_sgd
 from hdopt.dynamics.hessian import (
+    CurvatureMonitor,
     HessianOperator,
     hessian_trace,
     hutchinson_trace,
@@ -33,7 +34,8 @@ from hdopt.dynamics.optim import NormalizedGD, SqrtLossGD
 from hdopt.dynamics.svag import SVAG, svag_coefficients
 
 __all__ = [
-    "HessianOperator", "NormMonitor", "NormalizedGD", "SVAG", "SqrtLossGD", "TensorData", "add_label_noise",
+    "CurvatureMonitor", "HessianOperator", "NormMonitor", "NormalizedGD", "SVAG", "SqrtLossGD", "TensorData",
+    "add_label_noise",
     "angular_update", "check_scale_invariance", "effective_lr", "explr_alpha", "explr_factor",
     "find_scale_invariant", "gradient_noise_scale", "hessian_trace", "hutchinson_trace", "intrinsic_lr",
     "lanczos", "load_data", "load_digits", "load_fashion_mnist", "make_explr_sgd", "per_sample_grads",

@@ -14,7 +14,7 @@ from pathlib import Path
 from hdopt.dynamics.data import DATASETS
 from hdopt.dynamics.registry import SCALES, get, names
 
-FASHION_DEFAULT_N = 10000  # Fashion-MNIST's 60k examples would make the default runs far slower
+FASHION_DEFAULT_N = 10000  # used when a preset takes all examples: 60k would make runs far slower
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -45,9 +45,10 @@ def build_config(args: argparse.Namespace):
             raise SystemExit(f"hdopt lab {args.name}: --{flag.replace('_', '-')} does not apply "
                              f"(this experiment builds its own problem)")
         overrides[field] = value
-    if overrides.get("data") == "fashion-mnist" and "n_train" not in overrides:
-        overrides["n_train"] = FASHION_DEFAULT_N
-    return experiment.config(args.scale, **overrides)
+    config = experiment.config(args.scale, **overrides)
+    if config.data == "fashion-mnist" and config.n_train is None:
+        config = dataclasses.replace(config, n_train=FASHION_DEFAULT_N)
+    return config
 
 
 def run(args: argparse.Namespace) -> int:

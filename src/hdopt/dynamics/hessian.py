@@ -10,6 +10,7 @@ explicit matrices and reused on any model:
 * :func:`power_iteration` — the textbook baseline for the top eigenvalue.
 * :func:`hutchinson_trace` — tr(H) ~ mean of z^T H z over Rademacher z (Hutchinson 1989).
 * :func:`sharpness` and :func:`hessian_trace` — one-call versions on a model.
+* :class:`CurvatureMonitor` — the callback form: sharpness (and optionally the trace) every ``every`` steps.
 """
 
 from __future__ import annotations
@@ -230,3 +231,43 @@ def _unflat(v: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
         out.append(v[i:i + p.numel()].view_as(p))
         i += p.numel()
     return out
+
+
+class CurvatureMonitor:
+    """Callback measuring the loss Hessian during training: call ``monitor(step)`` after each step.
+
+    Every ``every`` steps it records the top-``k`` eigenvalues (Lanczos, ``iters`` HVPs) and, when
+    ``trace_samples > 0``, the Hutchinson trace; the model's mode is left as is.
+
+    Args:
+        model, loss_fn, batches: as in :class:`HessianOperator` (a fixed probe set: full batch or a list).
+        every: measure when ``step % every == 0``.
+        k: eigenvalues to keep.
+        iters: Lanczos steps.
+        trace_samples: Hutchinson probes (0: no trace).
+        seed: seeds the start/probe vectors (offset by the step, so each measurement is reproducible).
+
+    Attributes:
+        history: list of ``{"step", "sharpness": [k values], "trace", "trace_err"}`` records.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 batches: Batch | Sequence[Batch], every: int = 100, k: int = 1, iters: int = 20,
+                 trace_samples: int = 0, seed: int = 0):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.model, self.loss_fn, self.batches = model, loss_fn, batches
+        self.every, self.k, self.iters, self.trace_samples, self.seed = every, k, iters, trace_samples, seed
+        self.history: list[dict] = []
+
+    def __call__(self, step: int) -> dict | None:
+        """Measure if ``step`` is due; returns the new record or None."""
+        if step % self.every:
+            return None
+        op = HessianOperator(self.model, self.loss_fn, self.batches)
+        gen = torch.Generator().manual_seed(self.seed + step)
+        record: dict = {"step": step, "sharpness": lanczos(op, op.dim, self.k, self.iters, gen).eigenvalues}
+        if self.trace_samples:
+            record["trace"], record["trace_err"] = hutchinson_trace(op, op.dim, self.trace_samples, gen)
+        self.history.append(record)
+        return record
