@@ -1,6 +1,7 @@
 import copy
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -27,12 +28,16 @@ def _explicitly_perturbed(model, terms, dist="gaussian"):
     return twin
 
 
-def test_forward_perturbation_equals_explicitly_perturbed_weights():
+@pytest.mark.parametrize("chunk", [64, 1 << 20], ids=["row-blocked head", "whole copies"])
+def test_forward_perturbation_equals_explicitly_perturbed_weights(chunk):
     model, ids = TinyLM(dtype=torch.float64), batch()
+    model.head.bias = nn.Parameter(torch.randn(40, dtype=torch.float64))  # a trainable bias on the head too
     terms = [(derive_key(5, 0), 1e-2), (derive_key(5, 1), -3e-3)]
-    with torch.no_grad(), Perturbation(_slots(model), terms, NoiseGenerator("gaussian")) as pert:
+    generator = NoiseGenerator("gaussian", chunk=chunk)
+    with torch.no_grad(), Perturbation(_slots(model), terms, generator) as pert:
         hooked = model.loss(ids)
     explicit = _explicitly_perturbed(model, terms).loss(ids)
+    assert model.head.weight is model.embed.weight and model.head.weight.shape == (40, 16)
     unperturbed = model.loss(ids)
     assert abs(hooked.item() - explicit.item()) < 1e-12
     assert abs(hooked.item() - unperturbed.item()) > 1e-4  # the perturbation did something

@@ -7,8 +7,9 @@ are never modified to evaluate a perturbed loss:
 * ``forward`` mode: while the closure runs, global module hooks give every module that owns a trainable
   parameter a *perturbed copy* of it for the duration of that module's forward (``module._parameters`` is
   swapped, then swapped back). Only one module's copies exist at a time, so the extra memory is one module's
-  parameters, not a copy of the model. A plain ``nn.Embedding`` gets no copy at all: the noise of the rows the
-  batch gathers is added to its output.
+  parameters, not a copy of the model. Two layers avoid even that: a plain ``nn.Embedding`` adds the noise
+  of the rows the batch gathers to its output, and a plain ``nn.Linear`` whose weight exceeds one noise
+  chunk (an LM head) is computed block of output rows by block of output rows from perturbed row blocks.
 * ``inplace`` mode, for tensors no module owns (a bare ``requires_grad`` tensor in a closure): the tensor is
   backed up, perturbed in place and copied back, which is exact too but costs a copy of those tensors.
 
@@ -42,32 +43,45 @@ class ParamSlot:
 
 
 def perturbed_copy(
-    slot: ParamSlot, terms: Terms, generator: NoiseGenerator, scale: float = 1.0, shrink: float = 1.0
+    slot: ParamSlot,
+    terms: Terms,
+    generator: NoiseGenerator,
+    scale: float = 1.0,
+    shrink: float = 1.0,
+    start: int = 0,
+    length: int | None = None,
 ) -> torch.Tensor:
-    """A new tensor ``shrink*theta + sum_i scale*c_i*z_i``, in float32 and rounded once to theta's dtype.
+    """``shrink*theta + sum_i scale*c_i*z_i`` on elements ``[start, start+length)`` (default: all, reshaped).
 
-    For float32/float64 tensors the operations are the ones the SGD update performs, so a candidate evaluated
-    here is bitwise the tensor the update would write.
+    Half-precision tensors are accumulated in float32 and rounded once. For float32/float64 tensors the
+    operations are the ones the SGD update performs, so a candidate evaluated here is bitwise the tensor the
+    update would write.
     """
     src = slot.tensor.detach()
-    out = torch.empty_like(src, memory_format=torch.contiguous_format)
-    flat_src, flat_out = src.reshape(-1), out.view(-1)
+    whole = length is None
+    length = src.numel() - start if whole else length
+    flat_src = src.reshape(-1)[start : start + length]
+    out = torch.empty(length, dtype=src.dtype, device=src.device)
     keys = [(slot.key(direction), coef * scale) for direction, coef in terms]
-    for start, length in chunks(src.numel(), generator.chunk):
-        piece = flat_out[start : start + length]
-        acc = torch.empty(length, device=src.device) if src.dtype in HALF_DTYPES else piece
-        source = flat_src[start : start + length]
+    for offset, size in chunks(length, generator.chunk):
+        piece = out[offset : offset + size]
+        acc = torch.empty(size, device=src.device) if src.dtype in HALF_DTYPES else piece
+        source = flat_src[offset : offset + size]
         if shrink != 1.0:
             torch.mul(source, shrink, out=acc)
             source = acc
         for key, coef in keys:  # the first term reads the source, later ones accumulate
-            torch.add(source, generator.generate(key, start, length), alpha=coef, out=acc)
+            torch.add(source, generator.generate(key, start + offset, size), alpha=coef, out=acc)
             source = acc
         if source is not acc:
             acc.copy_(source)
         if acc is not piece:
             piece.copy_(acc)
-    return out
+    return out.view(src.shape) if whole else out
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    return type(module).forward is nn.Linear.forward
 
 
 def _gathers_rows(module: nn.Module, name: str) -> bool:
@@ -110,13 +124,17 @@ class Perturbation:
         self.seen: set[int] = set()
         # id(module) -> (module, stack of frames); a frame lists the (name, original) swapped by one call
         self._swapped: dict[int, tuple[nn.Module, list[list[tuple[str, torch.Tensor]]]]] = {}
+        # id(module) -> stack of (weight slot, bias to use) for large linear layers computed in row blocks
+        self._blocked: dict[int, list[tuple[ParamSlot, torch.Tensor | None]]] = {}
         self._backups: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._handles: list = []
 
     # -- module hooks (forward mode) --------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, args) -> None:
+        if self._defer_large_linear(module):
+            return
         frame = []
-        for name, param in module._parameters.items():
+        for name, param in list(module._parameters.items()):
             slot = self.slots.get(id(param)) if param is not None else None
             if slot is None or id(param) in self.inplace_ids:
                 continue
@@ -127,11 +145,63 @@ class Perturbation:
             frame.append((name, param))
         self._swapped.setdefault(id(module), (module, []))[1].append(frame)
 
+    def _defer_large_linear(self, module: nn.Module) -> bool:
+        """For a plain Linear with a large trainable weight: make its own forward trivial (a 0-row weight)
+        and compute the perturbed output in row blocks in the post-hook."""
+        weight = module._parameters.get("weight")
+        slot = self.slots.get(id(weight)) if weight is not None else None
+        if (
+            slot is None
+            or id(weight) in self.inplace_ids
+            or not _is_plain_linear(module)
+            or weight.numel() <= self.generator.chunk
+        ):
+            return False
+        bias = module._parameters.get("bias")
+        bias_slot = self.slots.get(id(bias)) if bias is not None else None
+        if bias_slot is not None and id(bias) not in self.inplace_ids:
+            bias_value = self._copy(bias_slot)
+            self.seen.add(id(bias))
+        else:
+            bias_value = None if bias is None else bias.detach()
+        self.seen.add(id(weight))
+        frame = [("weight", weight), ("bias", bias)]
+        module._parameters["weight"] = weight.detach().new_empty((0, weight.shape[1]))
+        module._parameters["bias"] = None
+        self._swapped.setdefault(id(module), (module, []))[1].append(frame)
+        self._blocked.setdefault(id(module), []).append((slot, bias_value))
+        return True
+
+    def _blocked_linear(self, slot: ParamSlot, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W'^T + b'`` with the perturbed weight ``W'`` built one block of output rows at a time."""
+        weight = slot.tensor
+        out_features, in_features = weight.shape
+        scale, shrink = self.factors.get(id(weight), (1.0, 1.0))
+        out = x.new_empty((*x.shape[:-1], out_features))
+        rows = max(1, self.generator.chunk // in_features)
+        for first in range(0, out_features, rows):
+            last = min(out_features, first + rows)
+            block = perturbed_copy(
+                slot,
+                self.terms,
+                self.generator,
+                scale,
+                shrink,
+                first * in_features,
+                (last - first) * in_features,
+            ).view(last - first, in_features)
+            part_bias = None if bias is None else bias[first:last]
+            out[..., first:last] = nn.functional.linear(x, block, part_bias)
+        return out
+
     def _post_hook(self, module: nn.Module, args, output):
         entry = self._swapped.get(id(module))
         if entry and entry[1]:
             for name, param in entry[1].pop():
                 module._parameters[name] = param
+        blocked = self._blocked.get(id(module))
+        if blocked:
+            return self._blocked_linear(*blocked.pop(), args[0])
         weight = module._parameters.get("weight")
         if (
             weight is not None
