@@ -29,6 +29,8 @@ from hdopt.lm.scoring import (
 )
 from hdopt.lm.tasks import Example, Task
 
+MAX_NEW_TOKENS = 50  # greedy answers: at most 50 tokens, stop at a newline (MeZO)
+
 
 def step_indices(num_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
     """Indices of the examples of optimizer step ``step`` (epochs are seeded permutations)."""
@@ -77,7 +79,8 @@ def make_closure(model, tokenizer, task: Task, examples: Sequence[Example], obje
         prompts = [e.prompt for e in examples]
 
         def f1_objective() -> torch.Tensor:
-            answers = greedy_generate(model, tokenizer, prompts, max_length=max_length)
+            budget = max_length + MAX_NEW_TOKENS  # max_length bounds the prompt; answers come on top
+            answers = greedy_generate(model, tokenizer, prompts, MAX_NEW_TOKENS, max_length=budget)
             scores = [f1_score(a, list(e.answers)) for a, e in zip(answers, examples, strict=True)]
             return torch.tensor(-sum(scores) / len(scores))
 

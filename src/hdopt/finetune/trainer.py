@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from hdopt.finetune import rundir
 from hdopt.finetune.adapters import prepare_model, trainable_parameters
-from hdopt.finetune.batches import check_objective, make_closure, micro_batches, step_indices
+from hdopt.finetune.batches import MAX_NEW_TOKENS, check_objective, make_closure, micro_batches, step_indices
 from hdopt.finetune.checkpoint import checkpoint_meta, load_checkpoint, load_weights, save_checkpoint
 from hdopt.finetune.config import RunConfig
 from hdopt.finetune.methods import Method, get_method
@@ -124,9 +124,11 @@ def _device(model) -> torch.device:
 
 def evaluate_split(s: Setup, examples) -> dict[str, float]:
     """Zero-shot-style evaluation of the current weights (no demonstrations), via :mod:`hdopt.lm`."""
+    answer_room = MAX_NEW_TOKENS if s.task.is_generation else 0  # max_length bounds the prompt
     ecfg = EvalConfig(
         model=s.cfg.model.model, task=s.task.name, batch_size=s.cfg.train.eval_batch_size,
-        max_length=context_length(s.model, s.cfg.data.max_length), progress=False,
+        max_length=context_length(s.model, s.cfg.data.max_length + answer_room),
+        max_new_tokens=MAX_NEW_TOKENS, progress=False,
     )  # fmt: skip
     was_training = s.model.training
     s.model.eval()
