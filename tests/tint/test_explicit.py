@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tint_models import random_ids, tiny_model
+from tint_models import random_ids, rel, tiny_model
 
 from hdopt.tint import TinTConfig, build
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("arch,steps,reduction",

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from tint_models import random_ids, tiny_model
+from tint_models import autograd_reference_rule, hf_logits, hf_sgd, random_ids, rel, tiny_model
 
-from hdopt.tint import TinTConfig, build, from_hf
-from hdopt.tint.functional import attention_mask, block_forward, embed, final_logits, rope_tables
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids).logits
+from hdopt.tint import TinTConfig, build
 
 
 def test_first_pass_matches_hf_fp32(arch):
@@ -28,37 +16,6 @@ def test_first_pass_matches_hf_fp32(arch):
     out = tint(ids, context_len=5)
     assert out.inner_losses.shape == (0, 2)
     assert rel(out.query_logits, hf_logits(model, ids)[:, 4:]) <= 1e-6
-
-
-def context_loss(logits: torch.Tensor, ids: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Summed over the batch of per-sequence losses (sequences are independent fine-tuning runs)."""
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-    return (nll.sum(1) if reduction == "sum" else nll.mean(1)).sum()
-
-
-def hf_sgd(model, ids, n_ctx, n_layers, lr, steps, reduction):
-    """True SGD with torch autograd + torch.optim.SGD on the top blocks, then the query logits."""
-    model = copy.deepcopy(model)
-    blocks = _blocks(model)[-n_layers:]
-    params = [p for b in blocks for p in b.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.SGD(params, lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        context_loss(model(input_ids=ids[:, :n_ctx]).logits, ids[:, :n_ctx], reduction).backward()
-        opt.step()
-    return hf_logits(model, ids)[:, n_ctx - 1:]
-
-
-def _blocks(model):
-    if hasattr(model, "transformer"):
-        return model.transformer.h
-    if hasattr(model.model, "decoder"):
-        return model.model.decoder.layers
-    return model.model.layers
 
 
 @pytest.mark.parametrize("reduction,steps", [("sum", 1), ("mean", 2)])
@@ -71,33 +28,6 @@ def test_exact_mode_is_sgd(arch, reduction, steps):
     want = hf_sgd(model, ids, n_ctx, 2, lr, steps, reduction)
     assert rel(want, before) > 1e-3  # the step moves the logits
     assert rel(got - before, want - before) <= 1e-6
-
-
-def autograd_reference_rule(model, ids, n_ctx, n_layers, lr):
-    """The reference's approximate rule by autograd: probabilities detached, norm gains frozen, one step."""
-    spec = from_hf(model)
-    first = spec.n_layers - n_layers
-    top = [{k: v.clone().requires_grad_(not (k.startswith("ln") and k.endswith(".w")))  # gains frozen
-            for k, v in b.items()} for b in spec.blocks[first:]]
-
-    def forward(blocks, x_ids):
-        T = x_ids.shape[1]
-        ctx = {"allowed": attention_mask(T, T, None, x_ids.device), "detach_probs": True}
-        if spec.family == "llama":
-            ctx["cos"], ctx["sin"] = rope_tables(spec, torch.arange(T), spec.dtype)
-        x = embed(spec, x_ids)
-        for p in blocks:
-            x = block_forward(spec, p, x, ctx)[0]
-        return final_logits(spec, x)
-
-    loss = context_loss(forward(spec.blocks[:first] + top, ids[:, :n_ctx]), ids[:, :n_ctx], "sum")
-    trainable = [v for b in top for v in b.values() if v.requires_grad]
-    grads = torch.autograd.grad(loss, trainable, allow_unused=True)  # W_Q, W_K: no path (detached scores)
-    with torch.no_grad():
-        for v, g in zip(trainable, grads, strict=True):
-            if g is not None:
-                v -= lr * g
-        return forward(spec.blocks[:first] + top, ids)[:, n_ctx - 1:]
 
 
 def test_reference_mode_matches_its_autograd_rule(arch):
