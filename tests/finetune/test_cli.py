@@ -35,7 +35,7 @@ def _toy_flags(task_file, model_dir, out) -> list[str]:
 def test_flags_cover_every_config_field():
     args = parse(cli, ["--lr", "1e-6", "--lora-targets", "q_proj", "k_proj", "--no-keep-best", "--q", "2"])
     expected = {"lr": 1e-6, "lora_targets": ["q_proj", "k_proj"], "keep_best": False, "q": 2}
-    assert cli._overrides(args) == expected
+    assert cli.config_overrides(args) == expected
 
 
 def test_config_file_then_flags(task_file, model_dir, tmp_path, capsys):

@@ -51,7 +51,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text, **kwargs)
 
 
-def _overrides(args: argparse.Namespace) -> dict:
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The config fields given as flags (unset flags are absent: they keep the YAML or default value)."""
     return {k: v for k, v in vars(args).items() if k not in ("config", "resume") and not k.startswith("_")}
 
 
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     """Start or resume a run; prints a summary. Exit codes: 0 done, 2 bad input, 3 diverged, 130 stopped."""
     from hdopt.finetune.trainer import finetune, resume
 
-    overrides = _overrides(args)
+    overrides = config_overrides(args)
     try:
         if args.resume:
             fixed = sorted(set(overrides) - set(RESUME_FLAGS))

@@ -1,0 +1,345 @@
+"""Forward-only fine-tuning (MeZO) against backprop on SmolLM2-135M: accuracy, memory and plots.
+
+    python benchmarks/finetune.py memory      # peak RSS: inference / MeZO / MeZO-LoRA / FT-prefix / FT
+    python benchmarks/finetune.py accuracy    # SST-2: zero-shot, ICL, LP, FT, FT-LoRA, MeZO (+LoRA, prefix)
+    python benchmarks/finetune.py report      # Markdown tables + plot from the saved results
+
+Every measurement runs in a fresh subprocess (memory is per process; one failure does not stop the rest).
+Results: benchmarks/results/finetune_memory.json, benchmarks/results/finetune_accuracy.json, the run folders
+under benchmarks/results/finetune_runs/, the tables in benchmarks/results/finetune.md and the plot
+docs/img/finetune_dev_vs_forwards.png. Budget flags (--zo-steps, --fo-steps, --num-dev, --num-eval, ...)
+are recorded with the results; defaults are the cut-down CPU protocol, the paper's is in docs/finetune.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+RUNS = RESULTS / "finetune_runs"
+PLOT = Path(__file__).parents[1] / "docs" / "img" / "finetune_dev_vs_forwards.png"
+MEMORY_MODES = ("inference", "mezo", "mezo-lora", "ft-prefix", "ft")
+THREADS = os.environ.get("HDOPT_BENCH_THREADS", "1")  # torch threads per child (the CPU is shared)
+ACCURACY_METHODS = ("zero-shot", "mezo", "ft", "mezo-lora", "mezo-prefix", "ft-lora", "lp", "icl")
+
+
+def write_json(path: Path, obj) -> None:
+    from hdopt.lm.rundir import write_json as atomic
+
+    atomic(path, obj)
+
+
+def read_json(path: Path, default):
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def _env() -> dict:
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "load_average": os.getloadavg(), "threads": THREADS,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}  # fmt: skip
+
+
+def _child(argv: list[str], timeout: float) -> dict | None:
+    """Run this script with ``argv`` in a fresh process; its last stdout line is a JSON result."""
+    cmd = [sys.executable, __file__, *argv]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": THREADS}
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        print(f"  timed out after {timeout:.0f} s: {' '.join(argv)}", flush=True)
+        return None
+    if done.returncode != 0:
+        print(f"  failed ({done.returncode}): {' '.join(argv)}\n{done.stderr[-2000:]}", flush=True)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- memory ----------------------------------------------------------------------------------------------
+def _vm(field: str) -> float:
+    """VmRSS / VmHWM of this process in MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    """Reset the peak-RSS counter (VmHWM) so model loading does not count; False when not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_one(args) -> dict:
+    """One mode, in this (fresh) process: load, then ``--repeats`` steps on a random [batch, length] batch.
+
+    The loss is the LM loss over all positions (HF ``labels=input_ids``), as in references/mezo.md.
+    """
+    import torch
+
+    from hdopt.finetune.adapters import add_lora
+    from hdopt.finetune.config import MethodConfig
+    from hdopt.finetune.prefix import add_prefix
+    from hdopt.lm.models import load_model
+    from hdopt.zo import ZOSGD
+
+    torch.manual_seed(0)
+    model, _ = load_model(args.model, "float32", "cpu")
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.length))
+    if args.mode == "mezo-lora":
+        model = add_lora(model, MethodConfig(), seed=0)
+    if args.mode == "ft-prefix":
+        model = add_prefix(model)
+    params = [(n, p) for n, p in model.named_parameters() if args.mode in ("mezo", "ft") or p.requires_grad]
+    loaded = _vm("VmRSS")
+    exact = _reset_peak()
+    start = time.perf_counter()
+    if args.mode == "inference":
+        for _ in range(args.repeats):
+            with torch.no_grad():
+                model(input_ids=ids, labels=ids)
+    elif args.mode.startswith("mezo"):
+        zo = ZOSGD(params, lr=1e-7, eps=1e-3)
+        for _ in range(args.repeats):
+            zo.step(lambda: model(input_ids=ids, labels=ids).loss)
+    else:
+        model.train()
+        adam = torch.optim.AdamW([p for _, p in params], lr=1e-7)
+        for _ in range(args.repeats):
+            adam.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+            adam.step()
+    seconds = (time.perf_counter() - start) / args.repeats
+    peak = _vm("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"model": args.model, "mode": args.mode, "batch": args.batch, "length": args.length,
+            "loaded_rss_mib": round(loaded, 1), "peak_rss_mib": round(peak, 1),
+            "peak_excludes_loading": exact, "seconds_per_step": round(seconds, 2),
+            "trainable": sum(p.numel() for _, p in params)}  # fmt: skip
+
+
+def memory(args) -> None:
+    out = RESULTS / "finetune_memory.json"
+    rows = []
+    for model in args.models:
+        for mode in MEMORY_MODES:
+            print(f"memory: {model} {mode}", flush=True)
+            argv = ["memory-one", "--model", model, "--mode", mode, "--batch", str(args.batch),
+                    "--length", str(args.length), "--repeats", str(args.repeats)]  # fmt: skip
+            row = _child(argv, args.timeout)
+            if row:
+                rows.append(row)
+                print(f"  peak {row['peak_rss_mib']:.0f} MiB, {row['seconds_per_step']} s/step", flush=True)
+                write_json(out, {"env": _env(), "rows": rows})
+    print(memory_table(rows))
+
+
+def _ratio(by: dict, a: str, b: str) -> str:
+    if a not in by or b not in by:
+        return "-"
+    return f"{by[a]['peak_rss_mib'] / by[b]['peak_rss_mib']:.2f}x"
+
+
+def memory_table(rows: list[dict]) -> str:
+    lines = ["| model | batch x length | inference | MeZO | MeZO-LoRA | FT-prefix | FT | MeZO / inference "
+             "| FT / MeZO |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for model in dict.fromkeys(r["model"] for r in rows):
+        by = {r["mode"]: r for r in rows if r["model"] == model}
+        cells = [f"{by[m]['peak_rss_mib']:,.0f} MiB" if m in by else "-" for m in MEMORY_MODES]
+        shape = next(f"{r['batch']} x {r['length']}" for r in rows if r["model"] == model)
+        lines.append(f"| {model} | {shape} | " + " | ".join(cells)
+                     + f" | {_ratio(by, 'mezo', 'inference')} | {_ratio(by, 'ft', 'mezo')} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+# -- accuracy --------------------------------------------------------------------------------------------
+def eval_one(args) -> dict:
+    """zero-shot / ICL on the test sample, through hdopt.lm."""
+    from hdopt.lm.evaluation import EvalConfig, run_eval
+
+    cfg = EvalConfig(model=args.model, task=args.task, method=args.method, num_eval=args.num_eval,
+                     num_train=args.num_train, num_dev=args.num_dev, num_demos=args.num_demos,
+                     output_dir=str(RUNS / f"{args.task}-{args.method}"), progress=False)  # fmt: skip
+    start = time.perf_counter()
+    results, _ = run_eval(cfg)
+    return {"method": args.method, "test": results[results["metric"]], "best_dev": None, "steps": 0,
+            "forwards": 0, "wall_seconds": round(time.perf_counter() - start, 1),
+            "peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "run": str(RUNS / f"{args.task}-{args.method}")}  # fmt: skip
+
+
+def _finetune_flags(args, method: str) -> list[str]:
+    zo = method.startswith("mezo")
+    flags = ["--model", args.model, "--task", args.task, "--method", method,
+             "--num-train", str(args.num_train), "--num-dev", str(args.num_dev),
+             "--num-eval", str(args.num_eval), "--max-length", str(args.max_length),
+             "--output-dir", str(RUNS / f"{args.task}-{method}"), "--no-progress"]  # fmt: skip
+    if method != "lp":
+        flags += ["--steps", str(args.zo_steps if zo else args.fo_steps),
+                  "--eval-every", str(args.zo_eval_every if zo else args.fo_eval_every)]  # fmt: skip
+    if zo and args.noise:
+        flags += ["--noise", args.noise]
+    if method in args.lr:
+        flags += ["--lr", str(args.lr[method])]
+    return flags
+
+
+def accuracy(args) -> None:
+    out = RESULTS / "finetune_accuracy.json"
+    saved = read_json(out, {"rows": []})
+    rows = [r for r in saved["rows"] if r["method"] not in args.methods]
+    for method in args.methods:
+        print(f"accuracy: {method}", flush=True)
+        if method in ("zero-shot", "icl"):
+            row = _child(["eval-one", "--method", method, *_common(args)], args.timeout)
+        else:
+            row = _child(["finetune-one", *_finetune_flags(args, method)], args.timeout)
+        if row:
+            rows.append(row)
+            print(f"  test {row['test']}, dev {row.get('best_dev')}, {row['wall_seconds']} s", flush=True)
+            write_json(out, {"env": _env(), "budget": vars(args) | {"lr": args.lr}, "rows": rows})
+    print(accuracy_table(rows))
+
+
+def _common(args) -> list[str]:
+    return ["--model", args.model, "--task", args.task, "--num-train", str(args.num_train),
+            "--num-dev", str(args.num_dev), "--num-eval", str(args.num_eval),
+            "--num-demos", str(args.num_demos)]  # fmt: skip
+
+
+def finetune_one(argv: list[str]) -> dict:
+    """One ``hdopt finetune`` run (flags as on the command line) in a fresh folder."""
+    import shutil
+
+    from hdopt.finetune import cli
+    from hdopt.finetune.config import RunConfig
+    from hdopt.finetune.trainer import finetune
+
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    args = parser.parse_args(argv)
+    shutil.rmtree(args.output_dir, ignore_errors=True)  # a fresh run each time the benchmark runs
+    results, folder = finetune(RunConfig().replace(**cli.config_overrides(args)))
+    return {**results, "run": str(folder)}
+
+
+def accuracy_table(rows: list[dict]) -> str:
+    order = {m: i for i, m in enumerate(("zero-shot", "icl", "lp", "ft", "ft-lora", "mezo", "mezo-lora",
+                                         "mezo-prefix"))}  # fmt: skip
+    lines = ["| method | test acc. | best dev acc. | steps | forward passes | backward passes | wall time "
+             "| peak RSS |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in sorted(rows, key=lambda r: order.get(r["method"], 99)):
+        dev = "-" if r.get("best_dev") is None else f"{r['best_dev']:.1f}"
+        lines.append(f"| {r['method']} | {r['test']:.1f} | {dev} | {r['steps']} | {r.get('forwards', 0):,} | "
+                     f"{r.get('backwards', 0):,} | {r['wall_seconds'] / 60:.1f} min | "
+                     f"{r['peak_memory_mib']:,.0f} MiB |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict]) -> None:
+    """Dev accuracy vs forward-pass equivalents (a backward pass counted as two forwards)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hdopt.finetune.rundir import read_metrics
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        if not r.get("run") or r["method"] in ("zero-shot", "icl", "lp"):
+            continue
+        pts = [(m["forwards"] + 2 * m["backwards"], m["dev_accuracy"])
+               for m in read_metrics(Path(r["run"])) if "dev_accuracy" in m]  # fmt: skip
+        if pts:
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=r["method"])
+    zero = next((r["test"] for r in rows if r["method"] == "zero-shot"), None)
+    if zero is not None:
+        ax.axhline(zero, color="grey", linestyle=":", label="zero-shot (test)")
+    ax.set_xlabel("forward-pass equivalents on training batches (backward = 2 forwards)")
+    ax.set_ylabel("dev accuracy (%)")
+    ax.set_title("SmolLM2-135M, SST-2 (1000 train examples)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PLOT, dpi=120)
+
+
+def report(args) -> None:
+    mem = read_json(RESULTS / "finetune_memory.json", {"rows": []})
+    acc = read_json(RESULTS / "finetune_accuracy.json", {"rows": [], "budget": {}})
+    text = ["# hdopt finetune benchmark (generated by `python benchmarks/finetune.py report`)", ""]
+    if mem["rows"]:
+        text += ["## Peak memory (RSS, fresh process per cell)", "", memory_table(mem["rows"]), "",
+                 f"environment: {json.dumps(mem.get('env'))}", ""]  # fmt: skip
+    if acc["rows"]:
+        plot(acc["rows"])
+        text += ["## Accuracy", "", accuracy_table(acc["rows"]), "", f"budget: {json.dumps(acc['budget'])}",
+                 f"environment: {json.dumps(acc.get('env'))}", ""]  # fmt: skip
+    (RESULTS / "finetune.md").write_text("\n".join(text))
+    print("\n".join(text))
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    sub = parser.add_subparsers(dest="part", required=True)
+    m = sub.add_parser("memory")
+    m.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    m.add_argument("--batch", type=int, default=16)
+    m.add_argument("--length", type=int, default=32)
+    m.add_argument("--repeats", type=int, default=2)
+    m.add_argument("--timeout", type=float, default=900)
+    one = sub.add_parser("memory-one")
+    one.add_argument("--model", required=True)
+    one.add_argument("--mode", choices=MEMORY_MODES, required=True)
+    one.add_argument("--batch", type=int, default=16)
+    one.add_argument("--length", type=int, default=32)
+    one.add_argument("--repeats", type=int, default=2)
+    a = sub.add_parser("accuracy")
+    a.add_argument("--model", default="smollm2-135m")
+    a.add_argument("--task", default="sst2")
+    a.add_argument("--methods", nargs="+", default=list(ACCURACY_METHODS))
+    a.add_argument("--num-train", type=int, default=1000)
+    a.add_argument("--num-dev", type=int, default=100, help="dev examples (paper: 500)")
+    a.add_argument("--num-eval", type=int, default=200, help="test examples (paper: 1000)")
+    a.add_argument("--num-demos", type=int, default=32)
+    a.add_argument("--max-length", type=int, default=64)
+    a.add_argument("--zo-steps", type=int, default=100, help="paper: 20000")
+    a.add_argument("--fo-steps", type=int, default=60, help="paper: 625 (5 epochs)")
+    a.add_argument("--zo-eval-every", type=int, default=25)
+    a.add_argument("--fo-eval-every", type=int, default=20)
+    a.add_argument("--noise", choices=("gaussian", "rademacher"), default=None)
+    a.add_argument("--lr", type=json.loads, default={}, help='per-method lr, e.g. \'{"mezo": 1e-5}\'')
+    a.add_argument("--timeout", type=float, default=3600)
+    e = sub.add_parser("eval-one")
+    for flag in ("--model", "--task", "--method"):
+        e.add_argument(flag, required=True)
+    for flag in ("--num-train", "--num-dev", "--num-eval", "--num-demos"):
+        e.add_argument(flag, type=int, required=True)
+    sub.add_parser("finetune-one", add_help=False)
+    sub.add_parser("report")
+    if len(sys.argv) > 1 and sys.argv[1] == "finetune-one":
+        print(json.dumps(finetune_one(sys.argv[2:])))
+        return
+    args = parser.parse_args()
+    if args.part == "memory-one":
+        print(json.dumps(memory_one(args)))
+    elif args.part == "eval-one":
+        print(json.dumps(eval_one(args)))
+    else:
+        {"memory": memory, "accuracy": accuracy, "report": report}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()
