@@ -46,6 +46,7 @@ class LabResult:
         checks: predicted-vs-measured comparisons.
         curves: series for plots and results.json (lists of floats).
         runtime_s: wall-clock seconds.
+        cpu_s: CPU seconds of this process (less sensitive than wall time to other jobs on the machine).
         plot: path of the PNG plot, once written.
     """
 
@@ -55,6 +56,7 @@ class LabResult:
     curves: dict[str, Any] = field(default_factory=dict)
     runtime_s: float = 0.0
     plot: str | None = None
+    cpu_s: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -71,6 +73,7 @@ class LabResult:
             "passed": self.passed,
             "verdict": self.verdict(),
             "runtime_s": round(self.runtime_s, 2),
+            "cpu_s": round(self.cpu_s, 2),
             "config": dataclasses.asdict(self.config),
             "checks": [dataclasses.asdict(c) for c in self.checks],
             "curves": self.curves,
@@ -90,15 +93,16 @@ def within(measured: float, predicted: float, rel: float) -> bool:
 
 
 class Timer:
-    """``with Timer() as t: ...; t.seconds``."""
+    """``with Timer() as t: ...; t.seconds, t.cpu_seconds`` (wall clock and this process's CPU time)."""
 
     def __enter__(self) -> Timer:
-        self.start = time.perf_counter()
-        self.seconds = 0.0
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+        self.seconds = self.cpu_seconds = 0.0
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.start
+        self.cpu_seconds = time.process_time() - self.cpu_start
 
 
 def _fmt(x: float) -> str:

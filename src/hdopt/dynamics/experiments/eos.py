@@ -4,14 +4,15 @@ Claims:
   * Cohen et al., ICLR 2021: with lr eta, the sharpness (top Hessian eigenvalue) of the training loss rises
     during training ("progressive sharpening") until it reaches 2/eta, then hovers there while the loss keeps
     falling non-monotonically.
-  * Arora, Li & Panigrahi, ICML 2022: for normalized GD (w <- w - eta g/||g||) the stable step is eta/||g||,
-  so
-    the edge of stability is sharpness * eta / ||g|| = 2; the iterate then moves along the minimizer manifold
-    reducing sharpness.
+  * Arora, Li & Panigrahi, ICML 2022: for normalized GD (w <- w - eta g/||g||) the stable step is
+    eta/||g||, so the edge of stability is sharpness * eta / ||g|| = 2; for GD on sqrt(L) (step
+    eta grad L / (2 sqrt L)) it is sharpness * eta / (2 sqrt L) = 2, and once there the iterate moves along
+    the minimizer manifold reducing sharpness.
 
 Recipe: a tanh MLP with squared loss 0.5 * mean_i ||f(x_i) - onehot(y_i)||^2 on 1,000 digits, trained with
-full batch GD at two learning rates and with normalized GD; sharpness by Lanczos on Hessian-vector products
-every ``measure_every`` steps. "Settled" values are taken over the last ``tail`` of each run.
+full batch GD at two learning rates, with normalized GD and with GD on sqrt(L); sharpness by Lanczos on
+Hessian-vector products every ``measure_every`` steps. "Settled" values are taken over the last ``tail`` of
+each run.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from hdopt.dynamics.experiments.common import pyplot, verdict_title
 from hdopt.dynamics.hessian import HessianOperator, lanczos
 from hdopt.dynamics.io import save_figure
 from hdopt.dynamics.models import tanh_mlp
-from hdopt.dynamics.optim import NormalizedGD
+from hdopt.dynamics.optim import NormalizedGD, SqrtLossGD
 from hdopt.dynamics.registry import Experiment, register
 from hdopt.dynamics.results import Check, LabResult, Timer, within
 
@@ -49,8 +50,10 @@ class EoSConfig:
     depth: int = 2
     lrs: tuple[float, ...] = (0.2, 0.4)
     ngd_lr: float = 0.01
+    sqrt_lr: float = 0.2
     steps: int = 2000
     ngd_steps: int = 2000
+    sqrt_steps: int = 1500
     measure_every: int = 20
     lanczos_iters: int = 20
     tail: float = 0.3
@@ -59,11 +62,11 @@ class EoSConfig:
 
 
 PRESETS = {
-    "smoke": EoSConfig(n_train=300, width=32, lrs=(0.5, 0.6), ngd_lr=0.03, steps=300, ngd_steps=300,
-                       measure_every=10,
-                       lanczos_iters=12, rel_tol=0.2),
+    "smoke": EoSConfig(n_train=300, width=32, lrs=(0.5, 0.6), ngd_lr=0.03, sqrt_lr=0.5, steps=300,
+                       ngd_steps=300, sqrt_steps=300, measure_every=20, lanczos_iters=10, rel_tol=0.2),
     "default": EoSConfig(),
-    "full": EoSConfig(width=128, lrs=(0.1, 0.2), steps=8000, ngd_steps=8000, measure_every=40),
+    "full": EoSConfig(width=128, lrs=(0.1, 0.2), steps=8000, ngd_steps=8000, sqrt_steps=8000,
+                      measure_every=40),
 }
 
 
@@ -73,9 +76,9 @@ def train(config: EoSConfig, data: TensorData, optimizer_name: str, lr: float, s
     x, y = data.train_x, torch.nn.functional.one_hot(data.train_y, data.num_classes).to(data.train_x.dtype)
     model = tanh_mlp(data.dim, config.width, data.num_classes, config.depth,
                      generator=torch.Generator().manual_seed(config.seed))
-    opt = torch.optim.SGD(model.parameters(), lr=lr) if optimizer_name == "gd" else NormalizedGD(
-        model.parameters(), lr=lr)
-    log: dict[str, list] = {"loss": [], "step": [], "sharpness": [], "grad_norm": []}
+    optimizers = {"gd": torch.optim.SGD, "ngd": NormalizedGD, "sqrt": SqrtLossGD}
+    opt = optimizers[optimizer_name](model.parameters(), lr=lr)
+    log: dict[str, list] = {"loss": [], "step": [], "sharpness": [], "grad_norm": [], "measured_loss": []}
     for t in tqdm(range(steps + 1), desc=f"eos {optimizer_name} lr={lr:g}", disable=None, leave=False):
         if t % config.measure_every == 0:
             op = HessianOperator(model, half_mse, (x, y))
@@ -83,15 +86,20 @@ def train(config: EoSConfig, data: TensorData, optimizer_name: str, lr: float, s
             top = lanczos(op, op.dim, 1, config.lanczos_iters, gen).eigenvalues[0]
             log["step"].append(t)
             log["sharpness"].append(top)
-            log["grad_norm"].append(float(op.loss_and_grad()[1].norm()))
+            loss_value, grad = op.loss_and_grad()
+            log["grad_norm"].append(float(grad.norm()))
+            log["measured_loss"].append(loss_value)
         if t == steps:
             break
-        opt.zero_grad()
-        loss = half_mse(model(x), y)
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = half_mse(model(x), y)
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{optimizer_name} with lr {lr:g} diverged at step {t}; lower the lr")
-        loss.backward()
-        opt.step()
         log["loss"].append(loss.item())
     return log
 
@@ -107,6 +115,7 @@ def run(config: EoSConfig, out_dir: str | Path, data: TensorData | None = None) 
         data = data or load_data(config.data, config.n_train, seed=config.seed)
         gd = {lr: train(config, data, "gd", lr, config.steps) for lr in config.lrs}
         ngd = train(config, data, "ngd", config.ngd_lr, config.ngd_steps)
+        sqrt = train(config, data, "sqrt", config.sqrt_lr, config.sqrt_steps)
     checks = []
     for lr, log in gd.items():
         settled = float(np.median(tail_values(log["sharpness"], config.tail)))
@@ -121,10 +130,23 @@ def run(config: EoSConfig, out_dir: str | Path, data: TensorData | None = None) 
     checks.append(Check(f"normalized GD lr {config.ngd_lr:g}: sharpness * eta / ||g||", 2.0, settled_ratio,
                         within(settled_ratio, 2.0, 2 * config.rel_tol),
                         f"median of last {config.tail:.0%} within {2 * config.rel_tol:.0%} of 2"))
+    # GD on sqrt(L) steps with lr / (2 sqrt(L)): its edge is sharpness * lr / (2 sqrt(L)) = 2
+    sqrt_ratio = np.asarray(sqrt["sharpness"]) * config.sqrt_lr / (2 * np.sqrt(sqrt["measured_loss"]))
+    settled_sqrt = float(np.median(tail_values(sqrt_ratio.tolist(), config.tail)))
+    checks.append(Check(f"GD on sqrt(L) lr {config.sqrt_lr:g}: sharpness * eta / (2 sqrt L)", 2.0,
+                        settled_sqrt,
+                        within(settled_sqrt, 2.0, 2 * config.rel_tol),
+                        f"median of last {config.tail:.0%} within {2 * config.rel_tol:.0%} of 2"))
+    peak = int(np.argmax(sqrt["sharpness"]))
+    drop = sqrt["sharpness"][-1] / sqrt["sharpness"][peak]
+    checks.append(Check("GD on sqrt(L): final / peak sharpness", "< 0.9 (sharpness reduction)", drop,
+                        drop < 0.9 and peak < len(sqrt["sharpness"]) - 1, "< 0.9"))
     curves = {f"gd lr={lr:g}/{k}": v for lr, log in gd.items() for k, v in log.items()}
+    curves.update({f"sqrt lr={config.sqrt_lr:g}/{k}": v for k, v in sqrt.items()})
+    curves[f"sqrt lr={config.sqrt_lr:g}/ratio"] = sqrt_ratio.tolist()
     curves.update({f"ngd lr={config.ngd_lr:g}/{k}": v for k, v in ngd.items()})
     curves[f"ngd lr={config.ngd_lr:g}/ratio"] = ratio.tolist()
-    result = LabResult("eos", config, checks, curves, timer.seconds)
+    result = LabResult("eos", config, checks, curves, timer.seconds, cpu_s=timer.cpu_seconds)
     result.plot = str(plot(result, Path(out_dir) / "eos.png"))
     result.write(out_dir)
     return result
@@ -143,18 +165,25 @@ def plot(result: LabResult, path: Path) -> Path:
         axes[1].axhline(2 / lr, color=color, ls="--", label=f"2/eta = {2 / lr:g}")
     key = f"ngd lr={c.ngd_lr:g}"
     axes[0].semilogy(cv[f"{key}/loss"], color="C3", label=f"normalized GD lr {c.ngd_lr:g}")
-    axes[2].plot(cv[f"{key}/step"], cv[f"{key}/ratio"], color="C3", label="sharpness * eta / ||g||")
+    axes[2].plot(cv[f"{key}/step"], cv[f"{key}/ratio"], color="C3", label="NGD: sharpness * eta / ||g||")
     axes[2].plot(cv[f"{key}/step"], np.asarray(cv[f"{key}/sharpness"]) / max(cv[f"{key}/sharpness"]),
-                 color="C4", ls=":", label="sharpness / its max")
+                 color="C4", ls=":", label="NGD: sharpness / its max")
+    key = f"sqrt lr={c.sqrt_lr:g}"
+    axes[0].semilogy(cv[f"{key}/loss"], color="C5", label=f"GD on sqrt(L) lr {c.sqrt_lr:g}")
+    axes[2].plot(cv[f"{key}/step"], cv[f"{key}/ratio"], color="C5",
+                 label="sqrt(L): sharpness * eta / (2 sqrt L)")
+    axes[2].plot(cv[f"{key}/step"], np.asarray(cv[f"{key}/sharpness"]) / max(cv[f"{key}/sharpness"]),
+                 color="C6", ls=":", label="sqrt(L): sharpness / its max")
     axes[2].axhline(2.0, color="k", ls="--", label="predicted 2")
     axes[0].set(title="training loss (full batch)", xlabel="step")
     axes[1].set(title="sharpness (Lanczos) rises to 2/eta and stays", xlabel="step")
-    axes[2].set(title="normalized GD at its edge of stability", xlabel="step")
+    axes[2].set(title="normalized GD and GD on sqrt(L) at their edge", xlabel="step")
     for ax in axes:
         ax.legend(fontsize=8)
     verdict_title(fig, result.verdict())
     return save_figure(fig, path)
 
 
-register(Experiment("eos", "full-batch GD sharpness rises and settles at 2/eta; normalized GD settles at "
-                    "sharpness * eta / ||g|| = 2", EoSConfig, PRESETS, run))
+register(Experiment("eos", "full-batch GD sharpness rises and settles at 2/eta; normalized GD and GD on "
+                    "sqrt(L) settle at their own edge (= 2); GD on sqrt(L) then reduces sharpness",
+                    EoSConfig, PRESETS, run))

@@ -144,7 +144,7 @@ def run(config: EquilibriumConfig, out_dir: str | Path, data: TensorData | None 
         curves[f"{key}/norm"] = thin(r["norm"])
         curves[f"{key}/loss"] = thin(moving_average(r["loss"], max(1, config.steps // 100)))
         curves[f"{key}/final_train_loss"] = r["final_loss"]
-    result = LabResult("equilibrium", config, checks, curves, timer.seconds)
+    result = LabResult("equilibrium", config, checks, curves, timer.seconds, cpu_s=timer.cpu_seconds)
     result.plot = str(plot(result, Path(out_dir) / "equilibrium.png"))
     result.write(out_dir)
     return result

@@ -113,7 +113,7 @@ def run(config: ExpLRConfig, out_dir: str | Path, data: TensorData | None = None
     curves = {f"momentum={m:g}/{k}": thin(v) for m, log in logs.items() for k, v in log.items()}
     curves["alpha"] = {f"momentum={m:g}": explr_alpha(config.lr, config.weight_decay, m)
                        for m in config.momenta}
-    result = LabResult("explr", config, checks, curves, timer.seconds)
+    result = LabResult("explr", config, checks, curves, timer.seconds, cpu_s=timer.cpu_seconds)
     result.plot = str(plot(result, Path(out_dir) / "explr.png"))
     result.write(out_dir)
     return result

@@ -118,7 +118,7 @@ def run(config: MirrorConfig, out_dir: str | Path, data: object = None) -> LabRe
         "w_star": w_star.tolist(), "w_small_alpha": finals[small].tolist(),
         "w_large_alpha": finals[large].tolist(),
     }
-    result = LabResult("mirror", config, checks, curves, timer.seconds)
+    result = LabResult("mirror", config, checks, curves, timer.seconds, cpu_s=timer.cpu_seconds)
     result.plot = str(plot(result, snapshots, Path(out_dir) / "mirror.png"))
     result.write(out_dir)
     return result

@@ -166,7 +166,7 @@ def run(config: SDEConfig, out_dir: str | Path, data: TensorData | None = None) 
     curves["noise_scale"] = {"start": vars(noise_start), "end": vars(noise_end)}
     curves["adam_configs"] = {"sqrt rule": scale_hparams(base, config.kappa, "sqrt"),
                               "linear rule": scale_hparams(base, config.kappa, "linear"), "baseline": base}
-    result = LabResult("sde", config, checks, curves, timer.seconds)
+    result = LabResult("sde", config, checks, curves, timer.seconds, cpu_s=timer.cpu_seconds)
     result.plot = str(plot(result, Path(out_dir) / "sde.png"))
     result.write(out_dir)
     return result
