@@ -48,7 +48,9 @@ def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, lay
                                              tie_word_embeddings=True))
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")
-    model.config._attn_implementation = "eager"
+    # HF's eager OPT attention takes the softmax in float32 even for a float64 model; sdpa stays in float64.
+    # (HF's LlamaRMSNorm also upcasts to float32, which bounds the Llama oracle near 1e-7 in float64.)
+    model.config._attn_implementation = "sdpa" if arch == "opt" else "eager"
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or "ln" in name:
