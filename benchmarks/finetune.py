@@ -28,6 +28,7 @@ RUNS = RESULTS / "finetune_runs"
 PLOT = Path(__file__).parents[1] / "docs" / "img" / "finetune_dev_vs_forwards.png"
 MEMORY_MODES = ("inference", "mezo", "mezo-lora", "ft-prefix", "ft")
 THREADS = os.environ.get("HDOPT_BENCH_THREADS", "1")  # torch threads per child (the CPU is shared)
+DATA_DIR = os.environ.get("HDOPT_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 ACCURACY_METHODS = ("zero-shot", "mezo", "ft", "mezo-lora", "mezo-prefix", "ft-lora", "lp", "icl")
 
 
@@ -50,7 +51,8 @@ def _env() -> dict:
 def _child(argv: list[str], timeout: float) -> dict | None:
     """Run this script with ``argv`` in a fresh process; its last stdout line is a JSON result."""
     cmd = [sys.executable, __file__, *argv]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": THREADS}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": THREADS,
+           "HDOPT_DATA_DIR": DATA_DIR}
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
