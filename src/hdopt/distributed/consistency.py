@@ -79,7 +79,7 @@ def check_consistent(record: dict[str, str], comm: Communicator, what: str = "ru
         values = [r.get(key) for r in records]
         odd = [rank for rank, v in enumerate(values) if v != values[0]]
         if odd:
-            shown = "; ".join(f"rank {r}: {_short(values[r])}" for r in [0, *odd][:4])
+            shown = "; ".join(f"rank {r}: {_difference(values[0], values[r])}" for r in odd[:3])
             problems.append(f"{key} differs (rank 0 vs ranks {odd}): {shown}")
     if problems:
         raise ConfigMismatchError(
@@ -90,10 +90,20 @@ def check_consistent(record: dict[str, str], comm: Communicator, what: str = "ru
         )
 
 
-def _short(value: str | None, limit: int = 160) -> str:
-    if value is None:
-        return "missing"
-    return value if len(value) <= limit else value[:limit] + "..."
+def _difference(mine: str | None, theirs: str | None, limit: int = 160) -> str:
+    """``field: a vs b`` for the differing fields of two JSON objects, else both values (shortened)."""
+    try:
+        a, b = json.loads(mine), json.loads(theirs)
+    except (TypeError, ValueError):
+        a = b = None
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in keys)[:limit]
+
+    def short(v: str | None) -> str:
+        return "missing" if v is None else (v if len(v) <= limit // 2 else v[:limit // 2] + "...")
+
+    return f"{short(mine)} vs {short(theirs)}"
 
 
 @torch.no_grad()
