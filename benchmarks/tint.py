@@ -80,13 +80,14 @@ def run_lm(n_eval: int = 24, n_dev: int = 6, max_tokens: int = 256) -> dict:
 # ---------------------------------------------------------------- few-shot classification
 def run_fewshot(n_eval: int = 100, n_dev: int = 16, seeds=(0, 1, 2), tasks=TASKS,
                 shots_list=(32, 0)) -> dict:
-    path = RESULTS / "tint_fewshot.json"
-    saved = read_json(path, {"protocol": PROTOCOL, "cells": {}})
-    cells = saved["cells"]
+    """One results file per task, so ``fewshot --tasks mr`` and ``--tasks cr`` can run in parallel."""
     model, tok = load_aux()
     base = tint_for(model, LRS[0])
     for shots in shots_list:  # 32 shots first: the main comparison
         for task in tasks:
+            path = RESULTS / f"tint_fewshot_{task}.json"
+            saved = read_json(path, {"protocol": PROTOCOL, "cells": {}})
+            cells = saved["cells"]
             pool, reported = load_sentiment(task)
             rng = random.Random(1234)
             tests = rng.sample(reported, n_eval)
@@ -104,7 +105,7 @@ def run_fewshot(n_eval: int = 100, n_dev: int = 16, seeds=(0, 1, 2), tasks=TASKS
                     cells[key] = {"acc": acc, "lr": lr, "seconds": time.time() - t0}
                     print(f"{key}: acc {acc:.3f} (lr {lr}, {time.time() - t0:.0f}s)", flush=True)
                     write_json(path, saved)
-    return saved
+    return {}
 
 
 def _classify(method, model, tok, base, lr, demos, tests) -> float:
@@ -209,9 +210,9 @@ def tables() -> str:
             lines.append(f"| {c['model']} | {c['T']} | {names[c['kind']]} | {c['seconds']:.3f} | "
                          f"{c['peak_extra_mb']:.0f} | {c['params']:,} |")
         lines.append("")
-    fs = read_json(RESULTS / "tint_fewshot.json")
-    if fs:
-        cells = fs["cells"]
+    cells = {k: v for task in TASKS for k, v in read_json(RESULTS / f"tint_fewshot_{task}.json",
+                                                           {"cells": {}})["cells"].items()}
+    if cells:
         lines += ["| task | shots | ICL | TinT | fine-tuning | lr TinT / FT |", "|---|---|---|---|---|---|"]
         for task in TASKS:
             for shots in (0, 32):
@@ -250,13 +251,14 @@ def main(argv=None) -> int:
         print(json.dumps(speed_one(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
         return 0
     parser.add_argument("part", choices=["lm", "fewshot", "speed", "tables", "all"])
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.part in ("lm", "all"):
         run_lm()
     if args.part in ("fewshot", "all"):
-        run_fewshot()
+        run_fewshot(tasks=args.tasks)
     if args.part in ("speed", "all"):
         run_speed()
     print(tables())

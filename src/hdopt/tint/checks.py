@@ -95,17 +95,19 @@ def hf_sgd(model, ids, n_ctx: int, n_layers: int, lr: float, steps: int, reducti
     return hf_logits(model, ids)[:, n_ctx - 1:]
 
 
-def autograd_reference_rule(model, ids, n_ctx: int, n_layers: int, lr: float, out_bias_factor: float = 1.0):
+def autograd_reference_rule(model, ids, n_ctx: int, n_layers: int, lr: float, out_bias_factor: float = 1.0,
+                            exact: bool = False):
     """Oracle for reference mode: one summed-loss step with detached attention probabilities, norm gains
-    frozen. ``out_bias_factor=4`` reproduces the reference code's x4 step on the MLP output bias."""
+    frozen. ``out_bias_factor=4`` reproduces the reference code's x4 step on the MLP output bias.
+    ``exact=True``: plain autograd SGD on the same float64 functional forward (nothing detached or frozen)."""
     spec = from_hf(model)
     first = spec.n_layers - n_layers
-    top = [{k: v.clone().requires_grad_(not (k.startswith("ln") and k.endswith(".w"))) for k, v in b.items()}
-           for b in spec.blocks[first:]]
+    top = [{k: v.clone().requires_grad_(exact or not (k.startswith("ln") and k.endswith(".w")))
+            for k, v in b.items()} for b in spec.blocks[first:]]
 
     def forward(blocks, x_ids):
         T = x_ids.shape[1]
-        ctx = {"allowed": attention_mask(T, T, None, x_ids.device), "detach_probs": True}
+        ctx = {"allowed": attention_mask(T, T, None, x_ids.device), "detach_probs": not exact}
         if spec.family == "llama":
             ctx["cos"], ctx["sin"] = rope_tables(spec, torch.arange(T), spec.dtype)
         x = embed(spec, x_ids)
@@ -149,6 +151,10 @@ def report(seeds=(0, 1, 2)) -> dict:
             rule = autograd_reference_rule(m, ids, n_ctx, 2, 0.01)
             sgd = hf_sgd(m, ids, n_ctx, 2, 0.01, 1, "sum")
             worst(f"reference_vs_rule_fp64/{arch}", rel(got - before, rule - before))
+            exact = build(m, TinTConfig(**{**cfg.to_dict(), "backward": "exact", "attn_score_grad": None,
+                                           "update_norm_gain": None}))(ids, context_len=n_ctx).query_logits
+            auto = autograd_reference_rule(m, ids, n_ctx, 2, 0.01, exact=True)
+            worst(f"exact_vs_autograd_functional_fp64/{arch}", rel(exact - before, auto - before))
             worst(f"rule_vs_exact_sgd_gap/{arch}", rel(rule - before, sgd - before))
             if arch != "llama":
                 x4 = autograd_reference_rule(m, ids, n_ctx, 2, 0.01, out_bias_factor=4.0)
