@@ -11,6 +11,7 @@ after every run to benchmarks/results/lm_eval.json and lm_eval.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=None, help="torch threads (1 avoids thrashing a busy CPU)"
     )
     parser.add_argument("--out", default=str(RESULTS / "lm_eval"), help="output prefix (.json and .md)")
+    parser.add_argument(
+        "--merge", nargs="+", metavar="JSON", help="combine reports of separate runs into --out"
+    )
     return parser.parse_args(argv)
 
 
@@ -80,16 +84,19 @@ def hardware(device: str) -> str:
 
 def markdown(report: dict) -> str:
     tasks = report["tasks"]
-    head = "| model | method | " + " | ".join(LABELS[t] + (" (F1)" if t == "squad" else "") for t in tasks)
-    lines = [head + " | tokens/s |", "|" + "---|" * (len(tasks) + 3)]
+    columns = [LABELS[t] + (" (F1)" if t == "squad" else "") for t in tasks]
+    lines = [
+        "| model | method | test ex. | " + " | ".join(columns) + " | tokens/s |",
+        "|---" * (len(tasks) + 4) + "|",
+    ]
     for row in report["rows"]:
-        cells = [_cell(row["results"].get(t)) for t in tasks]
-        lines.append(
-            f"| {row['model']} | {row['method']} | " + " | ".join(cells) + f" | {row['tokens_per_second']} |"
-        )
+        cells = [row["model"], row["method"], str(row.get("num_eval", report["num_eval"]))]
+        cells += [_cell(row["results"].get(t)) for t in tasks] + [str(row["tokens_per_second"])]
+        lines.append("| " + " | ".join(cells) + " |")
     for method, scores in OPT13B.items():
-        cells = [str(scores[t]) for t in tasks]
-        lines.append(f"| OPT-13B (paper, 1000 ex.) | {method} | " + " | ".join(cells) + " | - |")
+        lines.append(
+            f"| OPT-13B (paper) | {method} | 1000 | " + " | ".join(str(scores[t]) for t in tasks) + " | - |"
+        )
     notes = [
         "",
         f"Hardware: {report['hardware']}; torch {report['torch']}; {report['threads']} threads; load average "
@@ -108,8 +115,26 @@ def _cell(result: dict | None) -> str:
     return f"{value:.1f}"
 
 
+def merge(paths: list[str], out: str) -> dict:
+    """One report from several (e.g. one process per model, run side by side)."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    merged = {
+        **reports[0],
+        "rows": [{"num_eval": r["num_eval"], **row} for r in reports for row in r["rows"]],
+    }
+    merged["command"] = " and ".join(r["command"] for r in reports)
+    merged["load_end"] = max(r["load_end"] for r in reports)
+    merged["wall_minutes"] = max(r["wall_minutes"] for r in reports)
+    write_json(out + ".json", merged)
+    write_text(out + ".md", markdown(merged))
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        print(markdown(merge(args.merge, args.out)))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     num_eval = 1000 if args.full else args.num_eval
@@ -118,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/lm_eval.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "hardware": hardware(args.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "seed": args.seed, "tasks": args.tasks, "demos": demos, "num_eval": num_eval,
-        "num_eval_note": f"{num_eval} test examples per task (the whole split when smaller: CB 56, COPA 100)",
+        "num_eval_note": "'test ex.' test examples per task (the whole split when smaller: CB 56, COPA 100)",
         "demos_note": ", ".join(f"{LABELS[t]} {n}" for t, n in demos.items()),
         "load_start": round(os.getloadavg()[0], 1), "rows": [],
     }  # fmt: skip
@@ -127,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models:
             model, tokenizer = load_model(name, args.dtype, args.device)
             for method in args.methods:
-                row = {"model": name, "method": method, "results": {}}
+                row = {"model": name, "method": method, "num_eval": num_eval, "results": {}}
                 report["rows"].append(row)
                 for task in args.tasks:
                     cfg = EvalConfig(
