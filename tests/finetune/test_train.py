@@ -83,3 +83,22 @@ def test_linear_probe_fits_the_toy_task(task_file, tokenizer, tmp_path):
     results, folder = finetune(toy_config(task_file, tmp_path, "lp"), make_model("llama"), tokenizer)
     assert results["method"] == "lp" and results["status"] == "completed"
     assert results["test"] >= 75.0 and (folder / rundir.BEST).is_file()
+
+
+def test_tensorboard_is_optional(task_file, tokenizer, tmp_path):
+    from hdopt.finetune import finetune
+
+    cfg = toy_config(task_file, tmp_path, "mezo", steps=1, eval_every=0, tensorboard=True)
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+
+        installed = True
+    except ImportError:
+        installed = False
+    if installed:
+        finetune(cfg, make_model("llama"), tokenizer)
+        assert (tmp_path / "tensorboard").is_dir()
+    else:
+        with pytest.warns(UserWarning, match="tensorboard is not installed"):
+            finetune(cfg, make_model("llama"), tokenizer)
+    assert (tmp_path / rundir.RESULTS).is_file()
