@@ -97,7 +97,7 @@ class Communicator:
         """The mean of a Python float over ranks (e.g. the loss, for logging)."""
         if not self.active:
             return float(value)
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self._device())
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
         return float(self.all_reduce_sum_(t, what).item()) / self.world_size
 
     def broadcast_(self, tensor: torch.Tensor, src: int, what: str) -> torch.Tensor:
@@ -128,7 +128,7 @@ class Communicator:
     def barrier(self, what: str = "barrier") -> None:
         """Wait for every rank (as an all-reduce of one byte, so it shares the deadline and diagnosis)."""
         if self.active:
-            self.all_reduce_sum_(torch.zeros(1, dtype=torch.uint8, device=self._device()), what)
+            self.all_reduce_sum_(torch.zeros(1, dtype=torch.uint8, device=self.device), what)
 
     # -- deadline and diagnosis ---------------------------------------------------------------------
     def _guarded(self, what: str, launch) -> None:
@@ -182,7 +182,9 @@ class Communicator:
             for r, s in sorted(late.items()))
         return f"{head}: {names} did not join it: it died or hangs. Cause: {cause}"
 
-    def _device(self) -> torch.device:
+    @property
+    def device(self) -> torch.device:
+        """Where this backend's tensors must live: the current CUDA device for NCCL, else the CPU."""
         if self.distributed and dist.get_backend(self.group) == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")

@@ -38,7 +38,7 @@ class ProjectedGradAllReduce:
         self.steps += 1
         if not self.comm.active:
             return list(grads)
-        t = torch.tensor(grads, dtype=torch.float64)
+        t = torch.tensor(grads, dtype=torch.float64, device=self.comm.device)
         self.bytes += t.numel() * t.element_size()
         self.comm.all_reduce_sum_(t, f"projected-gradient all-reduce (ZO update {self.steps - 1})")
         return (t / self.comm.world_size).tolist()
