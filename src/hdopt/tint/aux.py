@@ -62,12 +62,13 @@ class AuxSpec:
 
     def num_parameters(self) -> int:
         """Distinct auxiliary parameters (tied embeddings counted once)."""
-        seen: dict[int, int] = {}
+        seen: dict[object, int] = {}
         tensors = [self.wte, self.lm_head, self.wpe, *self.ln_f.values()]
         tensors += [t for b in self.blocks for t in b.values()]
         for t in tensors:
-            if t is not None:
-                seen[id(t)] = t.numel()
+            if t is not None:  # tied weights share storage (meta tensors have none: tie by identity)
+                key = id(t) if t.is_meta else (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape)
+                seen[key] = t.numel()
         return sum(seen.values())
 
     def to(self, dtype: torch.dtype) -> AuxSpec:
