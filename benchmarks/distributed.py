@@ -79,12 +79,12 @@ def zo_scaling(rows: list[dict]) -> dict:
     """Strong scaling of DP-ZO: the global batch fixed, 1 vs 2 processes."""
     out = {}
     for size in ZO_BATCHES:
-        t = {r["world_size"]: r["mean_step_s"] for r in rows
-             if r["method"] == "data-parallel ZO" and r["batch"] == size}
-        if 1 in t and 2 in t:
-            speedup = t[1] / t[2]
-            out[str(size)] = {"step_s_1": t[1], "step_s_2": t[2], "speedup": speedup,
-                              "efficiency": speedup / 2}
+        zo = {r["world_size"]: r for r in rows if r["method"] == "data-parallel ZO" and r["batch"] == size}
+        if 1 in zo and 2 in zo:
+            speedup = zo[1]["mean_step_s"] / zo[2]["mean_step_s"]
+            out[str(size)] = {"step_s_1": zo[1]["mean_step_s"], "step_s_2": zo[2]["mean_step_s"],
+                              "speedup": speedup, "efficiency": speedup / 2,
+                              "cpu_efficiency": zo[1]["cpu_s_per_step"] / zo[2]["cpu_s_per_step"]}
     return out
 
 
@@ -108,15 +108,17 @@ def batch(step: int, rank: int, world: int, size: int = GLOBAL_BATCH) -> tuple[t
     return shard_batch((x, y), rank, world)
 
 
-def timed(step_fn, steps: int, comm) -> list[float]:
-    times = []
+def timed(step_fn, steps: int, comm) -> tuple[list[float], list[float]]:
+    """Wall-clock and CPU seconds (this process, all its threads) of each step after the warm-up."""
+    times, cpu = [], []
     for t in range(WARMUP + steps):
         comm.barrier("benchmark barrier")
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step_fn(t)
         if t >= WARMUP:
             times.append(time.perf_counter() - start)
-    return times
+            cpu.append(time.process_time() - start_cpu)
+    return times, cpu
 
 
 def run_ddp(comm) -> dict:
@@ -130,9 +132,10 @@ def run_ddp(comm) -> dict:
         F.cross_entropy(ddp(x), y).backward()
         opt.step()
 
-    times = timed(step, STEPS, comm)
+    times, cpu = timed(step, STEPS, comm)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"method": "DDP (torch)", "times": times, "bytes_per_step": params if comm.active else 0}
+    return {"method": "DDP (torch)", "times": times, "cpu": cpu,
+            "bytes_per_step": params if comm.active else 0}
 
 
 def run_local_sgd(comm) -> dict:
@@ -148,9 +151,9 @@ def run_local_sgd(comm) -> dict:
         F.cross_entropy(model(x), y).backward()
         sgd.step()
 
-    times = timed(step, STEPS, comm)
+    times, cpu = timed(step, STEPS, comm)
     per_step = sgd.bytes_communicated / sgd.step_count if comm.active else 0
-    return {"method": "Local SGD (H=16)", "times": times, "bytes_per_step": per_step}
+    return {"method": "Local SGD (H=16)", "times": times, "cpu": cpu, "bytes_per_step": per_step}
 
 
 def run_zo(comm, size: int) -> dict:
@@ -166,9 +169,10 @@ def run_zo(comm, size: int) -> dict:
         with torch.no_grad():
             opt.step(lambda: F.cross_entropy(model(x), y))
 
-    times = timed(step, STEPS, comm)
+    times, cpu = timed(step, STEPS, comm)
     per_step = opt.reduce_grads.bytes / max(1, opt.reduce_grads.steps) if comm.active else 0
-    return {"method": "data-parallel ZO", "times": times, "bytes_per_step": per_step, "batch": size}
+    return {"method": "data-parallel ZO", "times": times, "cpu": cpu, "bytes_per_step": per_step,
+            "batch": size}
 
 
 def worker(out: Path) -> None:
@@ -181,11 +185,13 @@ def worker(out: Path) -> None:
         runs = [run_ddp, run_local_sgd] + [lambda c, b=b: run_zo(c, b) for b in ZO_BATCHES]
         for fn in runs:
             r = {"batch": GLOBAL_BATCH} | fn(comm)
-            times = r.pop("times")
+            times, cpu = r.pop("times"), r.pop("cpu")
             med = comm.mean(statistics.median(times), "median step time")  # mean over ranks
             mean = comm.mean(statistics.fmean(times), "mean step time")
+            cpu_total = comm.mean(statistics.fmean(cpu), "cpu time") * comm.world_size  # all ranks
             rows.append(r | {"world_size": comm.world_size, "median_step_s": med, "mean_step_s": mean,
-                             "examples_per_s": r["batch"] / mean, "steps": len(times)})
+                             "cpu_s_per_step": cpu_total, "examples_per_s": r["batch"] / mean,
+                             "steps": len(times)})
     if comm.rank == 0:
         out.write_text(json.dumps(rows, indent=2))
 
@@ -193,16 +199,17 @@ def worker(out: Path) -> None:
 # -- tables ------------------------------------------------------------------------------------------------
 def comm_table(payload: dict) -> str:
     lines = ["| method | global batch | processes | payload per step per worker | mean step | median step "
-             "| examples/s |", "|---|---|---|---|---|---|---|"]
+             "| CPU s/step (all ranks) | examples/s |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(payload["rows"], key=lambda r: (r["method"], r["batch"], r["world_size"])):
         lines.append(f"| {r['method']} | {r['batch']} | {r['world_size']} | "
                      f"{fmt_bytes(r['bytes_per_step'])} | "
                      f"{1000 * r['mean_step_s']:.1f} ms | {1000 * r['median_step_s']:.1f} ms | "
-                     f"{r['examples_per_s']:.0f} |")
+                     f"{1000 * r.get('cpu_s_per_step', float('nan')):.1f} ms | {r['examples_per_s']:.0f} |")
     for size, s in payload.get("zo_scaling", {}).items():
         lines.append(f"\nDP-ZO strong scaling, global batch {size}: {1000 * s['step_s_1']:.1f} ms -> "
                      f"{1000 * s['step_s_2']:.1f} ms per step, speedup {s['speedup']:.2f}, "
-                     f"efficiency {100 * s['efficiency']:.0f}% at 2 processes")
+                     f"efficiency {100 * s['efficiency']:.0f}% at 2 processes; CPU-time efficiency "
+                     f"{100 * s.get('cpu_efficiency', float('nan')):.0f}%")
     return "\n".join(lines)
 
 
