@@ -3,7 +3,7 @@
     python benchmarks/lm_eval.py --data-dir ../shared/data              # the CPU profile (~30 min, 2 cores)
     python benchmarks/lm_eval.py --data-dir D --full --device cuda      # the paper's protocol (GPU)
 
-The CPU profile cuts the protocol: ``--num-eval`` test examples per task (whole split when smaller; the
+The CPU profile cuts the protocol: ``--num-eval`` test examples per task (all of a smaller split; the
 paper uses 1000) and fewer demonstrations for the passage tasks (BoolQ, SQuAD). Figures are written
 after every run to benchmarks/results/lm_eval.json and lm_eval.md.
 """
@@ -101,11 +101,23 @@ def markdown(report: dict) -> str:
         "",
         f"Hardware: {report['hardware']}; torch {report['torch']}; {report['threads']} threads; load average "
         f"{report['load_start']} at start, {report['load_end']} at end (the machine is shared).",
-        f"Protocol: seed {report['seed']}; {report['num_eval_note']}; "
+        f"Protocol: seed {report['seed']}; test examples per task: {_counts(report)}; "
         f"demonstrations: {report['demos_note']}; context 2048 tokens, demonstrations truncated on the left.",
         f"Command: `{report['command']}`; wall time {report['wall_minutes']} min.",
     ]
     return "\n".join(lines + notes) + "\n"
+
+
+def _counts(report: dict) -> str:
+    """The test examples each task used, per 'test ex.' setting (a split smaller than it gives fewer)."""
+    seen: dict[int, dict[str, int]] = {}
+    for row in report["rows"]:
+        n = row.get("num_eval", report["num_eval"])
+        for task, result in row["results"].items():
+            seen.setdefault(n, {})[task] = result["num_eval"]
+    return "; ".join(
+        f"'{n}': " + ", ".join(f"{LABELS[t]} {k}" for t, k in counts.items()) for n, counts in seen.items()
+    )
 
 
 def _cell(result: dict | None) -> str:
@@ -143,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/lm_eval.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "hardware": hardware(args.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "seed": args.seed, "tasks": args.tasks, "demos": demos, "num_eval": num_eval,
-        "num_eval_note": "'test ex.' test examples per task (the whole split when smaller: CB 56, COPA 100)",
         "demos_note": ", ".join(f"{LABELS[t]} {n}" for t, n in demos.items()),
         "load_start": round(os.getloadavg()[0], 1), "rows": [],
     }  # fmt: skip

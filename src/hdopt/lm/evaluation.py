@@ -21,7 +21,7 @@ from hdopt.lm.generation import greedy_generate
 from hdopt.lm.metrics import exact_match, f1_score
 from hdopt.lm.models import load_model
 from hdopt.lm.rundir import default_run_dir, write_json, write_jsonl
-from hdopt.lm.scoring import Prefix, encode_options, encode_prefix, predict, truncate_left
+from hdopt.lm.scoring import Prefix, encode_options, encode_prefix, predict, starts_with_bos, truncate_left
 from hdopt.lm.tasks import Example, Task, load_split, resolve_task, sample_protocol
 
 METHODS = ("zero-shot", "icl")
@@ -108,8 +108,7 @@ def _prefix_for(model, tokenizer, demos, row_budget: int, cfg: EvalConfig) -> tu
     if not demos:
         return None, {"prefix_tokens": 0}
     ids = tokenizer(demonstration_text(demos)).input_ids
-    keep_first = bool(ids) and ids[0] == tokenizer.bos_token_id
-    kept = truncate_left(ids, max(cfg.max_length - row_budget, 1), keep_first)
+    kept = truncate_left(ids, max(cfg.max_length - row_budget, 1), starts_with_bos(tokenizer, ids))
     return encode_prefix(model, kept), {"prefix_tokens": len(kept), "prefix_truncated": len(kept) < len(ids)}
 
 

@@ -6,15 +6,14 @@ from collections.abc import Sequence
 
 import torch
 
-from hdopt.lm.scoring import truncate_left
+from hdopt.lm.scoring import starts_with_bos, truncate_left
 
 
 def _left_padded(tokenizer, prompts: Sequence[str], budget: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = []
     for prompt in prompts:
         ids = tokenizer(prompt).input_ids
-        keep_first = bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
-        rows.append(truncate_left(ids, budget, keep_first))
+        rows.append(truncate_left(ids, budget, starts_with_bos(tokenizer, ids)))
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)

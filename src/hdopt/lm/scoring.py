@@ -67,7 +67,8 @@ def truncate_left(prompt_ids: list[int], budget: int, keep_first: bool) -> list[
     return prompt_ids[len(prompt_ids) - budget :] if budget > 0 else []
 
 
-def _starts_with_bos(tokenizer, ids: list[int]) -> bool:
+def starts_with_bos(tokenizer, ids: Sequence[int]) -> bool:
+    """True when ``ids`` begin with the tokenizer's BOS token (kept by left truncation)."""
     return bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
 
 
@@ -92,7 +93,7 @@ def encode_options(
     option_rows: list[tuple[int, int, int]] = []  # (example, option index, length)
     for e, (prompt, opts) in enumerate(zip(prompts, options, strict=True)):
         prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids
-        keep_first = _starts_with_bos(tokenizer, prompt_ids)
+        keep_first = starts_with_bos(tokenizer, prompt_ids)
         shared: dict[tuple[int, ...], int] = {}  # this example's sequences
         for o, option in enumerate(opts):
             option_ids = tokenizer(option, add_special_tokens=False).input_ids[: max_length - 1]
