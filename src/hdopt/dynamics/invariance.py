@@ -67,7 +67,7 @@ def _sequential_candidates(model: nn.Module) -> list[str]:
 @torch.no_grad()
 def check_scale_invariance(model: nn.Module, forward: Callable[[nn.Module], torch.Tensor],
                            names: Iterable[str] | None = None,
-                           scales: tuple[float, ...] = (0.25, 4.0)) -> dict[str, float]:
+                           scales: tuple[float, ...] = (0.5, 2.0)) -> dict[str, float]:
     """Largest relative change of the output when one parameter is multiplied by each of ``scales``.
 
     The model's parameters and buffers are restored afterwards (a train-mode forward updates BN buffers).
@@ -79,7 +79,7 @@ def check_scale_invariance(model: nn.Module, forward: Callable[[nn.Module], torc
         scales: multipliers to try.
 
     Returns:
-        ``{name: max_c ||f(c w) - f(w)|| / ||f(w)||}``; ~1e-7 (float32) means invariant.
+        ``{name: max_c ||f(c w) - f(w)|| / ||f(w)||}``; ~1e-7 (float32) means exactly invariant.
     """
     params = dict(model.named_parameters())
     saved = {k: v.clone() for k, v in model.state_dict().items()}
@@ -100,13 +100,14 @@ def check_scale_invariance(model: nn.Module, forward: Callable[[nn.Module], torc
 
 
 def scale_invariant_parameters(model: nn.Module, forward: Callable[[nn.Module], torch.Tensor],
-                               rtol: float = 1e-4) -> list[str]:
+                               rtol: float = 1e-3) -> list[str]:
     """Structural candidates (:func:`find_scale_invariant`) confirmed numerically within ``rtol``.
 
     Args:
         model: the network.
         forward: ``forward(model) -> output`` on a probe batch.
-        rtol: largest relative output change accepted as invariant.
+        rtol: largest relative output change accepted as invariant (a norm layer's eps makes invariance
+            approximate, to about eps / Var of its input; 1e-3 accepts BatchNorm's default 1e-5 in float32).
 
     Returns:
         Names of parameters that are scale-invariant by structure and by measurement.
