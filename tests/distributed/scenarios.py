@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hdopt.distributed import LocalSGD, LocalSGDConfig, make_data_parallel_zo, shard_batch, worker_seed
-from hdopt.zo import ZOSGD
+from hdopt.zo import ZOSGD, ZOAdam
 
 LOCAL_SGD_CONFIG = LocalSGDConfig(
     schedule="phase", phase_milestones=(9,), phase_periods=(2, 5), post_local_steps=4,
@@ -76,19 +76,27 @@ class LocalRun:
         return torch.cat([t.detach().reshape(-1).double() for t in self.models[k].state_dict().values()])
 
 
-def zo_run(rank: int, world_size: int, comm, steps: int = ZO_STEPS, seed: int = 7) -> dict:
-    """Data-parallel ZOSGD (q = 2, momentum) on a float64 MLP; every rank draws the same global batch."""
+def zo_run(rank: int, world_size: int, comm, steps: int = ZO_STEPS, seed: int = 7, rule: str = "sgd",
+           micro: int = 1) -> dict:
+    """Data-parallel ZOSGD (q = 2, momentum) or ZOAdam on a float64 MLP; every rank draws the same global
+    batch and keeps its shard; ``micro`` > 1 feeds the shard as micro-batches (gradient accumulation)."""
     x, y = dataset(dtype=torch.float64)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()
-    opt = ZOSGD(model.named_parameters(), lr=0.05, eps=1e-3, q=2, seed=seed, momentum=0.5)
+    if rule == "sgd":
+        opt = ZOSGD(model.named_parameters(), lr=0.05, eps=1e-3, q=2, seed=seed, momentum=0.5)
+    else:
+        opt = ZOAdam(model.named_parameters(), lr=0.01, eps=1e-3, q=2, seed=seed)
     make_data_parallel_zo(opt, comm, model=model)
     gen = torch.Generator().manual_seed(3)
     losses = []
     for _ in range(steps):
         idx = torch.randperm(len(y), generator=gen)[:ZO_BATCH]
         xs, ys = shard_batch((x[idx], y[idx]), rank, world_size)
-        losses.append(opt.step(lambda xs=xs, ys=ys: F.cross_entropy(model(xs), ys)))
+        for j in range(micro):
+            xm, ym = shard_batch((xs, ys), j, micro)
+            opt.estimate(lambda xm=xm, ym=ym: F.cross_entropy(model(xm), ym))
+        losses.append(opt.step())
     params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     grads = [g for r in opt.trajectory for g in r.grads]
     return {"params": params, "grads": torch.tensor(grads, dtype=torch.float64), "losses": losses,

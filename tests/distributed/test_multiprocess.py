@@ -39,15 +39,17 @@ def test_two_processes_equal_the_simulated_mode(runs):
     assert not torch.equal(sim.flat(0), sim.flat(1))  # the run ends mid-round: a real per-rank comparison
 
 
-def test_data_parallel_zo_equals_one_process_with_the_whole_batch(runs):
-    ref = zo_run(0, 1, Communicator.single())
+@pytest.mark.parametrize("variant", ["sgd", "adam+accumulation"])
+def test_data_parallel_zo_equals_one_process_with_the_whole_batch(runs, variant):
+    rule = variant.split("+")[0]
+    ref = zo_run(0, 1, Communicator.single(), rule=rule)  # one process, the whole batch of 8 in one closure
     for rank in range(2):
-        got = _load(runs / f"zo.rank{rank}.pt")
+        got = _load(runs / f"zo.rank{rank}.pt")[variant]
         rel = (got["params"] - ref["params"]).norm() / ref["params"].norm()
         assert rel <= 1e-6
         torch.testing.assert_close(got["grads"], ref["grads"], rtol=1e-6, atol=0)
         assert got["bytes"] == 8 * 2 * len(ref["losses"])  # q = 2 float64 per step
-    moved = (ref["params"] - zo_run(0, 1, Communicator.single(), steps=0)["params"]).norm()
+    moved = (ref["params"] - zo_run(0, 1, Communicator.single(), steps=0, rule=rule)["params"]).norm()
     assert moved > 1e-3  # the trajectory is not trivial
 
 

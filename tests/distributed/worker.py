@@ -31,7 +31,9 @@ def local_sgd(comm: Communicator, out: Path) -> None:
 
 
 def zo(comm: Communicator, out: Path) -> None:
-    torch.save(zo_run(comm.rank, comm.world_size, comm), out / f"zo.rank{comm.rank}.pt")
+    runs = {"sgd": zo_run(comm.rank, comm.world_size, comm),
+            "adam+accumulation": zo_run(comm.rank, comm.world_size, comm, rule="adam", micro=2)}
+    torch.save(runs, out / f"zo.rank{comm.rank}.pt")
 
 
 def checkpoint(comm: Communicator, out: Path) -> None:
