@@ -93,43 +93,47 @@ def run_fewshot(n_eval: int = 100, n_dev: int = 16, seeds=(0, 1, 2), tasks=TASKS
             tests = rng.sample(reported, n_eval)
             dev = rng.sample(pool, n_dev)
             demo_pool = [e for e in pool if e not in dev]
-            for method in ev.METHODS:
-                lr = _choose_lr(cells, task, shots, method, model, tok, base, demo_pool, dev, path, saved)
-                for seed in (seeds if shots else (0,)):
-                    key = f"{task}/{shots}/{seed}/{method}"
-                    if key in cells:
-                        continue
-                    demos = ev.sample_demos(demo_pool, shots, seed) if shots else []
-                    t0 = time.time()
-                    acc = _classify(method, model, tok, base, lr, demos, tests)
-                    cells[key] = {"acc": acc, "lr": lr, "seconds": time.time() - t0}
-                    print(f"{key}: acc {acc:.3f} (lr {lr}, {time.time() - t0:.0f}s)", flush=True)
-                    write_json(path, saved)
+            lrs = _choose_lrs(cells, task, shots, model, tok, base, demo_pool, dev, path, saved)
+            for seed in (seeds if shots else (0,)):
+                todo = [m for m in ev.METHODS if f"{task}/{shots}/{seed}/{m}" not in cells]
+                if not todo:
+                    continue
+                demos = ev.sample_demos(demo_pool, shots, seed) if shots else []
+                t0 = time.time()
+                accs = ev.classify_many({m: _run(m, model, base, lrs[m], shots) for m in todo}, model, tok,
+                                        demos, tests)
+                for m, acc in accs.items():
+                    cells[f"{task}/{shots}/{seed}/{m}"] = {"acc": acc, "lr": lrs[m],
+                                                           "seconds_all_methods": time.time() - t0}
+                    print(f"{task}/{shots}/{seed}/{m}: acc {acc:.3f} (lr {lrs[m]})", flush=True)
+                write_json(path, saved)
     return {}
 
 
-def _classify(method, model, tok, base, lr, demos, tests) -> float:
+def _run(method: str, model, base, lr: float, shots: int):
+    """(method, TinT) for classify_many; 0-shot fine-tuning (100 separate runs) goes through the exact
+    TinT, which equals autograd SGD (tint_checks.json), so that the runs are batched."""
     tint = ev.with_lr(base, lr)
-    if method == "ft" and not demos:  # 100 separate fine-tuning runs: batched through the exact-mode TinT
-        exact = build(model, TinTConfig(**{**tint.config.to_dict(), "backward": "exact",
-                                           "attn_score_grad": None, "update_norm_gain": None}))
-        return ev.classify("tint", model, tok, exact, demos, tests)
-    return ev.classify(method, model, tok, tint, demos, tests)
+    if method == "ft" and not shots:
+        cfg = {**tint.config.to_dict(), "backward": "exact", "attn_score_grad": None,
+               "update_norm_gain": None}
+        return "tint", build(model, TinTConfig(**cfg))
+    return method, tint
 
 
-def _choose_lr(cells, task, shots, method, model, tok, base, demo_pool, dev, path, saved) -> float:
-    """Inner lr with the best dev accuracy (demos from seed 100, dev drawn from the training pool)."""
-    if method == "icl":
-        return 0.0
-    key = f"{task}/{shots}/dev/{method}"
+def _choose_lrs(cells, task, shots, model, tok, base, demo_pool, dev, path, saved) -> dict:
+    """Inner lr per method with the best dev accuracy (demos from seed 100; dev drawn from the training
+    pool, never the reported split); ties go to the smaller lr."""
+    key = f"{task}/{shots}/dev"
     if key not in cells:
         demos = ev.sample_demos(demo_pool, shots, 100) if shots else []
-        accs = {str(lr): _classify(method, model, tok, base, lr, demos, dev) for lr in LRS}
-        cells[key] = accs
-        print(f"{key}: {accs}", flush=True)
+        runs = {f"{m}@{lr}": _run(m, model, base, lr, shots) for m in ("tint", "ft") for lr in LRS}
+        cells[key] = ev.classify_many(runs, model, tok, demos, dev)
+        print(f"{key}: {cells[key]}", flush=True)
         write_json(path, saved)
     accs = cells[key]
-    return float(max(accs, key=lambda k: (accs[k], -float(k))))  # ties -> the smaller lr
+    best = {m: max(LRS, key=lambda lr, m=m: (accs[f"{m}@{lr}"], -lr)) for m in ("tint", "ft")}
+    return {"icl": 0.0, **best}
 
 
 # ---------------------------------------------------------------- speed and memory

@@ -72,6 +72,21 @@ def test_kv_cache_query_path_matches_full_run(arch):
     assert rel(torch.cat((last_ctx, query), 1), full) <= 1e-12
 
 
+def test_lower_upper_split_matches_run(arch):
+    """Experiments share the frozen blocks' outputs across methods: the split must not change anything."""
+    tint = build(tiny_model(arch), TinTConfig(n_layers=2, n_steps=1, inner_lr=0.1))
+    ids = random_ids(1, 12)
+    h, low_past = tint.lower(ids[:, :8], want_cache=True)
+    top, losses = tint.adapt(ids[:, :8], hidden=h)
+    want_top, want_losses = tint.adapt(ids[:, :8])
+    assert torch.equal(losses, want_losses)
+    _, top_past = tint.upper(h, top, want_cache=True)
+    hq = tint.lower(ids[:, 8:], past=low_past)[0]
+    got = tint.upper(hq, top, past=top_past, positions=torch.tensor([3]))[0]
+    want = tint.run(ids, tint.blocks_with(want_top), logits_from=11)[0]
+    assert rel(got, want) <= 1e-12
+
+
 def test_label_only_targets_change_the_update():
     model = tiny_model("gpt2")
     tint = build(model, TinTConfig(n_layers=1, n_steps=1, inner_lr=0.1, reduction="sum"))

@@ -76,14 +76,6 @@ def _pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _score(tint: StructuredTinT, blocks, queries: list[list[int]], words: list[int],
-           past=None) -> torch.Tensor:
-    """Label-word logits (B, 2) at each query's last token."""
-    ids, mask = _pad(queries)
-    logits, _ = tint.run(ids, blocks, past=past, positions=mask.sum(1) - 1)  # (B, 1, V) at the last token
-    return logits[:, 0, words]
-
-
 def _targets(T: int, positions: list[int]) -> torch.Tensor:
     t = torch.zeros(1, T, dtype=torch.bool)
     t[0, positions] = True
@@ -91,47 +83,80 @@ def _targets(T: int, positions: list[int]) -> torch.Tensor:
 
 
 def classify(method: str, model, tokenizer, tint: StructuredTinT, demos: list[Example],
-             tests: list[Example], batch: int = 32) -> float:
+             tests: list[Example]) -> float:
     """Accuracy of ``method`` on ``tests`` with ``demos`` (possibly none) as demonstrations."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    words, cfg = label_ids(tokenizer), tint.config
-    queries = [query_ids(tokenizer, s) for s, _ in tests]
+    return classify_many({method: (method, tint)}, model, tokenizer, demos, tests)[method]
+
+
+def classify_many(runs: dict[str, tuple[str, StructuredTinT]], model, tokenizer, demos: list[Example],
+                  tests: list[Example], batch: int = 32) -> dict[str, float]:
+    """Accuracies of several (method, TinT) runs on the same data, e.g. lr candidates.
+
+    The frozen blocks below the simulated ones are the same for every run, so their outputs (context and
+    queries) are computed once; each run then only pays for its adaptation and its top blocks.
+    All TinTs must share the auxiliary and ``n_layers``.
+    """
+    for name, (method, _) in runs.items():
+        if method not in METHODS:
+            raise ValueError(f"{name}: unknown method {method!r}; choose from {METHODS}")
+    base = next(iter(runs.values()))[1]
+    words = label_ids(tokenizer)
     labels = torch.tensor([y for _, y in tests])
-    if not demos:
-        step = 8  # 0 shots: one fine-tuned copy of the top blocks per query, so smaller batches
-        preds = torch.cat([_zero_shot(method, model, tint, queries[i:i + step], words)
-                           for i in range(0, len(queries), step)])
-        return float((preds == labels).float().mean())
+    queries = [query_ids(tokenizer, s) for s, _ in tests]
+    if not demos:  # 0 shots: adapt to each query itself (one fine-tuned copy per query: small batches)
+        preds = {name: [] for name in runs}
+        for i in range(0, len(queries), 8):
+            for name, p in _zero_shot(runs, model, base, queries[i:i + 8], words).items():
+                preds[name].append(p)
+        return {name: float((torch.cat(p) == labels).float().mean()) for name, p in preds.items()}
     prompt = build_prompt(tokenizer, demos)
     ctx = torch.tensor([prompt.ids])
     targets = _targets(ctx.shape[1], prompt.label_positions)  # label-token-only loss
-    top = None
-    if method == "tint":
-        top, _ = tint.adapt(ctx, targets)
-    elif method == "ft":
-        top, _ = sgd_finetune(model, ctx, targets, cfg.n_layers, cfg.n_steps, cfg.inner_lr, cfg.reduction)
-    blocks = tint.blocks_with(top)
-    _, past = tint.run(ctx, blocks, logits_from=ctx.shape[1] - 1, want_cache=True)
-    preds = torch.cat([_score(tint, blocks, queries[i:i + batch], words, past).argmax(-1)
-                       for i in range(0, len(queries), batch)])
-    return float((preds == labels).float().mean())
+    h_ctx, low_past = base.lower(ctx, want_cache=True)
+    batches = []  # (lower output of the queries (B, Tq, D), index of each query's last token)
+    for i in range(0, len(queries), batch):
+        ids, mask = _pad(queries[i:i + batch])
+        batches.append((base.lower(ids, past=low_past)[0], mask.sum(1) - 1))
+    out = {}
+    for name, (method, tint) in runs.items():
+        cfg, top = tint.config, None
+        if method == "tint":
+            top, _ = tint.adapt(ctx, targets, hidden=h_ctx)
+        elif method == "ft":
+            top, _ = sgd_finetune(model, ctx, targets, cfg.n_layers, cfg.n_steps, cfg.inner_lr, cfg.reduction)
+        _, top_past = tint.upper(h_ctx, top, logits_from=ctx.shape[1] - 1, want_cache=True)
+        preds = torch.cat([tint.upper(h, top, past=top_past, positions=last)[0][:, 0, words].argmax(-1)
+                           for h, last in batches])
+        out[name] = float((preds == labels).float().mean())
+    return out
 
 
-def _zero_shot(method: str, model, tint: StructuredTinT, queries: list[list[int]], words) -> torch.Tensor:
+def _zero_shot(runs, model, base: StructuredTinT, queries: list[list[int]], words) -> dict[str, torch.Tensor]:
     """0 shots: ICL scores the bare query; TinT/FT first take steps on the query's own LM loss."""
-    if method == "icl":
-        return _score(tint, tint.blocks_with(None), queries, words).argmax(-1)
-    if method == "tint":
-        ids, mask = _pad(queries)
-        top, _ = tint.adapt(ids, key_mask=mask)  # one simulated fine-tuning per query (batched)
-        return _score(tint, tint.blocks_with(top), queries, words).argmax(-1)
+    ids, mask = _pad(queries)
+    last = mask.sum(1) - 1
+    h = base.lower(ids, key_mask=mask)[0]
+    out = {}
+    for name, (method, tint) in runs.items():
+        if method == "icl":
+            top = None
+        elif method == "tint":
+            top, _ = tint.adapt(ids, key_mask=mask, hidden=h)  # one simulated fine-tuning per query
+        else:
+            out[name] = _zero_shot_ft(model, tint, queries, words)
+            continue
+        out[name] = tint.upper(h, top, positions=last)[0][:, 0, words].argmax(-1)
+    return out
+
+
+def _zero_shot_ft(model, tint: StructuredTinT, queries: list[list[int]], words) -> torch.Tensor:
     cfg, preds = tint.config, []
     for q in queries:
         ids = torch.tensor([q])
         targets = torch.ones_like(ids, dtype=torch.bool)
         top, _ = sgd_finetune(model, ids, targets, cfg.n_layers, cfg.n_steps, cfg.inner_lr, cfg.reduction)
-        preds.append(_score(tint, tint.blocks_with(top), [q], words).argmax(-1))
+        logits, _ = tint.run(ids, tint.blocks_with(top), positions=ids.new_tensor([len(q) - 1]))
+        preds.append(logits[:, 0, words].argmax(-1))
     return torch.cat(preds)
 
 

@@ -66,13 +66,15 @@ class StructuredTinT(nn.Module):
 
     @torch.no_grad()
     def adapt(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
-              key_mask: torch.Tensor | None = None) -> tuple[list[Block], torch.Tensor]:
+              key_mask: torch.Tensor | None = None,
+              hidden: torch.Tensor | None = None) -> tuple[list[Block], torch.Tensor]:
         """Simulate ``n_steps`` of SGD on the context ``ids`` (B, T).
 
         Args:
             targets: (B, T) bool, tokens that are training targets (default: every token but the first,
                 and not padding). Use it for label-token-only losses.
             key_mask: (B, T) 1 for real tokens, 0 for right padding.
+            hidden: the output of the frozen blocks (:meth:`lower`), if already computed.
         Returns:
             (updated top blocks, each tensor with a leading batch dim; losses (n_steps, B)).
         """
@@ -84,9 +86,7 @@ class StructuredTinT(nn.Module):
             if key_mask is not None:
                 targets &= key_mask.bool()
         ctx = self._ctx(T, T, key_mask, ids.device)
-        x = embed(spec, ids)
-        for p in spec.blocks[:self.first]:  # frozen blocks: forward once
-            x = block_forward(spec, p, x, ctx)[0]
+        x = self.lower(ids, key_mask)[0] if hidden is None else hidden  # frozen blocks: forward once
         top = [{k: v.unsqueeze(0) for k, v in p.items()} for p in spec.blocks[self.first:]]  # (1, ...)
         losses = []
         for _ in range(cfg.n_steps):
@@ -106,6 +106,45 @@ class StructuredTinT(nn.Module):
         """All blocks of the auxiliary with the top ones replaced (None: the original model)."""
         return self.spec.blocks if top is None else self.spec.blocks[:self.first] + top
 
+    def _prepare(self, T: int, past: KVCache | None, key_mask: torch.Tensor | None,
+                 device) -> tuple[int, dict]:
+        """(number of cached tokens, block context for T new tokens after them)."""
+        start = 0 if not past else past[0][0].shape[2]
+        if past and key_mask is not None:
+            key_mask = torch.cat((key_mask.new_ones(key_mask.shape[0], start), key_mask), dim=1)
+        return start, self._ctx(T, start + T, key_mask, device)
+
+    def _stack(self, x: torch.Tensor, blocks: list[Block], ctx: dict, past: KVCache | None,
+               want_cache: bool) -> tuple[torch.Tensor, KVCache]:
+        cache: KVCache = []
+        for i, p in enumerate(blocks):
+            ctx["past"] = None if past is None else past[i]
+            x, _, kv = block_forward(self.spec, p, x, ctx)
+            if want_cache:
+                cache.append(kv)
+        return x, cache
+
+    @torch.no_grad()
+    def lower(self, ids: torch.Tensor, key_mask: torch.Tensor | None = None, past: KVCache | None = None,
+              want_cache: bool = False) -> tuple[torch.Tensor, KVCache]:
+        """Output (B, T, D) of the frozen blocks (shared by every method) and their KV cache."""
+        start, ctx = self._prepare(ids.shape[1], past, key_mask, ids.device)
+        return self._stack(embed(self.spec, ids, start), self.spec.blocks[:self.first], ctx, past, want_cache)
+
+    @torch.no_grad()
+    def upper(self, hidden: torch.Tensor, top: list[Block] | None, key_mask: torch.Tensor | None = None,
+              past: KVCache | None = None, logits_from: int = 0, want_cache: bool = False,
+              positions: torch.Tensor | None = None):
+        """The top blocks (``top``, None: the original ones) on :meth:`lower`'s output, then the logits.
+
+        ``past`` is the top blocks' KV cache. Returns (logits as in :meth:`run`, KV cache or None).
+        """
+        start, ctx = self._prepare(hidden.shape[1], past, key_mask, hidden.device)
+        top = self.spec.blocks[self.first:] if top is None else top
+        x, cache = self._stack(hidden, top, ctx, past, want_cache)
+        x = x[torch.arange(x.shape[0]), positions][:, None] if positions is not None else x[:, logits_from:]
+        return final_logits(self.spec, x), (cache if want_cache else None)
+
     @torch.no_grad()
     def run(self, ids: torch.Tensor, blocks: list[Block], key_mask: torch.Tensor | None = None,
             past: KVCache | None = None, logits_from: int = 0, want_cache: bool = False,
@@ -115,19 +154,8 @@ class StructuredTinT(nn.Module):
         Returns (logits (B, T - logits_from, V), or (B, 1, V) at ``positions`` (B,) when given; the KV cache
         of all tokens or None).
         """
-        start = 0 if past is None else past[0][0].shape[2]
-        T = ids.shape[1]
-        full_mask = key_mask
-        if past is not None and key_mask is not None:
-            full_mask = torch.cat((key_mask.new_ones(key_mask.shape[0], start), key_mask), dim=1)
-        ctx = self._ctx(T, start + T, full_mask, ids.device)
-        x = embed(self.spec, ids, start)
-        cache: KVCache = []
-        for i, p in enumerate(blocks):
-            ctx["past"] = None if past is None else past[i]
-            x, _, kv = block_forward(self.spec, p, x, ctx)
-            if want_cache:
-                cache.append(kv)
+        start, ctx = self._prepare(ids.shape[1], past, key_mask, ids.device)
+        x, cache = self._stack(embed(self.spec, ids, start), blocks, ctx, past, want_cache)
         x = x[torch.arange(x.shape[0]), positions][:, None] if positions is not None else x[:, logits_from:]
         return final_logits(self.spec, x), (cache if want_cache else None)
 
