@@ -50,7 +50,7 @@ def build_config(args: argparse.Namespace):
                              f"(this experiment builds its own problem)")
         overrides[field] = value
     config = experiment.config(args.scale, **overrides)
-    if config.data == "fashion-mnist" and config.n_train is None:
+    if getattr(config, "data", None) == "fashion-mnist" and config.n_train is None:
         config = dataclasses.replace(config, n_train=FASHION_DEFAULT_N)
     return config
 
