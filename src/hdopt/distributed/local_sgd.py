@@ -290,26 +290,27 @@ class LocalSGD:
         what = f"gradient all-reduce at step {self.step_count}"
         self.counters.bytes += self.averager.average_(per_replica, what)
 
+    def _sync_tensors(self, k: int) -> list[torch.Tensor]:
+        tensors = self._params(k)
+        if self.config.average_buffers:
+            tensors += self._buffers(k)
+        if self.config.average_optimizer_state:
+            tensors += self._optimizer_tensors(k)
+        return tensors
+
     @torch.no_grad()
     def synchronize(self) -> SyncRound:
         """Average parameters (buffers, optimizer state) now; starts a new round, logs a SyncRound."""
         c = self.counters
         start = time.perf_counter()
         what = f"Local SGD averaging at step {c.step}"
-        sent = self.averager.average_([self._params(k) for k in range(len(self.models))], what)
+        # one collective per dtype: parameters, then buffers and optimizer tensors when asked for
+        sent = self.averager.average_([self._sync_tensors(k) for k in range(len(self.models))], what)
         if self.outer is not None:
-            for k in range(len(self.models)):
-                if k == 0:
-                    self.outer.step(self._params(0))
-                else:
-                    for p, p0 in zip(self._params(k), self._params(0), strict=True):
-                        p.copy_(p0)
-        if self.config.average_buffers and self._buffers(0):
-            sent += self.averager.average_([self._buffers(k) for k in range(len(self.models))],
-                                           what + " (buffers)")
-        if self.config.average_optimizer_state and self._optimizer_tensors(0):
-            sent += self.averager.average_([self._optimizer_tensors(k) for k in range(len(self.models))],
-                                           what + " (optimizer state)")
+            self.outer.step(self._params(0))
+            for k in range(1, len(self.models)):
+                for p, p0 in zip(self._params(k), self._params(0), strict=True):
+                    p.copy_(p0)
         record = SyncRound(c.step, c.local_steps, float(self.param_groups[0]["lr"]), sent,
                            time.perf_counter() - start)
         c.rounds.append(record)
