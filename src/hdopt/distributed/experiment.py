@@ -170,7 +170,7 @@ def run(config: LocalSGDLabConfig, out_dir: str | Path, data: TensorData | None 
     curves = {f"H={h}": log for h, log in part1.items()}
     curves[f"cosine H={config.qsr_base}"] = constant
     curves["cosine QSR"] = qsr
-    result = LabResult("localsgd", config, checks, curves, timer.seconds)
+    result = LabResult("localsgd", config, checks, curves, timer.seconds, cpu_s=timer.cpu_seconds)
     result.plot = str(plot(result, Path(out_dir) / "localsgd.png"))
     result.write(out_dir)
     return result
