@@ -81,6 +81,9 @@ def test_period_h_matches_a_hand_written_loop_and_logs_rounds():
     assert [r.step for r in sgd.rounds] == [4, 8] and all(r.period == h for r in sgd.rounds)
     assert sgd.bytes_communicated == 2 * parameter_bytes(models[0])
     assert not torch.equal(_flat(models[0]), _flat(models[1]))
+    last = sgd.synchronize()  # the partial last round (3 steps)
+    assert last.period == 3 and torch.equal(_flat(models[0]), _flat(models[2]))
+    assert sgd.synchronize() is None and len(sgd.rounds) == 3
 
 
 def test_post_local_phase_keeps_replicas_identical_then_diverges():

@@ -299,9 +299,15 @@ class LocalSGD:
         return tensors
 
     @torch.no_grad()
-    def synchronize(self) -> SyncRound:
-        """Average parameters (buffers, optimizer state) now; starts a new round, logs a SyncRound."""
+    def synchronize(self) -> SyncRound | None:
+        """Average parameters (buffers, optimizer state) now; starts a new round, logs a SyncRound.
+
+        Called by :meth:`step` at the end of each round; call it yourself to average a partial last round.
+        Returns None (and communicates nothing) when no local step was taken since the last average.
+        """
         c = self.counters
+        if c.local_steps == 0:
+            return None
         start = time.perf_counter()
         what = f"Local SGD averaging at step {c.step}"
         # one collective per dtype: parameters, then buffers and optimizer tensors when asked for
