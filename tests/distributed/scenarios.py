@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hdopt.distributed import LocalSGD, LocalSGDConfig, make_data_parallel_zo, shard_batch, worker_seed
-from hdopt.zo import ZOSGD, ZOAdam
+from hdopt.zo import ZOSGD, ZOAdam, ZOConservative
 
 LOCAL_SGD_CONFIG = LocalSGDConfig(
     schedule="phase", phase_milestones=(9,), phase_periods=(2, 5), post_local_steps=4,
@@ -85,6 +85,8 @@ def zo_run(rank: int, world_size: int, comm, steps: int = ZO_STEPS, seed: int = 
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()
     if rule == "sgd":
         opt = ZOSGD(model.named_parameters(), lr=0.05, eps=1e-3, q=2, seed=seed, momentum=0.5)
+    elif rule == "conservative":
+        opt = ZOConservative(model.named_parameters(), lr=0.05, eps=1e-3, q=2, seed=seed)
     else:
         opt = ZOAdam(model.named_parameters(), lr=0.01, eps=1e-3, q=2, seed=seed)
     make_data_parallel_zo(opt, comm, model=model)
@@ -93,6 +95,9 @@ def zo_run(rank: int, world_size: int, comm, steps: int = ZO_STEPS, seed: int = 
     for _ in range(steps):
         idx = torch.randperm(len(y), generator=gen)[:ZO_BATCH]
         xs, ys = shard_batch((x[idx], y[idx]), rank, world_size)
+        if rule == "conservative":  # candidates are judged on this rank's shard, then averaged over ranks
+            losses.append(opt.step(lambda xs=xs, ys=ys: F.cross_entropy(model(xs), ys)))
+            continue
         for j in range(micro):
             xm, ym = shard_batch((xs, ys), j, micro)
             opt.estimate(lambda xm=xm, ym=ym: F.cross_entropy(model(xm), ym))

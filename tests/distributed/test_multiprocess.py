@@ -39,7 +39,7 @@ def test_two_processes_equal_the_simulated_mode(runs):
     assert not torch.equal(sim.flat(0), sim.flat(1))  # the run ends mid-round: a real per-rank comparison
 
 
-@pytest.mark.parametrize("variant", ["sgd", "adam+accumulation"])
+@pytest.mark.parametrize("variant", ["sgd", "adam+accumulation", "conservative"])
 def test_data_parallel_zo_equals_one_process_with_the_whole_batch(runs, variant):
     rule = variant.split("+")[0]
     ref = zo_run(0, 1, Communicator.single(), rule=rule)  # one process, the whole batch of 8 in one closure
@@ -48,7 +48,8 @@ def test_data_parallel_zo_equals_one_process_with_the_whole_batch(runs, variant)
         rel = (got["params"] - ref["params"]).norm() / ref["params"].norm()
         assert rel <= 1e-6
         torch.testing.assert_close(got["grads"], ref["grads"], rtol=1e-6, atol=0)
-        assert got["bytes"] == 8 * 2 * len(ref["losses"])  # q = 2 float64 per step
+        per_step = 8 * (2 + 3 * (rule == "conservative"))  # q = 2 gradients (+ 3 candidate losses)
+        assert got["bytes"] == per_step * len(ref["losses"])
     moved = (ref["params"] - zo_run(0, 1, Communicator.single(), steps=0, rule=rule)["params"]).norm()
     assert moved > 1e-3  # the trajectory is not trivial
 

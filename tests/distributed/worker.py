@@ -32,7 +32,8 @@ def local_sgd(comm: Communicator, out: Path) -> None:
 
 def zo(comm: Communicator, out: Path) -> None:
     runs = {"sgd": zo_run(comm.rank, comm.world_size, comm),
-            "adam+accumulation": zo_run(comm.rank, comm.world_size, comm, rule="adam", micro=2)}
+            "adam+accumulation": zo_run(comm.rank, comm.world_size, comm, rule="adam", micro=2),
+            "conservative": zo_run(comm.rank, comm.world_size, comm, rule="conservative")}
     torch.save(runs, out / f"zo.rank{comm.rank}.pt")
 
 

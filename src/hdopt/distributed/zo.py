@@ -21,7 +21,10 @@ from hdopt.zo import ZOConservative, ZOOptimizer
 
 
 class ProjectedGradAllReduce:
-    """``reduce_grads`` hook: the mean of the q projected gradients over ranks (one float64 all-reduce).
+    """``reduce_grads`` / ``reduce_losses`` hook: the mean of a few scalars over ranks (one all-reduce).
+
+    Used for the q projected gradients of every step and, for ``ZOConservative``, for its three candidate
+    losses (so every rank keeps the candidate that is best on the whole batch).
 
     Attributes:
         comm: the communicator.
@@ -40,7 +43,7 @@ class ProjectedGradAllReduce:
             return list(grads)
         t = torch.tensor(grads, dtype=torch.float64, device=self.comm.device)
         self.bytes += t.numel() * t.element_size()
-        self.comm.all_reduce_sum_(t, f"projected-gradient all-reduce (ZO update {self.steps - 1})")
+        self.comm.all_reduce_sum_(t, f"ZO scalar all-reduce (call {self.steps - 1})")
         return (t / self.comm.world_size).tolist()
 
 
@@ -53,8 +56,8 @@ def make_data_parallel_zo(optimizer: ZOOptimizer, comm: Communicator | None = No
     :class:`~hdopt.distributed.comm.ConfigMismatchError` on every rank.
 
     Args:
-        optimizer: a ``ZOSGD``, ``ZOAdam`` or ``ZOSign`` (``ZOConservative`` compares candidate losses that
-            would have to be reduced too; it is refused).
+        optimizer: any :mod:`hdopt.zo` optimizer (for ``ZOConservative`` the candidate losses are
+            averaged over ranks too: 24 more bytes per step).
         comm: the communicator (None: the default process group, or one process).
         model: the model being trained, to check that all ranks start from the same weights.
         config: the run's config (any dataclass or JSON-able object), checked for equality.
@@ -67,12 +70,11 @@ def make_data_parallel_zo(optimizer: ZOOptimizer, comm: Communicator | None = No
         raise TypeError(f"expected an hdopt.zo optimizer, got {type(optimizer).__name__}; for "
                         "backprop optimizers use torch.nn.parallel.DistributedDataParallel or "
                         "hdopt.distributed.LocalSGD")
-    if isinstance(optimizer, ZOConservative):
-        raise NotImplementedError("ZOConservative picks among candidate updates by their local losses, which "
-                                  "would differ across ranks; use ZOSGD, ZOAdam or ZOSign data-parallel")
     if isinstance(optimizer.__dict__.get("reduce_grads"), ProjectedGradAllReduce):
         raise ValueError("this optimizer is already data-parallel")
     comm = comm if comm is not None else Communicator()
     check_consistent(fingerprint(config, model, optimizer), comm, "data-parallel ZO")
     optimizer.reduce_grads = ProjectedGradAllReduce(comm)
+    if isinstance(optimizer, ZOConservative):
+        optimizer.reduce_losses = optimizer.reduce_grads
     return optimizer

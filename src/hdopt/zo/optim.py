@@ -266,6 +266,10 @@ class ZOOptimizer(Optimizer):
         """Hook for data-parallel training: combine projected gradients across workers (identity here)."""
         return grads
 
+    def reduce_losses(self, losses: list[float]) -> list[float]:
+        """Hook for data-parallel training: combine candidate losses across workers (identity here)."""
+        return losses
+
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> float:
         """One update. With a closure: estimate, then update. Without: update from :meth:`estimate` calls.
@@ -503,11 +507,13 @@ class ZOConservative(ZOSGD):
             raise ValueError("ZOConservative does not combine with momentum")
         directions = self.direction_keys(record.step_key)
         slots = self._slots()
-        losses = {0.0: self._evaluate(closure, [], "the current weights")}
-        for scale in (1.0, -1.0):
+        scales = (0.0, 1.0, -1.0)
+        local = [self._evaluate(closure, [], "the current weights")]
+        for scale in scales[1:]:
             terms = [(d, -scale * g / self.q) for d, g in zip(directions, record.grads, strict=True)]
             factors = self._candidate_factors(slots, record.lrs)
-            losses[scale] = self._evaluate(closure, terms, f"candidate update x{scale:+.0f}", factors)
+            local.append(self._evaluate(closure, terms, f"candidate update x{scale:+.0f}", factors))
+        losses = dict(zip(scales, self.reduce_losses(local), strict=True))  # data-parallel: the batch mean
         best = min(losses, key=lambda s: (losses[s], -s))  # ties prefer the plain update
         return UpdateRecord(record.step, record.step_key, record.grads, record.lrs, scale=best)
 
