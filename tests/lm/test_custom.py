@@ -123,3 +123,25 @@ def test_cli_eval_errors(capsys, tmp_path):
     assert (
         f"hdopt eval: task 'cb': eval file {tmp_path / 'cb/val.jsonl'} not found" in capsys.readouterr().err
     )
+
+
+def test_generation_task_through_run_eval(tmp_path):
+    rows = [{"q": f"what is {i}+{i}?", "a": str(2 * i)} for i in range(12)]
+    (tmp_path / "sums.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {
+        "name": "sums",
+        "data": "sums.jsonl",
+        "template": "Q: {q}\nA:",
+        "target_column": "a",
+        "metric": "f1",
+    }
+    (tmp_path / "sums.json").write_text(json.dumps(spec))
+    cfg = EvalConfig(task=str(tmp_path / "sums.json"), method="icl", num_demos=1, num_dev=0, max_new_tokens=6,
+                     batch_size=4, output_dir=str(tmp_path / "run"), progress=False)  # fmt: skip
+    results, out = run_eval(cfg, tiny_model("gpt2"), byte_tokenizer(add_bos=False))
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(p["uid"] for p in predictions) == [f"sums/eval/{i}" for i in range(6)]
+    for p in predictions:  # eval row k is file row 2k+1 (one file: alternate rows), whose answer is 2(2k+1)
+        assert p["answers"] == [str(2 * (2 * int(p["uid"].rsplit("/", 1)[1]) + 1))]
+    assert results["f1"] == pytest.approx(100 * sum(p["f1"] for p in predictions) / 6, abs=0.01)
+    assert results["metric"] == "f1" and "em" in results

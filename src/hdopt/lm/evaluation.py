@@ -162,20 +162,23 @@ def _answer_record(example: Example, answer: str) -> dict:
 def evaluate_generation(model, tokenizer, examples: Sequence[Example], demos, cfg: EvalConfig) -> EvalResult:
     """SQuAD-style F1 and exact match of greedy answers (max ``max_new_tokens``, stop at a newline)."""
     context = demonstration_text(demos)
+    prompts = [context + e.prompt for e in examples]
+    budget = cfg.max_length - cfg.max_new_tokens
+    prompt_lens = [min(len(tokenizer(p).input_ids), budget) for p in prompts]
     records, tokens = [], 0
     start = time.perf_counter()
     bar = tqdm(total=len(examples), desc="generating", unit="ex", disable=not cfg.progress)
-    ordered = sorted(examples, key=lambda e: -len(e.prompt))
-    step = max(1, min(cfg.batch_size, cfg.batch_tokens // cfg.max_length))
-    for i in range(0, len(ordered), step):
-        chunk = ordered[i : i + step]
-        prompts = [context + e.prompt for e in chunk]
-        answers = greedy_generate(model, tokenizer, prompts, cfg.max_new_tokens, "\n", cfg.max_length)
-        for example, prompt, answer in zip(chunk, prompts, answers, strict=True):
-            tokens += min(len(tokenizer(prompt).input_ids), cfg.max_length - cfg.max_new_tokens)
-            tokens += len(tokenizer(answer, add_special_tokens=False).input_ids) + 1  # + the stop token
-            records.append(_answer_record(example, answer))
-        bar.update(len(chunk))
+    widths = [n + cfg.max_new_tokens for n in prompt_lens]
+    for idx in _batches(widths, [1] * len(examples), 0, cfg):  # longest first, within the token budget
+        answers = greedy_generate(
+            model, tokenizer, [prompts[i] for i in idx], cfg.max_new_tokens, "\n", cfg.max_length
+        )
+        for i, answer in zip(idx, answers, strict=True):
+            tokens += (
+                prompt_lens[i] + len(tokenizer(answer, add_special_tokens=False).input_ids) + 1
+            )  # + stop
+            records.append(_answer_record(examples[i], answer))
+        bar.update(len(idx))
     bar.close()
     seconds = time.perf_counter() - start
     order = {e.uid: k for k, e in enumerate(examples)}
