@@ -103,7 +103,7 @@ def markdown(report: dict) -> str:
         f"{report['load_start']} at start, {report['load_end']} at end (the machine is shared).",
         f"Protocol: seed {report['seed']}; test examples per task: {_counts(report)}; "
         f"demonstrations: {report['demos_note']}; context 2048 tokens, demonstrations truncated on the left.",
-        f"Command: `{report['command']}`; wall time {report['wall_minutes']} min.",
+        f"Command: {_quoted(report['command'])}; wall time {report['wall_minutes']} min.",
     ]
     return "\n".join(lines + notes) + "\n"
 
@@ -120,6 +120,10 @@ def _counts(report: dict) -> str:
     )
 
 
+def _quoted(command: str) -> str:
+    return command if command.startswith("`") else f"`{command}`"
+
+
 def _cell(result: dict | None) -> str:
     if result is None:
         return "-"
@@ -128,13 +132,26 @@ def _cell(result: dict | None) -> str:
 
 
 def merge(paths: list[str], out: str) -> dict:
-    """One report from several (e.g. one process per model, run side by side)."""
+    """One report from several (one process per model, or a task rerun alone): rows of the same model,
+    method and test size are joined, later files winning for a task they share."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
-    merged = {
-        **reports[0],
-        "rows": [{"num_eval": r["num_eval"], **row} for r in reports for row in r["rows"]],
-    }
-    merged["command"] = " and ".join(r["command"] for r in reports)
+    rows: dict[tuple, dict] = {}
+    for report in reports:
+        for row in report["rows"]:
+            key = (row["model"], row["method"], row.get("num_eval", report["num_eval"]))
+            joined = rows.setdefault(
+                key, {"model": key[0], "method": key[1], "num_eval": key[2], "results": {}}
+            )
+            joined["results"].update(row["results"])
+    for row in rows.values():
+        tokens = sum(r["tokens"] for r in row["results"].values())
+        row["tokens_per_second"] = round(tokens / sum(r["seconds"] for r in row["results"].values()), 1)
+    merged = {**reports[0], "rows": list(rows.values())}
+    merged["tasks"] = [t for t in TASKS if any(t in row["results"] for row in merged["rows"])]
+    merged["demos"] = {t: n for r in reports for t, n in r["demos"].items()}
+    merged["demos_note"] = ", ".join(f"{LABELS[t]} {merged['demos'][t]}" for t in merged["tasks"])
+    merged["command"] = " and ".join(f"`{r['command']}`" for r in reports)
+    merged["load_start"] = min(r["load_start"] for r in reports)
     merged["load_end"] = max(r["load_end"] for r in reports)
     merged["wall_minutes"] = max(r["wall_minutes"] for r in reports)
     write_json(out + ".json", merged)
