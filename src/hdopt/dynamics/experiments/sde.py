@@ -2,7 +2,8 @@
 
 Claims:
   * SVAG (Li, Malladi & Arora, NeurIPS 2021): with l in {1, 2, 4}, lr eta/l and l times the steps, the loss
-    curves plotted against eta * steps / l coincide (they approximate one SDE; l = 1 is SGD itself).
+    curves plotted against eta * steps / l coincide (they approximate one SDE; l = 1 is SGD itself), while
+    plain SGD with lr eta/l and l times the steps (a quarter of the noise per unit time for l = 4) does not.
   * Square-root rule (Malladi, Lyu, Panigrahi & Arora, NeurIPS 2022): growing Adam's batch kappa = 4 times
   with
     lr * sqrt(kappa), 1 - beta -> kappa (1 - beta), eps / sqrt(kappa) keeps the loss curve against examples
@@ -65,7 +66,7 @@ class SDEConfig:
 
 
 PRESETS = {
-    "smoke": SDEConfig(n_train=400, width=32, sgd_steps=200, adam_steps=1200, evals=10, svag_tol=0.3,
+    "smoke": SDEConfig(n_train=400, width=32, sgd_steps=1000, adam_steps=1200, evals=10, svag_tol=0.3,
                        rule_tol=0.2),
     "default": SDEConfig(),
     "full": SDEConfig(width=256, sgd_steps=4000, adam_steps=12000, svag_ls=(1, 2, 4, 8)),
@@ -104,6 +105,24 @@ def run_svag(config: SDEConfig, data: TensorData, l: int) -> list[float]:
     return losses
 
 
+def run_small_lr(config: SDEConfig, data: TensorData, l: int) -> list[float]:
+    """Control: plain SGD, lr sgd_lr / l, l * sgd_steps steps (no variance amplification: less noise)."""
+    model = fresh_model(config, data)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.sgd_lr / l)
+    gen = torch.Generator().manual_seed(config.seed + 50)
+    stream = batches(data.train_x, data.train_y, config.sgd_batch, gen)
+    steps = l * config.sgd_steps
+    points, losses = eval_points(steps, config.evals), []
+    for t in tqdm(range(1, steps + 1), desc=f"sgd lr/{l}", disable=None, leave=False):
+        x, y = next(stream)
+        optimizer.zero_grad()
+        CE(model(x), y).backward()
+        optimizer.step()
+        if t in points:
+            losses.append(full_loss(model, data.train_x, data.train_y))
+    return losses
+
+
 def run_adam(config: SDEConfig, data: TensorData, opt_config: dict, batch: int, steps: int, label: str
              ) -> tuple[list[float], torch.nn.Module]:
     """Adam with ``opt_config`` at batch ``batch`` for ``steps`` steps; training loss at the shared points."""
@@ -133,6 +152,7 @@ def run(config: SDEConfig, out_dir: str | Path, data: TensorData | None = None) 
     with Timer() as timer:
         data = data or load_data(config.data, config.n_train, config.label_noise, seed=config.seed)
         svag = {l: run_svag(config, data, l) for l in config.svag_ls}
+        small_lr = run_small_lr(config, data, max(config.svag_ls))
 
         base = {"lr": config.adam_lr, "betas": config.adam_betas, "eps": config.adam_eps}
         big_batch = round(config.kappa * config.adam_batch)
@@ -151,6 +171,11 @@ def run(config: SDEConfig, out_dir: str | Path, data: TensorData | None = None) 
                     curve_gap(c, reference), curve_gap(c, reference) < config.svag_tol,
                     f"mean |dL| / mean L < {config.svag_tol:g}")
               for l, c in svag.items() if l != config.svag_ls[0]]
+    control = curve_gap(small_lr, reference)
+    worst_svag = max(c.measured for c in checks)
+    checks.append(Check(f"control: SGD lr/{max(config.svag_ls)}, {max(config.svag_ls)}x steps, no SVAG",
+                        "> 2 x largest SVAG gap", control, control > 2 * worst_svag,
+                        f"> 2 x {worst_svag:.3g} (the noise matters)"))
     baseline = adam["baseline"][0]
     gaps = {name: curve_gap(curve, baseline) for name, (curve, _) in adam.items() if name != "baseline"}
     checks.append(Check(f"Adam sqrt rule gap (kappa={config.kappa:g})", f"< {config.rule_tol:g}",
@@ -161,6 +186,7 @@ def run(config: SDEConfig, out_dir: str | Path, data: TensorData | None = None) 
                             gaps[name] > config.rule_tol,
                             f"mean |dL| / mean L > {config.rule_tol:g} (the rule matters)"))
     curves = {f"svag l={l}": c for l, c in svag.items()}
+    curves[f"sgd lr/{max(config.svag_ls)} control"] = small_lr
     curves.update({f"adam {name}": c for name, (c, _) in adam.items()})
     curves["time_fraction"] = [(i + 1) / config.evals for i in range(config.evals)]
     curves["noise_scale"] = {"start": vars(noise_start), "end": vars(noise_end)}
@@ -180,6 +206,9 @@ def plot(result: LabResult, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for l in c.svag_ls:
         axes[0].plot(frac * c.sgd_steps * c.sgd_lr, cv[f"svag l={l}"], marker=".", label=f"SVAG l={l}")
+    l_max = max(c.svag_ls)
+    axes[0].plot(frac * c.sgd_steps * c.sgd_lr, cv[f"sgd lr/{l_max} control"], ls=":", color="k",
+                 label=f"control: plain SGD, lr/{l_max}, {l_max}x steps")
     axes[0].set(title=f"SVAG: SGD lr {c.sgd_lr:g}/l, batch {c.sgd_batch}, {c.label_noise:.0%} label noise",
                 xlabel="time = lr * steps / l", ylabel="train loss")
     for name in ("baseline", "sqrt rule", "linear rule", "no scaling"):
