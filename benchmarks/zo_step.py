@@ -41,7 +41,7 @@ RESULTS = Path(__file__).parent / "results"
 MODES = ("forward", "zosgd-gaussian", "zosgd-rademacher", "reference")
 
 
-# -- the reference algorithm, from the paper's description ------------------------------------------------------
+# -- the reference algorithm, from the paper's description ---------------------------------------------
 def _reference_sweep(params, seed: int, coef: float) -> None:
     torch.manual_seed(seed)
     for p in params:
@@ -62,7 +62,7 @@ def reference_step(params, closure, lr: float, eps: float, seed: int) -> float:
     return loss_plus
 
 
-# -- measurements ---------------------------------------------------------------------------------------------------
+# -- measurements --------------------------------------------------------------------------------------
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -105,12 +105,18 @@ def time_modes(args) -> dict:
             run()
             _sync(args.device)
             times[mode].append(time.perf_counter() - start)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in MODES), flush=True)
+        print(
+            f"round {r + 1}/{args.rounds}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in MODES),
+            flush=True,
+        )
     ratios = {
         mode: statistics.median(t / f for t, f in zip(times[mode], times["forward"], strict=True))
         for mode in MODES
     }
-    return {"seconds_median": {m: statistics.median(v) for m, v in times.items()}, "forward_equivalents": ratios}
+    return {
+        "seconds_median": {m: statistics.median(v) for m, v in times.items()},
+        "forward_equivalents": ratios,
+    }
 
 
 def noise_sweeps(args) -> dict:
@@ -210,13 +216,21 @@ def _markdown(report: dict) -> str:
         )
     lines += ["", "| noise sweep over all parameters | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in report["noise_sweep_seconds"].items()]
-    lines += ["", "| dtype | elements changed by an lr=0 step: hdopt | reference round trip |", "|---|---|---|"]
-    lines += [f"| {k} | {v['hdopt']:.1%} | {v['reference']:.1%} |" for k, v in report["exact_restore"].items()]
+    lines += [
+        "",
+        "| dtype | elements changed by an lr=0 step: hdopt | reference round trip |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {k} | {v['hdopt']:.1%} | {v['reference']:.1%} |" for k, v in report["exact_restore"].items()
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")

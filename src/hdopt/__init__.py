@@ -1,6 +1,8 @@
 """hdopt: high-dimensional optimization in the age of ChatGPT, as a library.
 
-Parts: :mod:`hdopt.zo` (forward-only optimizers), :mod:`hdopt.lm` (language models and tasks).
+Parts: :mod:`hdopt.zo` (forward-only optimizers), :mod:`hdopt.lm` (language models, tasks, evaluation),
+:mod:`hdopt.finetune` (MeZO and backprop fine-tuning), :mod:`hdopt.tint` (TinT), :mod:`hdopt.dynamics`
+(implicit-bias measurements and experiments), :mod:`hdopt.distributed` (Local SGD, data-parallel ZO).
 """
 
 __version__ = "0.1.0"

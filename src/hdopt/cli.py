@@ -29,7 +29,11 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ),
     ("compare", "Markdown table of several fine-tuning runs", "hdopt.finetune.cli_compare"),
     ("replay", "rebuild a ZO run's weights bitwise from its trajectory log", "hdopt.finetune.cli_replay"),
-    ("lab", "implicit-bias experiments (equilibrium, explr, sde, eos, mirror)", "hdopt.dynamics.cli"),
+    (
+        "lab",
+        "implicit-bias experiments (equilibrium, explr, sde, eos, mirror, localsgd)",
+        "hdopt.dynamics.cli",
+    ),
     ("tint", "TinT: in-context fine-tuning inside one forward pass (size, eval)", "hdopt.tint.cli"),
 ]
 

@@ -74,7 +74,9 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         start_loss, start_acc = closure().item(), accuracy()
     inference_peak = peak_rss_mib()
-    print(f"{n_params / 1e6:.1f}M parameters, all trained with forward passes only (MeZO, {args.noise} noise)")
+    print(
+        f"{n_params / 1e6:.1f}M parameters, all trained with forward passes only (MeZO, {args.noise} noise)"
+    )
     print(f"step    0  loss {start_loss:.4f}  accuracy {start_acc:.0%}")
     opt = ZOSGD(model.named_parameters(), lr=args.lr, eps=args.eps, noise=args.noise, seed=args.seed)
     started = time.perf_counter()

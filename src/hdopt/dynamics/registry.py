@@ -68,4 +68,6 @@ def names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    import hdopt.dynamics.experiments  # noqa: F401  (modules register on import)
+    # Modules register their experiments on import; Local SGD's lives with the distributed package.
+    import hdopt.distributed.experiment  # noqa: F401
+    import hdopt.dynamics.experiments  # noqa: F401
