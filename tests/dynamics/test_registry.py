@@ -9,8 +9,8 @@ from hdopt.dynamics.registry import SCALES, Experiment, get, names, register
 from hdopt.dynamics.results import Check, LabResult, within
 
 
-def test_all_five_experiments_are_registered_with_every_scale():
-    assert sorted(names()) == ["eos", "equilibrium", "explr", "mirror", "sde"]
+def test_every_lab_experiment_is_registered_with_every_scale():
+    assert sorted(names()) == ["eos", "equilibrium", "explr", "localsgd", "mirror", "sde"]
     for name in names():
         experiment = get(name)
         assert set(experiment.presets) == set(SCALES)
