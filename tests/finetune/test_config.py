@@ -67,3 +67,5 @@ def test_method_defaults_fill_only_unset_fields():
     assert cfg.method.optimizer == "zosgd" and cfg.data.num_dev == 500
     ft = resolve(RunConfig().replace(method="ft"), get_method("ft"), get_task("cb"))
     assert ft.method.optimizer == "adamw" and ft.optim.schedule == "linear" and ft.data.num_dev == 100
+    lp = resolve(RunConfig().replace(method="lp"), get_method("lp"), get_task("sst2"))  # no steps to take
+    assert lp.train.steps is None and lp.train.eval_every == 0

@@ -80,7 +80,8 @@ def test_peft_methods_change_only_their_parameters(method, family, task_file, to
 def test_linear_probe_fits_the_toy_task(task_file, tokenizer, tmp_path):
     from hdopt.finetune import finetune
 
-    results, folder = finetune(toy_config(task_file, tmp_path, "lp"), make_model("llama"), tokenizer)
+    cfg = toy_config(task_file, tmp_path, "lp", steps=None, eval_every=None)  # as the CLI leaves them
+    results, folder = finetune(cfg, make_model("llama"), tokenizer)
     assert results["method"] == "lp" and results["status"] == "completed"
     assert results["test"] >= 75.0 and (folder / rundir.BEST).is_file()
 

@@ -79,5 +79,5 @@ register_method(Method("mezo-prefix", "zo", "prefix", {**_ZO, "lr": 1e-2, "eps":
 register_method(Method("ft", "fo", "full", {**_FO, "lr": 1e-5}, "full fine-tuning with AdamW"))
 register_method(Method("ft-lora", "fo", "lora", {**_FO, "lr": 1e-4}, "LoRA fine-tuning with AdamW"))
 register_method(Method("ft-prefix", "fo", "prefix", {**_FO, "lr": 1e-2}, "prefix-tuning with AdamW"))
-register_method(Method("lp", "lp", "none", {"steps": 0, "batch_size": 16, "eval_every": 0},
+register_method(Method("lp", "lp", "none", {"eval_every": 0},
                        "linear probe: logistic regression on frozen last-token features"))  # fmt: skip
