@@ -1,8 +1,9 @@
-"""TinT experiments with SmolLM2-135M as the auxiliary (2-core CPU budget, ~20 minutes).
+"""TinT experiments with SmolLM2-135M as the auxiliary, sized for a 2-core CPU (wall times: docs/tint.md).
 
     python benchmarks/tint.py lm          # SQuAD paragraphs: perplexity of aux vs TinT vs dynamic evaluation
     python benchmarks/tint.py fewshot     # SST-2/MR/CR, 0 and 32 shots, 3 seeds: ICL vs TinT vs fine-tuning
     python benchmarks/tint.py speed       # time and peak memory: structured vs explicit vs fine-tuning
+    python benchmarks/tint.py checks      # the numeric correctness report (tiny random models)
     python benchmarks/tint.py tables      # print the markdown tables of docs/tint.md from the saved results
 
 Results go to benchmarks/results/tint_<part>.json (atomic writes; a rerun resumes from finished cells).
@@ -256,11 +257,15 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)
         print(json.dumps(speed_one(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
         return 0
-    parser.add_argument("part", choices=["lm", "fewshot", "speed", "tables", "all"])
+    parser.add_argument("part", choices=["checks", "lm", "fewshot", "speed", "tables", "all"])
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.part in ("checks", "all"):
+        from hdopt.tint.checks import report
+
+        write_json(RESULTS / "tint_checks.json", report())
     if args.part in ("lm", "all"):
         run_lm()
     if args.part in ("fewshot", "all"):
