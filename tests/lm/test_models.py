@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -122,14 +121,16 @@ def smollm2_cache(tmp_path_factory) -> Path:
 
 
 @pytest.mark.integration
-def test_packaged_conversion_is_atomic_and_reloads_fast(smollm2_cache):
+def test_packaged_conversion_is_atomic_and_reloads_from_the_cache(smollm2_cache, monkeypatch):
     folder = smollm2_cache / "smollm2-135m"
     assert models.is_ready(folder)
     assert sorted(p.name for p in smollm2_cache.iterdir() if p.name.startswith(".smollm2-135m.tmp")) == []
-    load_model("smollm2-135m", cache_dir=smollm2_cache)  # imports transformers' model code (once per process)
-    start = time.process_time()  # CPU seconds, so a busy machine does not fail the test
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("a ready cache must be loaded, not converted again")
+
+    monkeypatch.setattr(models, "_convert", no_conversion)  # load speed itself is a benchmark figure
     model, tokenizer = load_model("smollm2-135m", cache_dir=smollm2_cache)
-    assert time.process_time() - start < 2.0
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert tokenizer("It was great").input_ids == [1589, 436, 1109]  # pinned: the GGUF tokenizer, converted
 
