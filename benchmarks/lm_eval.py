@@ -178,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     with tempfile.TemporaryDirectory(prefix="hdopt-bench-") as runs:
         for name in args.models:
+            load_model(name, args.dtype, args.device)  # converts on first use, imports transformers' code
+            started = time.perf_counter()
             model, tokenizer = load_model(name, args.dtype, args.device)
+            report.setdefault("load_seconds", {})[name] = round(time.perf_counter() - started, 2)
             for method in args.methods:
                 row = {"model": name, "method": method, "num_eval": num_eval, "results": {}}
                 report["rows"].append(row)
