@@ -10,9 +10,10 @@ positions by default):
   ``p.data = p.data + c * z`` for +eps, -2eps, +eps and the update.
 
 Rounds interleave the four measurements so machine noise hits them alike; the figures are medians over
-rounds of the per-round ratios. Peak memory is measured in a fresh subprocess per mode (CPU: peak RSS;
-CUDA: ``torch.cuda.max_memory_allocated``). Also reported: elements changed by an lr = 0 step (exact
-restore) for each dtype, for hdopt and for the reference round trip.
+rounds of the per-round ratios. Peak memory is measured in a fresh subprocess per mode, after the model is
+loaded (CPU: peak RSS with the kernel's peak counter reset; CUDA: ``torch.cuda.max_memory_allocated``).
+Also reported: elements changed by an lr = 0 step (exact restore) for each dtype, for hdopt and for the
+reference round trip.
 
 Run:  python benchmarks/zo_step.py [--rounds 7] [--device cpu|cuda]
 Saves benchmarks/results/zo_step.json (and .md) unless --out says otherwise.
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from hdopt.lm.models import load_model
+from hdopt.memory import peak_mib, reset_peak
 from hdopt.zo import ZOSGD
 from hdopt.zo.noise import NoiseGenerator, chunks
 from hdopt.zo.trajectory import atomic_write_bytes
@@ -150,16 +151,18 @@ def noise_sweeps(args) -> dict:
 
 
 def memory_probe(mode: str, args) -> float:
-    """Peak memory (MiB) of two iterations of ``mode`` in this (fresh) process."""
+    """Peak memory (MiB) of two iterations of ``mode`` in this (fresh) process, model loading excluded."""
     model, closure = _setup(args)
+    run = _runner(mode, model, closure, args)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    run = _runner(mode, model, closure, args)
+    if not reset_peak() and not args.device.startswith("cuda"):
+        print("warning: cannot reset the peak RSS here; the figure includes model loading", file=sys.stderr)
     for _ in range(2):
         run()
     if args.device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_mib()
 
 
 def measure_memory(args) -> dict:

@@ -8,7 +8,6 @@ as it goes down and the peak memory of a training step next to that of plain inf
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 
@@ -43,14 +42,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
 
 
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run(args: argparse.Namespace) -> int:
     from hdopt.lm.models import load_model
     from hdopt.lm.scoring import classification_loss, encode_options, predict
+    from hdopt.memory import peak_mib, reset_peak
     from hdopt.zo import ZOSGD
 
     torch.manual_seed(args.seed)
@@ -71,14 +66,16 @@ def run(args: argparse.Namespace) -> int:
     def closure() -> torch.Tensor:
         return classification_loss(model, batch)
 
+    reset_peak()  # the peak of loading the model does not count
     with torch.no_grad():
         start_loss, start_acc = closure().item(), accuracy()
-    inference_peak = peak_rss_mib()
+    inference_peak = peak_mib()
     print(
         f"{n_params / 1e6:.1f}M parameters, all trained with forward passes only (MeZO, {args.noise} noise)"
     )
     print(f"step    0  loss {start_loss:.4f}  accuracy {start_acc:.0%}")
     opt = ZOSGD(model.named_parameters(), lr=args.lr, eps=args.eps, noise=args.noise, seed=args.seed)
+    reset_peak()
     started = time.perf_counter()
     for step in range(1, args.steps + 1):
         loss = opt.step(closure)
@@ -86,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"step {step:4d}  loss {loss:.4f}  ({(time.perf_counter() - started) / step:.2f} s/step)")
     with torch.no_grad():
         end_loss, end_acc = closure().item(), accuracy()
-    step_peak = peak_rss_mib()
+    step_peak = peak_mib()
     print(f"loss {start_loss:.4f} -> {end_loss:.4f}, accuracy {start_acc:.0%} -> {end_acc:.0%}")
     print(
         f"peak memory: inference {inference_peak:.0f} MiB, MeZO training {step_peak:.0f} MiB "
