@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-
-from hdopt.zo.trajectory import atomic_write_bytes
+from safetensors.torch import save_file
 
 WEIGHTS, STATE = "weights/", "state/"
 
@@ -61,7 +60,18 @@ def save_checkpoint(path: str | os.PathLike, params: list[tuple[str, torch.Tenso
     tensors = {WEIGHTS + name: t for name, t in weights_of(params).items()}
     skeleton = flatten(state, tensors) if state is not None else None
     metadata = {"state": json.dumps(skeleton), "meta": json.dumps(meta or {})}
-    atomic_write_bytes(Path(path), st_save(tensors, metadata=metadata))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:  # streamed to a temporary file (no second in-memory copy of the weights), then renamed
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _header(data: bytes) -> dict:
