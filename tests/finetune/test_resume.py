@@ -105,3 +105,16 @@ def test_replay_refuses_backprop_runs(task_file, tokenizer, tmp_path):
     finetune(toy_config(task_file, tmp_path, "ft", steps=1, eval_every=0), make_model("llama"), tokenizer)
     with pytest.raises(ValueError, match="only ZO runs"):
         rebuild(tmp_path, make_model("llama"), tokenizer)
+
+
+def test_prefix_replay_starts_from_the_saved_initial_prefix(task_file, tokenizer, tmp_path, monkeypatch):
+    """The activation init depends on float op order (threads): replay must not recompute it."""
+    from hdopt.finetune import prefix
+
+    cfg = toy_config(task_file, tmp_path, "mezo-prefix", steps=3, eval_every=0, lr=1e-2)
+    finetune(cfg, make_model("llama"), tokenizer)
+    assert (tmp_path / rundir.INITIAL).is_file()
+    real = prefix.activation_prefix
+    monkeypatch.setattr(prefix, "activation_prefix", lambda *a: tuple(t + 1e-4 for t in real(*a)))
+    _, params, _ = rebuild(tmp_path, make_model("llama"), tokenizer)
+    assert compare_with_checkpoint(params, tmp_path / rundir.CHECKPOINT) == (True, 0.0)

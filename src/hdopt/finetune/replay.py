@@ -8,7 +8,7 @@ import torch
 
 from hdopt.finetune import rundir
 from hdopt.finetune.adapters import prepare_model, trainable_parameters
-from hdopt.finetune.checkpoint import load_checkpoint
+from hdopt.finetune.checkpoint import load_checkpoint, load_weights
 from hdopt.finetune.config import RunConfig
 from hdopt.finetune.methods import get_method
 from hdopt.lm.models import load_model
@@ -47,6 +47,8 @@ def rebuild(folder: str | Path, model=None, tokenizer=None, upto: int | None = N
     torch.manual_seed(cfg.train.seed)  # as the trainer's setup does before attaching the adapter
     model = prepare_model(model, method.adapter, cfg.method, cfg.train.seed)
     params = trainable_parameters(model)
+    if (folder / rundir.INITIAL).is_file():  # the run's own starting prefix, not a recomputed one
+        load_weights(params, load_checkpoint(folder / rundir.INITIAL)[0])
     steps = len(trajectory) if upto is None else min(upto, len(trajectory))
     replay(params, (header, trajectory), steps)
     return model, params, steps

@@ -6,6 +6,7 @@
     checkpoint.safetensors   resume checkpoint: trainable weights + optimizer/scheduler/RNG/loop state
     best.safetensors   the trainable weights with the best dev metric (full weights or adapters)
     trajectory.bin     ZO runs: seeds + projected gradients (``hdopt replay`` rebuilds the weights)
+    initial.safetensors  prefix runs: the initial prefix, which replay starts from
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from hdopt.lm.rundir import default_run_dir, write_json, write_jsonl
 
 CONFIG, METRICS, RESULTS = "config.json", "metrics.jsonl", "results.json"
 CHECKPOINT, BEST, TRAJECTORY = "checkpoint.safetensors", "best.safetensors", "trajectory.bin"
+INITIAL = "initial.safetensors"  # prefix runs: the starting prefix (its init depends on float op order)
 
 
 def new_run_dir(output_dir: str | None, task: str, method: str, model: str) -> Path:

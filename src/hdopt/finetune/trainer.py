@@ -340,6 +340,8 @@ def finetune(cfg: RunConfig, model=None, tokenizer=None, *,
     if (folder / rundir.CHECKPOINT).exists():
         raise FileExistsError(f"{folder} already holds a run: resume it with --resume {folder}")
     rundir.write_json(folder / rundir.CONFIG, {**s.cfg.to_dict(), "method_record": _method_record(s.method)})
+    if s.method.adapter == "prefix":  # computed by the model: bitwise only for the same threads/hardware
+        save_checkpoint(folder / rundir.INITIAL, s.params, meta={"step": 0})
     log = rundir.MetricsLog(folder, tensorboard=rundir.open_tensorboard(folder, s.cfg.train.tensorboard))
     return _run(s, LoopState(), folder, log, on_step), folder
 
