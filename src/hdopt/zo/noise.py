@@ -12,8 +12,10 @@ run as in-place int32 tensor ops (int32 multiplies are native SIMD instructions;
 * Rademacher (+-1): one 32-bit word (counter ``c``) gives the signs of elements ``32c .. 32c+31``
   (expanded by a table lookup).
 * Gaussian: Box-Muller (a 24-bit uniform for the radius, a 32-bit angle). Pair ``j`` hashes counter ``j``:
-  the first round's word gives the radius, the second round's word the angle; element ``2j`` is
-  ``r cos(theta)`` and ``2j + 1`` is ``r sin(theta)``, both written by one ``torch.polar`` pass.
+  the first round's word
+  gives the radius, the second round's word the angle. Elements come in blocks of 64: element ``64b + i``
+  (``i < 32``) is ``r cos(theta)`` of pair ``32b + i`` and element ``64b + 32 + i`` is its ``r sin(theta)``,
+  so a chunk is written with contiguous, vectorizable stores.
 
 :class:`NoiseGenerator` keeps its temporaries between calls (fresh large allocations cost page faults that
 would double the generation time); no temporary exceeds ``chunk`` elements.
@@ -37,6 +39,7 @@ _M1 = 0x7FEB352D
 _M2 = 0x846CA68B - (1 << 32)  # as a signed int32 constant
 _SEGMENT = 1 << 31  # counters are hashed as int32 within a segment; the segment index goes into the key
 _LN2 = 0.6931471805599453
+_BLOCK = 64  # elements per layout block (see the module docstring)
 
 
 def _splitmix64(x: int) -> int:
@@ -115,10 +118,9 @@ class NoiseGenerator:
         self._buffers: dict[str, torch.Tensor] = {}
 
     def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A view of ``numel`` elements of a reusable buffer (grown to the largest request so far)."""
         buf = self._buffers.get(name)
-        if buf is None or buf.dtype != dtype or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=dtype, device=self.device)
+        if buf is None or buf.dtype != dtype:
+            buf = torch.empty(self.chunk + 2 * _BLOCK, dtype=dtype, device=self.device)
             self._buffers[name] = buf
         return buf[:numel]
 
@@ -151,28 +153,25 @@ class NoiseGenerator:
             raise ValueError(f"asked for {length} elements at once; this generator's chunk is {self.chunk}")
         if start < 0 or length < 0:
             raise ValueError(f"noise offsets must be non-negative, got start={start}, length={length}")
-        if self.distribution == GAUSSIAN:
-            return self._gaussian(key, start, length)
-        # Rademacher: word c holds the signs of elements 32c .. 32c+31
-        first, last = start // 32, (start + length + 31) // 32
-        _, words = self._hash(key, first, last - first)
-        signs = self._buffer("z", 32 * (last - first), torch.float32).view(-1, 8)
-        table = _sign_table(torch.float32, self.device)
-        torch.index_select(table, 0, words.view(torch.uint8).to(torch.int32), out=signs)
-        skip = start - 32 * first
+        first, last = start // _BLOCK, (start + length + _BLOCK - 1) // _BLOCK
+        blocks = last - first
+        if self.distribution == RADEMACHER:  # one word per 32 elements, i.e. two per block
+            _, words = self._hash(key, 2 * first, 2 * blocks)
+            signs = self._buffer("z", _BLOCK * blocks, torch.float32).view(-1, 8)
+            table = _sign_table(torch.float32, self.device)
+            torch.index_select(table, 0, words.view(torch.uint8).to(torch.int32), out=signs)
+        else:  # one pair per two elements
+            radius_bits, angle_bits = self._hash(key, 32 * first, 32 * blocks)
+            radius = self._buffer("radius", 32 * blocks, torch.float32)
+            theta = self._buffer("theta", 32 * blocks, torch.float32)
+            _box_muller_(radius_bits, angle_bits, radius, theta)
+            z = self._buffer("z", _BLOCK * blocks, torch.float32).view(blocks, 2, 32)
+            torch.cos(theta.view(blocks, 32), out=z[:, 0, :])
+            torch.sin(theta.view(blocks, 32), out=z[:, 1, :])
+            z.mul_(radius.view(blocks, 1, 32))
+            signs = z
+        skip = start - _BLOCK * first
         return signs.view(-1)[skip : skip + length]
-
-    def _gaussian(self, key: int, start: int, length: int) -> torch.Tensor:
-        first, last = start // 2, (start + length + 1) // 2  # pairs covering the range
-        pairs = last - first
-        radius_bits, angle_bits = self._hash(key, first, pairs)
-        radius = self._buffer("radius", pairs, torch.float32)
-        theta = self._buffer("theta", pairs, torch.float32)
-        _box_muller_(radius_bits, angle_bits, radius, theta)
-        z = self._buffer("z", pairs, torch.complex64)
-        torch.polar(radius, theta, out=z)  # (r cos theta, r sin theta): elements 2j, 2j+1
-        skip = start - 2 * first
-        return torch.view_as_real(z).view(-1)[skip : skip + length]
 
     def rows(self, key: int, offsets: torch.Tensor, width: int) -> torch.Tensor:
         """Noise for rows of a 2-D tensor: ``[len(offsets), width]``, row i starting at element offsets[i].
@@ -180,15 +179,15 @@ class NoiseGenerator:
         Equals slicing the full stream; used for embedding rows, where a batch gathers only a few rows.
         """
         counters = offsets.to(torch.int64).reshape(-1, 1) + torch.arange(width, device=offsets.device)
+        block, within = torch.div(counters, _BLOCK, rounding_mode="floor"), counters % _BLOCK
         if self.distribution == RADEMACHER:
-            _, words = _hash_at(key, torch.div(counters, 32, rounding_mode="floor"))
-            bits = torch.bitwise_right_shift(words, (counters % 32).to(torch.int32)).bitwise_and_(1)
+            _, words = _hash_at(key, 2 * block + within // 32)
+            bits = torch.bitwise_right_shift(words, (within % 32).to(torch.int32)).bitwise_and_(1)
             return (bits * 2 - 1).to(torch.float32)
-        radius_bits, angle_bits = _hash_at(key, torch.div(counters, 2, rounding_mode="floor"))
+        radius_bits, angle_bits = _hash_at(key, 32 * block + within % 32)
         radius, theta = torch.empty(counters.shape), torch.empty(counters.shape)
         _box_muller_(radius_bits, angle_bits, radius, theta)
-        pairs = torch.view_as_real(torch.polar(radius, theta))  # [..., 2]: the value at each parity
-        return torch.where(counters % 2 == 0, pairs[..., 0], pairs[..., 1])
+        return torch.where(within < 32, torch.cos(theta), torch.sin(theta)).mul_(radius)
 
 
 def _box_muller_(radius_bits, angle_bits, radius, theta) -> None:
