@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from hdopt.zo.noise import NoiseGenerator, derive_key, name_id
+from hdopt.zo.noise import NoiseGenerator, derive_key, name_id, noise
 from hdopt.zo.perturb import ParamSlot, Perturbation
 
 from .models import TinyLM, batch, bitwise_equal, snapshot
@@ -95,3 +95,31 @@ def test_no_hooks_leak_after_exit():
     with warnings.catch_warnings(), Perturbation(_slots(TinyLM()), [(1, 0.1)], NoiseGenerator()):
         assert len(nn.modules.module._global_forward_pre_hooks) == hooks_before + 1
     assert len(nn.modules.module._global_forward_pre_hooks) == hooks_before
+
+
+def test_large_linear_at_few_positions_is_computed_in_row_blocks():
+    torch.manual_seed(0)
+    head = nn.Linear(16, 40).double()  # 640 weights > chunk 64 and > the 2 x 40 outputs: row blocks
+    x = torch.randn(2, 16, dtype=torch.float64)
+    slots = {id(p): ParamSlot(p, name_id(n)) for n, p in head.named_parameters()}
+    terms = [(derive_key(9), 1e-2)]
+    generator = NoiseGenerator("gaussian", chunk=64)
+    blocks = []
+    original = Perturbation._blocked_linear
+
+    def spy(self, *args):
+        blocks.append(True)
+        return original(self, *args)
+
+    Perturbation._blocked_linear = spy
+    try:
+        with torch.no_grad(), Perturbation(slots, terms, generator):
+            hooked = head(x)
+    finally:
+        Perturbation._blocked_linear = original
+    z = {n: noise(derive_key(terms[0][0], name_id(n)), 0, p.numel()) for n, p in head.named_parameters()}
+    weight = head.weight + 1e-2 * z["weight"].double().view(40, 16)
+    bias = head.bias + 1e-2 * z["bias"].double()
+    assert blocks == [True]
+    assert torch.allclose(hooked, nn.functional.linear(x, weight, bias), rtol=0, atol=1e-12)
+    assert head.weight.shape == (40, 16) and isinstance(head.weight, nn.Parameter)

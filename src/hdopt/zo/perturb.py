@@ -9,7 +9,8 @@ are never modified to evaluate a perturbed loss:
   swapped, then swapped back). Only one module's copies exist at a time, so the extra memory is one module's
   parameters, not a copy of the model. Two layers avoid even that: a plain ``nn.Embedding`` adds the noise
   of the rows the batch gathers to its output, and a plain ``nn.Linear`` whose weight exceeds one noise
-  chunk (an LM head) is computed block of output rows by block of output rows from perturbed row blocks.
+  chunk and its own output (an LM head at a few positions) is computed block of output rows by block of
+  output rows from perturbed row blocks.
 * ``inplace`` mode, for tensors no module owns (a bare ``requires_grad`` tensor in a closure): the tensor is
   backed up, perturbed in place and copied back, which is exact too but costs a copy of those tensors.
 
@@ -131,7 +132,7 @@ class Perturbation:
 
     # -- module hooks (forward mode) --------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, args) -> None:
-        if self._defer_large_linear(module):
+        if self._defer_large_linear(module, args):
             return
         frame = []
         for name, param in list(module._parameters.items()):
@@ -145,9 +146,12 @@ class Perturbation:
             frame.append((name, param))
         self._swapped.setdefault(id(module), (module, []))[1].append(frame)
 
-    def _defer_large_linear(self, module: nn.Module) -> bool:
-        """For a plain Linear with a large trainable weight: make its own forward trivial (a 0-row weight)
-        and compute the perturbed output in row blocks in the post-hook."""
+    def _defer_large_linear(self, module: nn.Module, args) -> bool:
+        """For a plain Linear whose trainable weight is larger than both a noise chunk and the layer's output
+        (an LM head applied at a few positions): make its own forward trivial (a 0-row weight) and compute
+        the perturbed output in row blocks in the post-hook. When the output is at least as large as the
+        weight (full logits), a whole perturbed copy adds less than the output itself and one GEMM is
+        faster, so the generic path is used."""
         weight = module._parameters.get("weight")
         slot = self.slots.get(id(weight)) if weight is not None else None
         if (
@@ -155,6 +159,8 @@ class Perturbation:
             or id(weight) in self.inplace_ids
             or not _is_plain_linear(module)
             or weight.numel() <= self.generator.chunk
+            or not args
+            or args[0].numel() // max(1, args[0].shape[-1]) * weight.shape[0] >= weight.numel()
         ):
             return False
         bias = module._parameters.get("bias")
