@@ -95,6 +95,10 @@ def main() -> None:
                 fault(comm, out, name)
             else:
                 SCENARIOS[name](comm, out)
+        # An orderly shutdown: exiting with the process group alive can abort a rank ("terminate called
+        # without an active exception") when its peer's connection closes first, as seen under heavy load.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
