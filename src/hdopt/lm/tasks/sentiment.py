@@ -1,5 +1,7 @@
 """Single-sentence classification sets with LM-BFF templates: SST-5, MR, CR."""
 
+from dataclasses import replace
+
 from hdopt.lm.tasks.base import DataFile, HubSource, Task, register_task
 
 LM_BFF_COLUMNS = ("label", "sentence")  # LM-BFF's test.csv files have no header
@@ -39,18 +41,15 @@ MR = register_task(
     )
 )
 
-CR = register_task(
-    Task(
+CR = register_task(  # MR's record with CR's files (no hub copy)
+    replace(
+        MR,
         name="cr",
         description="CR customer reviews (train = all.txt minus the LM-BFF test split)",
-        template="{sentence} It was",
-        label_words=(" terrible", " great"),
-        label_column="label",
-        label_values=("0", "1"),
-        prepare="strip_text",
         files={
             "train": DataFile("cr/all.txt", format="label_text", encoding="cp1252", minus="eval"),
             "eval": DataFile("cr/test.csv", columns=LM_BFF_COLUMNS),
         },
+        hub=None,
     )
 )
