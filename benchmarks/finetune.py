@@ -65,23 +65,6 @@ def _child(argv: list[str], timeout: float) -> dict | None:
 
 
 # -- memory ----------------------------------------------------------------------------------------------
-def _vm(field: str) -> float:
-    """VmRSS / VmHWM of this process in MiB (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset the peak-RSS counter (VmHWM) so model loading does not count; False when not allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def memory_one(args) -> dict:
     """One mode, in this (fresh) process: load, then ``--repeats`` steps on a random [batch, length] batch.
 
@@ -93,6 +76,7 @@ def memory_one(args) -> dict:
     from hdopt.finetune.config import MethodConfig
     from hdopt.finetune.prefix import add_prefix
     from hdopt.lm.models import load_model
+    from hdopt.memory import peak_mib, reset_peak, rss_mib
     from hdopt.zo import ZOSGD
 
     torch.manual_seed(0)
@@ -104,8 +88,8 @@ def memory_one(args) -> dict:
     if args.mode == "ft-prefix":
         model = add_prefix(model)
     params = [(n, p) for n, p in model.named_parameters() if args.mode in ("mezo", "ft") or p.requires_grad]
-    loaded = _vm("VmRSS")
-    exact = _reset_peak()
+    loaded = rss_mib() or 0.0
+    exact = reset_peak()
     start = time.perf_counter()
     if args.mode == "inference":
         for _ in range(args.repeats):
@@ -123,7 +107,7 @@ def memory_one(args) -> dict:
             model(input_ids=ids, labels=ids).loss.backward()
             adam.step()
     seconds = (time.perf_counter() - start) / args.repeats
-    peak = _vm("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_mib()  # since the reset when ``exact``, else since the process started
     return {"model": args.model, "mode": args.mode, "batch": args.batch, "length": args.length,
             "loaded_rss_mib": round(loaded, 1), "peak_rss_mib": round(peak, 1),
             "peak_excludes_loading": exact, "seconds_per_step": round(seconds, 2),

@@ -23,6 +23,11 @@ def _status_mib(field: str) -> float | None:
     return None
 
 
+def rss_mib() -> float | None:
+    """Current resident memory (MiB), or None where /proc is not available."""
+    return _status_mib("VmRSS")
+
+
 def reset_peak() -> bool:
     """Reset the peak-RSS counter to the current RSS; False where the OS does not allow it."""
     try:

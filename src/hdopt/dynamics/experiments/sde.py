@@ -112,15 +112,7 @@ def run_small_lr(config: SDEConfig, data: TensorData, l: int) -> list[float]:
     gen = torch.Generator().manual_seed(config.seed + 50)
     stream = batches(data.train_x, data.train_y, config.sgd_batch, gen)
     steps = l * config.sgd_steps
-    points, losses = eval_points(steps, config.evals), []
-    for t in tqdm(range(1, steps + 1), desc=f"sgd lr/{l}", disable=None, leave=False):
-        x, y = next(stream)
-        optimizer.zero_grad()
-        CE(model(x), y).backward()
-        optimizer.step()
-        if t in points:
-            losses.append(full_loss(model, data.train_x, data.train_y))
-    return losses
+    return _train(model, optimizer, stream, steps, config, data, f"sgd lr/{l}")
 
 
 def run_adam(config: SDEConfig, data: TensorData, opt_config: dict, batch: int, steps: int, label: str
@@ -129,15 +121,21 @@ def run_adam(config: SDEConfig, data: TensorData, opt_config: dict, batch: int, 
     model = fresh_model(config, data)
     optimizer = torch.optim.Adam(model.parameters(), **opt_config)
     stream = batches(data.train_x, data.train_y, batch, torch.Generator().manual_seed(config.seed + 100))
+    return _train(model, optimizer, stream, steps, config, data, f"adam {label}"), model
+
+
+def _train(model, optimizer, stream, steps: int, config: SDEConfig, data: TensorData,
+           desc: str) -> list[float]:
+    """``steps`` minibatch steps of ``optimizer``; full training loss at the shared evaluation points."""
     points, losses = eval_points(steps, config.evals), []
-    for t in tqdm(range(1, steps + 1), desc=f"adam {label}", disable=None, leave=False):
+    for t in tqdm(range(1, steps + 1), desc=desc, disable=None, leave=False):
         x, y = next(stream)
         optimizer.zero_grad()
         CE(model(x), y).backward()
         optimizer.step()
         if t in points:
             losses.append(full_loss(model, data.train_x, data.train_y))
-    return losses, model
+    return losses
 
 
 def curve_gap(curve: list[float], reference: list[float]) -> float:
