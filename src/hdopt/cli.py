@@ -35,6 +35,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
         "hdopt.dynamics.cli",
     ),
     ("tint", "TinT: in-context fine-tuning inside one forward pass (size, eval)", "hdopt.tint.cli"),
+    ("report", "run the talk's claims on this machine and write an HTML report", "hdopt.report.cli"),
 ]
 
 

@@ -1,0 +1,94 @@
+"""What a report is made of: sections of claims, each with the paper's number, ours and a verdict.
+
+Everything here is plain data that round-trips through JSON, so a section computed once is cached on disk
+and re-rendered without running again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+REPRODUCED, PARTLY, NOT_REPRODUCED = "reproduced", "partly reproduced", "not reproduced"
+VERDICTS = (REPRODUCED, PARTLY, NOT_REPRODUCED)
+
+
+@dataclass
+class Table:
+    """A small table: a header row and rows of already formatted cells."""
+
+    header: list[str]
+    rows: list[list[str]]
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+
+@dataclass
+class Claim:
+    """One claim of the talk as checked on this machine.
+
+    Attributes:
+        title: a short name.
+        claim: the statement, in one or two sentences.
+        paper: the paper's number(s), with the setting they were measured in.
+        measured: our number(s) at this scale.
+        verdict: one of :data:`VERDICTS`.
+        why: the rule the verdict applied (thresholds), so a reader can disagree with it.
+        command: the exact command that reproduces the measurement.
+        tables: supporting tables.
+        plots: PNG files, relative to the report folder.
+    """
+
+    title: str
+    claim: str
+    paper: str
+    measured: str
+    verdict: str
+    why: str
+    command: str
+    tables: list[Table] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+
+@dataclass
+class Section:
+    """One part of the talk: its claims, how long it took, and the settings it ran with."""
+
+    key: str
+    title: str
+    intro: str
+    claims: list[Claim]
+    scale: str
+    settings: dict[str, Any]
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Section:
+        claims = [Claim(**{**c, "tables": [Table(**t) for t in c.get("tables", [])]}) for c in doc["claims"]]
+        return cls(**{**doc, "claims": claims})
+
+
+def verdict_from(ok: bool, partly: bool = False) -> str:
+    """``reproduced`` when ``ok``, else ``partly reproduced`` when ``partly``, else ``not reproduced``."""
+    return REPRODUCED if ok else PARTLY if partly else NOT_REPRODUCED
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    """A number for a table cell: ``-`` for None, 3 significant digits, scientific when tiny or huge."""
+    if x is None:
+        return "-"
+    if x == 0:
+        return "0"
+    if 1e-3 <= abs(x) < 1e5:
+        return f"{x:.{digits}g}"
+    return f"{x:.1e}"
