@@ -5,6 +5,9 @@ sections first and flags override it. ``--resume RUN_DIR`` continues an interrup
 
     hdopt finetune --model smollm2-135m --task sst2 --method mezo --steps 2000 --lr 1e-6 --eps 1e-3 \\
         --num-train 1000
+    torchrun --nproc_per_node 4 -m hdopt finetune --method mezo ...   # data-parallel forward-only
+
+Under torchrun only rank 0 prints the summary and writes the run folder.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import argparse
 import dataclasses
 import sys
 
+from hdopt.distributed import ConfigMismatchError, exit_on_rank_failure
 from hdopt.finetune.config import SECTIONS, ConfigError, RunConfig
 from hdopt.finetune.methods import MethodError, get_method, list_methods
 from hdopt.finetune.optimizers import DivergenceError
 
-RESUME_FLAGS = ("progress", "tensorboard")  # the only fields a resumed run may change
-EXIT_DIVERGED, EXIT_INTERRUPTED = 3, 130
+RESUME_FLAGS = ("progress", "tensorboard", "dist_timeout")  # the only fields a resumed run may change
+EXIT_DIVERGED, EXIT_RANK_FAILURE, EXIT_INTERRUPTED = 3, 4, 130
+AGREED = (ConfigError, ConfigMismatchError, DivergenceError, MethodError)  # every torchrun rank raises these
 
 
 def _flag_type(annotation: str):
@@ -67,26 +72,39 @@ def _summary(results: dict, folder) -> str:
     return "; ".join(parts) + f"\nrun folder: {folder}"
 
 
+def _error(err: Exception, rank: int) -> None:
+    """Print a user error: once (rank 0) for errors every rank raises alike, else with the rank's number."""
+    if rank == 0:
+        print(f"error: {err}", file=sys.stderr)
+    elif not isinstance(err, AGREED):
+        print(f"error (rank {rank}): {err}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Start or resume a run; prints a summary. Exit codes: 0 done, 2 bad input, 3 diverged, 130 stopped."""
-    from hdopt.finetune.trainer import finetune, resume
+    """Start or resume a run; prints a summary. Exit codes: 0 done, 2 bad input, 3 diverged, 4 a torchrun
+    peer died or hung, 130 stopped."""
+    from hdopt.finetune.trainer import finetune, launched_world, resume
 
     overrides = config_overrides(args)
+    rank = launched_world()[0]
     try:
-        if args.resume:
-            fixed = sorted(set(overrides) - set(RESUME_FLAGS))
-            if fixed or args.config:
-                raise ConfigError(f"a resumed run keeps its config; drop {fixed or ['--config']}")
-            results, folder = resume(args.resume, **overrides)
-        else:
-            cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
-            results, folder = finetune(cfg.replace(**overrides))
+        with exit_on_rank_failure(EXIT_RANK_FAILURE):  # torchrun: print which rank failed, leave at once
+            if args.resume:
+                fixed = sorted(set(overrides) - set(RESUME_FLAGS))
+                if fixed or args.config:
+                    raise ConfigError(f"a resumed run keeps its config; drop {fixed or ['--config']}")
+                results, folder = resume(args.resume, **overrides)
+            else:
+                cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+                results, folder = finetune(cfg.replace(**overrides))
     except DivergenceError as err:
-        print(f"error: {err}", file=sys.stderr)
+        _error(err, rank)
         return EXIT_DIVERGED
     except (ConfigError, MethodError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        _error(err, rank)
         return 2
+    if rank != 0:
+        return EXIT_INTERRUPTED if results["status"] == "interrupted" else 0
     print(_summary(results, folder))
     if results["status"] == "interrupted":
         print(f"stopped: continue with `hdopt finetune --resume {folder}`")

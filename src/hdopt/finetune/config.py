@@ -135,9 +135,11 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     tensorboard: bool = False
+    dist_timeout: float = 600.0  # torchrun: seconds a process waits for the others before naming the late one
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size", "grad_accum", "eval_batch_size", "log_every")
+        _check(self.dist_timeout > 0, f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         _positive(self, "eval_every", minimum=0)
         _positive(self, "save_every")
         _check(self.divergence_factor > 1, f"divergence_factor must be > 1, got {self.divergence_factor}")

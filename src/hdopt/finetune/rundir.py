@@ -42,14 +42,20 @@ def read_metrics(folder: Path) -> list[dict]:
 
 @dataclass
 class MetricsLog:
-    """metrics.jsonl kept in memory and rewritten atomically on every record (runs log rarely)."""
+    """metrics.jsonl kept in memory and rewritten atomically on every record (runs log rarely).
+
+    ``write=False`` keeps the rows in memory only (the ranks other than 0 of a torchrun run).
+    """
 
     folder: Path
     rows: list[dict] = field(default_factory=list)
     tensorboard: object = None
+    write: bool = True
 
     def record(self, row: dict) -> None:
         self.rows.append(row)
+        if not self.write:
+            return
         write_jsonl(self.folder / METRICS, self.rows)
         if self.tensorboard is not None:
             for key, value in row.items():
@@ -59,7 +65,8 @@ class MetricsLog:
     def truncate(self, step: int) -> None:
         """Drop rows logged after ``step`` (resuming from a checkpoint taken at ``step``)."""
         self.rows = [r for r in self.rows if r["step"] <= step]
-        write_jsonl(self.folder / METRICS, self.rows)
+        if self.write:
+            write_jsonl(self.folder / METRICS, self.rows)
 
     def close(self) -> None:
         if self.tensorboard is not None:

@@ -5,30 +5,54 @@ the steps (a ZO step is forward passes only; an FO step is forward + backward); 
 selected weights on the test split and writes results.json. :func:`finetune` starts a run, :func:`resume`
 continues one from its folder; both end bitwise where an uninterrupted run ends, because the batches, the ZO
 directions and the dropout masks depend only on (seed, step) and the restored state.
+
+Under ``torchrun --nproc_per_node N`` the forward-only methods run data-parallel (:func:`process_group`):
+every rank draws the same batch and the same directions, evaluates the loss on its shard of every
+micro-batch, and the ranks all-reduce only scalars (the q projected gradients, the batch loss and a stop
+flag). Rank 0 alone writes the run folder; evaluation is sharded. See docs/finetune.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import resource
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from hdopt.distributed import (
+    Communicator,
+    ConfigMismatchError,
+    RankFailureError,
+    init_from_env,
+    make_data_parallel_zo,
+    shard_range,
+)
 from hdopt.finetune import rundir
 from hdopt.finetune.adapters import prepare_model, trainable_parameters
-from hdopt.finetune.batches import MAX_NEW_TOKENS, check_objective, make_closure, micro_batches, step_indices
+from hdopt.finetune.batches import (
+    MAX_NEW_TOKENS,
+    check_objective,
+    encode,
+    make_closure,
+    micro_batches,
+    step_indices,
+    uses_answer_loss,
+)
 from hdopt.finetune.checkpoint import checkpoint_meta, load_checkpoint, load_weights, save_checkpoint
-from hdopt.finetune.config import RunConfig
-from hdopt.finetune.methods import Method, get_method
+from hdopt.finetune.config import ConfigError, RunConfig
+from hdopt.finetune.methods import Method, MethodError, get_method, list_methods
 from hdopt.finetune.optimizers import (
     DivergenceError,
     build_optimizer,
@@ -40,7 +64,7 @@ from hdopt.finetune.optimizers import (
 from hdopt.lm.evaluation import EvalConfig, context_length, evaluate
 from hdopt.lm.models import load_model
 from hdopt.lm.tasks import Splits, Task, load_split, resolve_task, sample_protocol
-from hdopt.zo import NonFiniteLossError, Trajectory
+from hdopt.zo import NonFiniteLossError, Trajectory, ZOConservative
 
 GUARD_WINDOW = 5  # losses averaged by the divergence guard
 
@@ -74,6 +98,12 @@ class Setup:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
+    comm: Communicator = field(default_factory=Communicator.single)  # torchrun: the data-parallel group
+
+    @property
+    def writer(self) -> bool:
+        """True on the process that writes the run folder (rank 0; the only process without torchrun)."""
+        return self.comm.rank == 0
 
 
 @dataclass
@@ -90,6 +120,166 @@ class LoopState:
     elapsed: float = 0.0
 
 
+# -- data parallelism under torchrun -------------------------------------------------------------------------
+AGREED_ERRORS = (ConfigError, ConfigMismatchError, DivergenceError, MethodError)  # raised on every rank alike
+
+
+def launched_world() -> tuple[int, int]:
+    """``(rank, world size)`` of this process: the process group's, else torchrun's variables, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+@contextlib.contextmanager
+def process_group(cfg: RunConfig) -> Iterator[Communicator]:
+    """The run's communicator, for the duration of the run.
+
+    Under torchrun (WORLD_SIZE > 1) this creates the default process group (gloo for a CPU model, NCCL for
+    ``--device cuda``, where each rank uses GPU ``LOCAL_RANK``) with a ``dist_timeout`` deadline, and at the
+    end passes a barrier and destroys it. An error every rank raises alike (a refused config, divergence)
+    still ends with the barrier; another error destroys the group at once (the peers then fail fast
+    instead of waiting for the deadline); after a :class:`RankFailureError` the group is left alone (its
+    threads may be stuck: the CLI exits at once). A group the caller created is used and left in place.
+    """
+    timeout = cfg.train.dist_timeout
+    if dist.is_available() and dist.is_initialized():
+        yield Communicator(timeout_s=timeout)
+        return
+    if launched_world()[1] <= 1:
+        yield Communicator.single()
+        return
+    comm = init_from_env(timeout_s=timeout, backend="nccl" if cfg.model.device.startswith("cuda") else "gloo")
+    try:
+        yield comm
+    except RankFailureError:
+        raise
+    except AGREED_ERRORS:
+        _close_group(comm, barrier=True, strict=False)
+        raise
+    except BaseException:
+        _close_group(comm, barrier=False, strict=False)
+        raise
+    _close_group(comm, barrier=True, strict=True)
+
+
+def _close_group(comm: Communicator, barrier: bool, strict: bool) -> None:
+    if barrier:
+        try:
+            comm.barrier("barrier at the end of the run")
+        except RankFailureError:
+            if strict:
+                raise
+            return  # a peer is gone: destroying the group could wait for it
+    dist.destroy_process_group()
+
+
+def check_data_parallel(cfg: RunConfig, method: Method, world_size: int) -> None:
+    """Refuse what data-parallel training cannot do: backprop methods, a batch that does not split evenly."""
+    if world_size <= 1:
+        return
+    if method.trainer != "zo":
+        zo = ", ".join(m for m in list_methods() if get_method(m).trainer == "zo")
+        how = "backprop" if method.trainer == "fo" else "a linear probe"
+        raise ConfigError(
+            f"method {method.name!r} trains with {how} and cannot run on {world_size} processes: "
+            f"torchrun data parallelism covers the forward-only methods ({zo}). Run {method.name} in one "
+            "process (`hdopt finetune ...` without torchrun), or wrap the model in "
+            "torch.nn.parallel.DistributedDataParallel in a loop of your own"
+        )
+    t = cfg.train
+    unit = world_size * t.grad_accum
+    if t.batch_size % unit:
+        accum = f" with grad_accum {t.grad_accum} (micro-batches of {t.batch_size // t.grad_accum})"
+        raise ConfigError(
+            f"batch_size {t.batch_size}{accum if t.grad_accum > 1 else ''} cannot be split evenly over "
+            f"{world_size} processes: every process must get the same number of examples of each "
+            f"micro-batch. Use a batch size divisible by {unit} (e.g. --batch-size "
+            f"{-(-t.batch_size // unit) * unit}) or another --nproc_per_node"
+        )
+
+
+class AgreedReduce:
+    """A data-parallel reduce hook that stops every rank alike when the reduced scalars are not finite.
+
+    A rank whose own shard loss is not finite raises before its all-reduce; :func:`join_skipped_reductions`
+    makes it join that all-reduce with NaN, so every rank sees NaN here and raises
+    :class:`NonFiniteLossError` at the same step, before any update, instead of waiting for the deadline.
+    """
+
+    def __init__(self, inner: Callable[[list[float]], list[float]], what: str, step_count: Callable[[], int]):
+        self.inner, self.what, self.step_count = inner, what, step_count
+        self.calls = 0
+
+    def __call__(self, values: list[float]) -> list[float]:
+        self.calls += 1
+        out = self.inner(values)
+        if not all(math.isfinite(v) for v in out):
+            raise NonFiniteLossError(
+                f"the {self.what} averaged over the processes are not finite at step {self.step_count()}: "
+                "a process's loss on its shard was not finite (its own message names the pass); the "
+                "weights are unchanged"
+            )
+        return out
+
+
+def make_data_parallel(optimizer, model: torch.nn.Module, params, cfg: RunConfig, method: Method,
+                       comm: Communicator) -> None:  # fmt: skip
+    """Check the config and weights agree on every rank, then average the ZO scalars over ranks."""
+    if method.adapter == "prefix":  # its activation init depends on float op order (threads): rank 0's wins
+        for name, p in params:
+            comm.broadcast_(p.data, 0, f"broadcast of the initial prefix {name}")
+    make_data_parallel_zo(optimizer, comm, model=model, config=cfg)
+    steps = lambda: optimizer.step_count  # noqa: E731
+    optimizer.reduce_grads = AgreedReduce(optimizer.reduce_grads, "projected gradients", steps)
+    if isinstance(optimizer, ZOConservative):
+        optimizer.reduce_losses = AgreedReduce(optimizer.reduce_losses, "candidate losses", steps)
+
+
+def _reductions(optimizer) -> tuple[int, int]:
+    grads, losses = optimizer.__dict__.get("reduce_grads"), optimizer.__dict__.get("reduce_losses")
+    return (grads.calls if isinstance(grads, AgreedReduce) else -1,
+            losses.calls if isinstance(losses, AgreedReduce) else -1)  # fmt: skip
+
+
+def join_skipped_reductions(optimizer, before: tuple[int, int]) -> None:
+    """After this rank's loss was not finite: join the all-reduce(s) of this step it skipped, with NaN."""
+    grads, losses = _reductions(optimizer)
+    try:
+        if grads == before[0]:
+            optimizer.reduce_grads([math.nan] * optimizer.q)
+        elif losses == before[1]:  # ZOConservative: it failed on a candidate, after the gradients
+            optimizer.reduce_losses([math.nan] * 3)
+    except NonFiniteLossError:
+        pass  # expected: the NaN comes back
+
+
+def shard_weight(s: Setup, examples: Sequence) -> float:
+    """Factor that makes the mean over ranks of the shard losses equal the whole micro-batch's loss.
+
+    1 for losses averaged over examples (equal shards). The answer loss averages over answer tokens, so a
+    shard's loss is weighted by ``world * its tokens / the micro-batch's tokens``.
+    """
+    if s.cfg.method.objective != "loss" or not uses_answer_loss(s.task):
+        return 1.0
+    n, world = len(examples), s.comm.world_size
+    tokens = [
+        encode(s.task, s.tokenizer, examples[shard_range(n, r, world)], s.cfg.data.max_length, "cpu")
+        .target_token.numel()
+        for r in range(world)
+    ]
+    return world * tokens[s.comm.rank] / sum(tokens)
+
+
+def agree(comm: Communicator, loss: float, stop: bool, step: int) -> tuple[float, bool]:
+    """``(mean loss over ranks, any rank asked to stop)``: one all-reduce of two float64."""
+    t = torch.tensor([loss, float(stop)], dtype=torch.float64, device=comm.device)
+    comm.all_reduce_sum_(t, f"loss and stop-flag all-reduce at step {step}")
+    return float(t[0]) / comm.world_size, bool(t[1] > 0)
+
+
 def load_data(cfg: RunConfig, task: Task) -> Splits:
     d = cfg.data
     train_pool = load_split(task, "train", d.data_dir)
@@ -97,10 +287,16 @@ def load_data(cfg: RunConfig, task: Task) -> Splits:
     return sample_protocol(train_pool, eval_pool, d.data_seed, d.num_train, d.num_dev, d.num_eval)
 
 
-def setup(cfg: RunConfig, model=None, tokenizer=None) -> Setup:
-    """Resolve the config, load data and model, attach the adapter, build optimizer and schedule."""
+def setup(cfg: RunConfig, model=None, tokenizer=None, comm: Communicator | None = None) -> Setup:
+    """Resolve the config, load data and model, attach the adapter, build optimizer and schedule.
+
+    With a communicator of several ranks (torchrun), the ZO optimizer is made data-parallel after every
+    rank checked that it runs the same config from the same weights.
+    """
+    comm = comm if comm is not None else Communicator.single()
     method, task = get_method(cfg.method.method), resolve_task(cfg.data.task)
     cfg = resolve(cfg, method, task)
+    check_data_parallel(cfg, method, comm.world_size)
     torch.manual_seed(cfg.train.seed)  # dropout masks and any other draw from torch's global generator
     check_objective(task, cfg.method.objective, method.trainer)
     splits = load_data(cfg, task)
@@ -114,8 +310,11 @@ def setup(cfg: RunConfig, model=None, tokenizer=None) -> Setup:
     if method.trainer == "lp":
         return Setup(cfg, method, task, splits, model, tokenizer, params, None, None, _device(model))
     optimizer = build_optimizer(cfg, method.trainer, params)
+    if comm.active:
+        make_data_parallel(optimizer, model, params, cfg, method, comm)
     scheduler = build_scheduler(optimizer, cfg.optim.schedule, cfg.train.steps)
-    return Setup(cfg, method, task, splits, model, tokenizer, params, optimizer, scheduler, _device(model))
+    return Setup(cfg, method, task, splits, model, tokenizer, params, optimizer, scheduler, _device(model),
+                 comm)
 
 
 def _device(model) -> torch.device:
@@ -123,7 +322,31 @@ def _device(model) -> torch.device:
 
 
 def evaluate_split(s: Setup, examples) -> dict[str, float]:
-    """Zero-shot-style evaluation of the current weights (no demonstrations), via :mod:`hdopt.lm`."""
+    """Zero-shot-style evaluation of the current weights (no demonstrations), via :mod:`hdopt.lm`.
+
+    Data-parallel: every rank evaluates a contiguous share of ``examples``; the per-example records are
+    gathered and the metrics computed from all of them, as one process computes them.
+    """
+    if not s.comm.active:
+        return _evaluate(s, examples).metrics
+    n, world, rank = len(examples), s.comm.world_size, s.comm.rank
+    mine = examples[rank * n // world : (rank + 1) * n // world]
+    records = _evaluate(s, mine).predictions if mine else []
+    parts = s.comm.all_gather_object(records, f"gather of the evaluation of {n} examples")
+    return metrics_of(s.task, [r for part in parts for r in part])
+
+
+def metrics_of(task: Task, records: list[dict]) -> dict[str, float]:
+    """The metrics of hdopt.lm.evaluation (percent, 2 decimals) from its per-example records."""
+    def percent(key: str) -> float:
+        return round(100.0 * sum(r[key] for r in records) / len(records), 2)
+
+    if task.is_generation:
+        return {"f1": percent("f1"), "em": percent("em")}
+    return {"accuracy": percent("correct")}
+
+
+def _evaluate(s: Setup, examples):
     answer_room = MAX_NEW_TOKENS if s.task.is_generation else 0  # max_length bounds the prompt
     ecfg = EvalConfig(
         model=s.cfg.model.model, task=s.task.name, batch_size=s.cfg.train.eval_batch_size,
@@ -134,12 +357,14 @@ def evaluate_split(s: Setup, examples) -> dict[str, float]:
     s.model.eval()
     result = evaluate(s.model, s.tokenizer, s.task, examples, [], ecfg)
     s.model.train(was_training)
-    return result.metrics
+    return result
 
 
 # -- checkpoints -------------------------------------------------------------------------------------------
 def save_resume_point(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog) -> None:
-    """Trajectory first, then the checkpoint (a longer trajectory is truncated on resume)."""
+    """Trajectory first, then the checkpoint (a longer trajectory is truncated on resume). Rank 0 only."""
+    if not s.writer:
+        return
     if s.method.trainer == "zo":
         s.optimizer.save_trajectory(folder / rundir.TRAJECTORY)
     training = {
@@ -148,12 +373,16 @@ def save_resume_point(s: Setup, state: LoopState, folder: Path, log: rundir.Metr
         "rng": torch.get_rng_state(),
         "loop": dataclasses.asdict(state),
     }
-    save_checkpoint(folder / rundir.CHECKPOINT, s.params, training, {"step": state.step})
+    meta = {"step": state.step, "world_size": s.comm.world_size}
+    save_checkpoint(folder / rundir.CHECKPOINT, s.params, training, meta)
 
 
 def restore(s: Setup, folder: Path, log: rundir.MetricsLog) -> LoopState:
     """Load the resume checkpoint into the setup; returns the loop state it was taken at."""
     weights, training, meta = load_checkpoint(folder / rundir.CHECKPOINT)
+    saved = meta.get("world_size", 1)
+    if saved != s.comm.world_size:
+        raise ConfigError(world_size_message(folder, saved, s.comm.world_size))
     load_weights(s.params, weights)
     s.optimizer.load_state_dict(training["optimizer"])
     s.scheduler.load_state_dict(training["scheduler"])
@@ -210,17 +439,29 @@ def train_step(s: Setup, step: int) -> float:
     """One optimizer step on the batch of ``step``."""
     cfg = s.cfg
     indices = step_indices(len(s.splits.train), cfg.train.batch_size, cfg.train.seed, step)
-    closures = [
-        make_closure(s.model, s.tokenizer, s.task, [s.splits.train[i] for i in micro], cfg.method.objective,
-                     cfg.data.max_length, s.device)  # fmt: skip
-        for micro in micro_batches(indices, cfg.train.grad_accum)
-    ]
+    closures = [_closure(s, [s.splits.train[i] for i in micro])
+                for micro in micro_batches(indices, cfg.train.grad_accum)]  # fmt: skip
     if s.method.trainer == "zo":
+        before = _reductions(s.optimizer)
         try:
             return zo_step(s.optimizer, closures)
         except NonFiniteLossError as err:
+            if s.comm.active:
+                join_skipped_reductions(s.optimizer, before)
             raise DivergenceError(str(err)) from None
     return fo_step(s.optimizer, closures)
+
+
+def _closure(s: Setup, examples: list) -> Callable[[], torch.Tensor]:
+    """The objective on ``examples`` (one process) or on this rank's shard of them (data-parallel)."""
+    cfg = s.cfg
+    weight = 1.0
+    if s.comm.active:
+        weight = shard_weight(s, examples)
+        examples = examples[shard_range(len(examples), s.comm.rank, s.comm.world_size)]
+    closure = make_closure(s.model, s.tokenizer, s.task, examples, cfg.method.objective, cfg.data.max_length,
+                           s.device)  # fmt: skip
+    return closure if weight == 1.0 else (lambda: closure() * weight)
 
 
 def evaluate_and_select(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog) -> None:
@@ -233,7 +474,7 @@ def evaluate_and_select(s: Setup, state: LoopState, folder: Path, log: rundir.Me
                 **{f"dev_{k}": v for k, v in metrics.items()}})  # fmt: skip
     if state.best_metric is None or value > state.best_metric:
         state.best_metric, state.best_step = value, state.step
-        if s.cfg.train.keep_best:
+        if s.cfg.train.keep_best and s.writer:
             save_checkpoint(folder / rundir.BEST, s.params, meta={"step": state.step, s.task.metric: value})
 
 
@@ -246,12 +487,16 @@ def train_loop(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog,
     s.model.train(s.method.trainer == "fo")  # dropout only for backprop; ZO compares two forwards
     if state.step == 0 and t.eval_every:
         evaluate_and_select(s, state, folder, log)
-    bar = tqdm(total=t.steps, initial=state.step, desc=s.method.name, unit="step", disable=not t.progress)
+    bar = tqdm(total=t.steps, initial=state.step, desc=s.method.name, unit="step",
+               disable=not (t.progress and s.writer))  # fmt: skip
     status = "completed"
     with StopRequest() as stop:
         while state.step < t.steps:
             start = time.perf_counter()
             loss = train_step(s, state.step)
+            if s.comm.active:  # every rank logs, guards and stops on the same numbers
+                loss, stop_any = agree(s.comm, loss, stop.requested, state.step)
+                stop.requested = stop.requested or stop_any
             s.scheduler.step()
             state.step += 1
             state.forwards, state.backwards = state.forwards + fwd, state.backwards + bwd
@@ -293,14 +538,21 @@ def finish(s: Setup, state: LoopState, folder: Path, status: str = "completed", 
     }  # fmt: skip
     if error:
         results["error"] = error
+    if s.comm.active:
+        results["world_size"] = s.comm.world_size
     if status == "completed":
-        if s.cfg.train.keep_best and (folder / rundir.BEST).is_file():
-            load_weights(s.params, load_checkpoint(folder / rundir.BEST)[0])
+        if s.cfg.train.keep_best:
+            s.comm.barrier("barrier before reading best.safetensors")  # written by rank 0
+            if (folder / rundir.BEST).is_file():
+                load_weights(s.params, load_checkpoint(folder / rundir.BEST)[0])
         test = evaluate_split(s, s.splits.eval)
         results.update({f"test_{k}": v for k, v in test.items()})
         results["test"] = test[s.task.metric]
     results["peak_memory_mib"] = round(peak_memory_mib(s.device), 1)
-    rundir.write_json(folder / rundir.RESULTS, results)
+    if s.comm.active:
+        results["communicated_bytes"] = s.comm.stats.bytes  # all-reduce/broadcast payload (this session)
+    if s.writer:
+        rundir.write_json(folder / rundir.RESULTS, results)
     return results
 
 
@@ -315,7 +567,7 @@ def _run(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog, on_st
         finish(s, state, folder, "diverged", message)
         log.close()
         raise DivergenceError(message) from None
-    if s.method.trainer == "zo":
+    if s.method.trainer == "zo" and s.writer:
         s.optimizer.save_trajectory(folder / rundir.TRAJECTORY)
     results = finish(s, state, folder, status)
     log.close()
@@ -331,19 +583,25 @@ def finetune(cfg: RunConfig, model=None, tokenizer=None, *,
         model, tokenizer: an already loaded pair (else ``load_model(cfg.model.model, ...)``).
         on_step: called after every step with the step number (tests use it to simulate a kill).
     """
-    s = setup(cfg, model, tokenizer)
-    if s.method.trainer == "lp":
-        from hdopt.finetune.probe import linear_probe
+    with process_group(cfg) as comm:
+        s = setup(cfg, model, tokenizer, comm)
+        if s.method.trainer == "lp":
+            from hdopt.finetune.probe import linear_probe
 
-        return linear_probe(s)
-    folder = rundir.new_run_dir(s.cfg.train.output_dir, s.task.name, s.method.name, s.cfg.model.model)
-    if (folder / rundir.CHECKPOINT).exists():
-        raise FileExistsError(f"{folder} already holds a run: resume it with --resume {folder}")
-    rundir.write_json(folder / rundir.CONFIG, {**s.cfg.to_dict(), "method_record": _method_record(s.method)})
-    if s.method.adapter == "prefix":  # computed by the model: bitwise only for the same threads/hardware
-        save_checkpoint(folder / rundir.INITIAL, s.params, meta={"step": 0})
-    log = rundir.MetricsLog(folder, tensorboard=rundir.open_tensorboard(folder, s.cfg.train.tensorboard))
-    return _run(s, LoopState(), folder, log, on_step), folder
+            return linear_probe(s)
+        folder = rundir.new_run_dir(s.cfg.train.output_dir, s.task.name, s.method.name, s.cfg.model.model)
+        if comm.active:  # a default folder name holds a timestamp: take rank 0's
+            folder = Path(comm.all_gather_object(str(folder), "agreement on the run folder")[0])
+        if (folder / rundir.CHECKPOINT).exists():
+            raise FileExistsError(f"{folder} already holds a run: resume it with --resume {folder}")
+        if s.writer:
+            record = _method_record(s.method, comm.world_size)
+            rundir.write_json(folder / rundir.CONFIG, {**s.cfg.to_dict(), "method_record": record})
+            if s.method.adapter == "prefix":  # computed by the model: bitwise for the same threads/hardware
+                save_checkpoint(folder / rundir.INITIAL, s.params, meta={"step": 0})
+        board = rundir.open_tensorboard(folder, s.cfg.train.tensorboard and s.writer)
+        log = rundir.MetricsLog(folder, tensorboard=board, write=s.writer)
+        return _run(s, LoopState(), folder, log, on_step), folder
 
 
 def resume(folder: str | Path, model=None, tokenizer=None, *,
@@ -351,16 +609,29 @@ def resume(folder: str | Path, model=None, tokenizer=None, *,
     """Continue the run in ``folder`` from its last checkpoint (same config; ``overrides`` e.g. progress)."""
     folder = Path(folder)
     doc = rundir.read_json(folder / rundir.CONFIG)
-    doc.pop("method_record", None)
+    record = doc.pop("method_record", None) or {}
     cfg = RunConfig.from_dict(doc, str(folder / rundir.CONFIG))
     cfg = cfg.replace(**overrides) if overrides else cfg
     if not (folder / rundir.CHECKPOINT).is_file():
         raise FileNotFoundError(f"{folder} has no {rundir.CHECKPOINT} to resume from (none saved yet)")
-    s = setup(cfg, model, tokenizer)
-    log = rundir.MetricsLog(folder, rundir.read_metrics(folder),
-                            rundir.open_tensorboard(folder, s.cfg.train.tensorboard))  # fmt: skip
-    state = restore(s, folder, log)
-    return _run(s, state, folder, log, on_step), folder
+    saved, world = record.get("world_size", 1), launched_world()[1]
+    if saved != world:
+        raise ConfigError(world_size_message(folder, saved, world))
+    with process_group(cfg) as comm:
+        s = setup(cfg, model, tokenizer, comm)
+        board = rundir.open_tensorboard(folder, s.cfg.train.tensorboard and s.writer)
+        rows = rundir.read_metrics(folder) if s.writer else []
+        log = rundir.MetricsLog(folder, rows, board, write=s.writer)
+        state = restore(s, folder, log)
+        return _run(s, state, folder, log, on_step), folder
+
+
+def world_size_message(folder: Path, saved: int, world: int) -> str:
+    """Why a run cannot resume with another number of processes, and the command that can."""
+    how = (f"torchrun --nproc_per_node {saved} -m hdopt finetune --resume {folder}" if saved > 1
+           else f"hdopt finetune --resume {folder} (one process, without torchrun)")  # fmt: skip
+    return (f"{folder} was trained by {saved} process{'es' if saved > 1 else ''} and this is {world}: "
+            f"resume it with the same number, {how}")
 
 
 def _checkpoint_step(folder: Path):
@@ -368,8 +639,9 @@ def _checkpoint_step(folder: Path):
     return checkpoint_meta(path).get("step") if path.is_file() else None
 
 
-def _method_record(method: Method) -> dict:
-    return {"name": method.name, "trainer": method.trainer, "adapter": method.adapter}
+def _method_record(method: Method, world_size: int = 1) -> dict:
+    return {"name": method.name, "trainer": method.trainer, "adapter": method.adapter,
+            "world_size": world_size}
 
 
-__all__ = ["LoopState", "Setup", "finetune", "replace", "resume", "setup"]
+__all__ = ["LoopState", "Setup", "finetune", "launched_world", "process_group", "replace", "resume", "setup"]
