@@ -4,12 +4,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.hdopt-installed
 
-.PHONY: demo test
+.PHONY: report demo test
+report: $(STAMP)
+	$(VENV)/bin/hdopt report
+
 demo: $(STAMP)
 	$(VENV)/bin/hdopt demo
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks scripts
 	$(PY) -m pytest -q
 
 $(STAMP): pyproject.toml constraints.txt Makefile

@@ -66,52 +66,12 @@ def _child(argv: list[str], timeout: float) -> dict | None:
 
 # -- memory ----------------------------------------------------------------------------------------------
 def memory_one(args) -> dict:
-    """One mode, in this (fresh) process: load, then ``--repeats`` steps on a random [batch, length] batch.
+    """One mode in this (fresh) process, measured by :mod:`hdopt.finetune.peak_memory` (LM loss over all
+    positions of a random batch, as in references/mezo.md; the peak counter is reset after loading)."""
+    from hdopt.finetune.peak_memory import probe
 
-    The loss is the LM loss over all positions (HF ``labels=input_ids``), as in references/mezo.md.
-    """
-    import torch
-
-    from hdopt.finetune.adapters import add_lora
-    from hdopt.finetune.config import MethodConfig
-    from hdopt.finetune.prefix import add_prefix
-    from hdopt.lm.models import load_model
-    from hdopt.memory import peak_mib, reset_peak, rss_mib
-    from hdopt.zo import ZOSGD
-
-    torch.manual_seed(0)
-    model, _ = load_model(args.model, "float32", "cpu")
-    model.eval()
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.length))
-    if args.mode == "mezo-lora":
-        model = add_lora(model, MethodConfig(), seed=0)
-    if args.mode == "ft-prefix":
-        model = add_prefix(model)
-    params = [(n, p) for n, p in model.named_parameters() if args.mode in ("mezo", "ft") or p.requires_grad]
-    loaded = rss_mib() or 0.0
-    exact = reset_peak()
-    start = time.perf_counter()
-    if args.mode == "inference":
-        for _ in range(args.repeats):
-            with torch.no_grad():
-                model(input_ids=ids, labels=ids)
-    elif args.mode.startswith("mezo"):
-        zo = ZOSGD(params, lr=1e-7, eps=1e-3)
-        for _ in range(args.repeats):
-            zo.step(lambda: model(input_ids=ids, labels=ids).loss)
-    else:
-        model.train()
-        adam = torch.optim.AdamW([p for _, p in params], lr=1e-7)
-        for _ in range(args.repeats):
-            adam.zero_grad(set_to_none=True)
-            model(input_ids=ids, labels=ids).loss.backward()
-            adam.step()
-    seconds = (time.perf_counter() - start) / args.repeats
-    peak = peak_mib()  # since the reset when ``exact``, else since the process started
-    return {"model": args.model, "mode": args.mode, "batch": args.batch, "length": args.length,
-            "loaded_rss_mib": round(loaded, 1), "peak_rss_mib": round(peak, 1),
-            "peak_excludes_loading": exact, "seconds_per_step": round(seconds, 2),
-            "trainable": sum(p.numel() for _, p in params)}  # fmt: skip
+    row = probe(args.model, args.mode, args.batch, args.length, args.repeats)
+    return {**row, "peak_rss_mib": row["peak_mib"], "loaded_rss_mib": row["loaded_mib"]}
 
 
 def memory(args) -> None:

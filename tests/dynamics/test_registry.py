@@ -57,3 +57,20 @@ def test_verdict_is_pass_only_when_every_check_passes(tmp_path):
 
 def test_within():
     assert within(1.05, 1.0, 0.1) and not within(1.2, 1.0, 0.1) and not within(float("nan"), 1.0, 1.0)
+
+
+def test_lab_set_flag_parses_each_field_like_its_preset():
+    import argparse
+
+    from hdopt.dynamics import cli
+
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    args = parser.parse_args(["eos", "--scale", "smoke", "--set", "width=64", "lrs=0.1,0.2", "rel_tol=0.3"])
+    config = cli.build_config(args)
+    assert (config.width, config.lrs, config.rel_tol) == (64, (0.1, 0.2), 0.3)
+    assert isinstance(config.width, int) and config.steps == get("eos").presets["smoke"].steps
+    for bad, message in ((["nope=1"], "expected FIELD=VALUE"), (["width"], "expected FIELD=VALUE"),
+                         (["width=wide"], "expected a int")):  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            cli.build_config(parser.parse_args(["eos", "--set", *bad]))

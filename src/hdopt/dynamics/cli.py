@@ -30,8 +30,45 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", choices=DATASETS, default=None,
                         help="data set (default digits; fashion-mnist needs the Debian package)")
     parser.add_argument("--n-train", type=int, default=None, help="training examples to use")
+    parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE", dest="settings",
+                        help="override any config field of the preset, e.g. --set width=64 time_units=6")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (the lab's models are tiny: one thread is usually fastest)")
+
+
+def parse_settings(experiment, settings: list[str]) -> dict:
+    """``["width=64", "lrs=0.1,0.2"]`` -> typed overrides, each parsed like the preset's own value."""
+    preset = experiment.presets["default"]
+    out = {}
+    for item in settings:
+        name, sep, text = item.partition("=")
+        if not sep or not hasattr(preset, name):
+            fields = ", ".join(f.name for f in dataclasses.fields(experiment.config_cls))
+            raise SystemExit(f"hdopt lab {experiment.name}: --set {item!r}: expected FIELD=VALUE with FIELD "
+                             f"one of {fields}")
+        out[name] = _parse_like(getattr(preset, name), text, f"--set {item}")
+    return out
+
+
+def _parse_like(example, text: str, where: str):
+    if isinstance(example, tuple):
+        inner = example[0] if example else 0.0
+        return tuple(_parse_like(inner, t, where) for t in text.split(",") if t)
+    if example is None:  # optional numbers (n_train); keep strings otherwise
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return None if text.lower() == "none" else text
+    if isinstance(example, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise SystemExit(f"hdopt lab: {where}: expected true or false")
+        return text.lower() in ("true", "1")
+    try:
+        return type(example)(text)
+    except ValueError:
+        raise SystemExit(f"hdopt lab: {where}: expected a {type(example).__name__}") from None
 
 
 def build_config(args: argparse.Namespace):
@@ -49,6 +86,7 @@ def build_config(args: argparse.Namespace):
             raise SystemExit(f"hdopt lab {args.name}: --{flag.replace('_', '-')} does not apply "
                              f"(this experiment builds its own problem)")
         overrides[field] = value
+    overrides.update(parse_settings(experiment, getattr(args, "settings", [])))
     config = experiment.config(args.scale, **overrides)
     if getattr(config, "data", None) == "fashion-mnist" and config.n_train is None:
         config = dataclasses.replace(config, n_train=FASHION_DEFAULT_N)

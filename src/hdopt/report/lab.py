@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from hdopt.dynamics.registry import get
 from hdopt.dynamics.results import LabResult
 from hdopt.report.claims import Claim, Section, Table, fmt, verdict_from
@@ -48,11 +50,33 @@ LOCAL_SGD = (
 )
 
 
+# The report's quick scale runs the lab's default presets, except where one alone would take minutes:
+# equilibrium at eta*lambda = 1.6e-3 (3,750 steps; default 4e-4, 20,000 steps), width 64.
+QUICK_OVERRIDES = {"equilibrium": {"width": 64, "weight_decay": 4e-3, "time_units": 6.0}}
+
+
+def lab_config(ctx: Context, name: str):
+    """The config ``name`` runs with at the report's scale (its lab preset, plus the quick overrides)."""
+    overrides = QUICK_OVERRIDES.get(name, {}) if ctx.scale == "quick" else {}
+    return get(name).config(ctx.budget.lab_scale, seed=ctx.seed, **overrides)
+
+
+def lab_command(ctx: Context, name: str) -> str:
+    """The ``hdopt lab`` command line that runs the same config."""
+    overrides = QUICK_OVERRIDES.get(name, {}) if ctx.scale == "quick" else {}
+    extra = (" --set " + " ".join(f"{k}={v}" for k, v in overrides.items())) if overrides else ""
+    return f"hdopt lab {name} --scale {ctx.budget.lab_scale} --seed {ctx.seed}{extra}"
+
+
 def run_experiment(ctx: Context, name: str) -> LabResult:
-    """Run lab experiment ``name`` at the budget's lab scale into ``runs/lab/NAME``."""
-    experiment = get(name)
-    config = experiment.config(ctx.budget.lab_scale, seed=ctx.seed)
-    return experiment.run(config, ctx.section_dir(f"lab/{name}"))
+    """Run lab experiment ``name`` into ``runs/lab/NAME``, on one thread (tiny models: more threads only
+    contend)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return get(name).run(lab_config(ctx, name), ctx.section_dir(f"lab/{name}"))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _predicted(check) -> str:
@@ -73,7 +97,7 @@ def claim_from(ctx: Context, result: LabResult, title: str, paper: str, checks=N
         measured="; ".join(f"{c.name}: {fmt(c.measured)}" for c in checks),
         verdict=verdict_from(all(passed), any(passed)),
         why=f"{sum(passed)} of {len(passed)} predictions met within their stated tolerance",
-        command=f"hdopt lab {result.name} --scale {ctx.budget.lab_scale} --seed {ctx.seed}",
+        command=lab_command(ctx, result.name),
         tables=[table], plots=[ctx.rel(result.plot)] if result.plot else [],
     )  # fmt: skip
 

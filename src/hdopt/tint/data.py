@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 DATA_ENV = "HDOPT_DATA_DIR"
-DEFAULT_DATA = Path("/work/shared/data")
+DEFAULT_DATA = Path("..") / "shared" / "data"  # the project's data folder, next to a checkout
 TASKS = ("sst2", "mr", "cr")
 
 Example = tuple[str, int]  # (sentence, label 0 = negative / 1 = positive)
@@ -21,7 +21,10 @@ Example = tuple[str, int]  # (sentence, label 0 = negative / 1 = positive)
 def data_root(root: str | os.PathLike | None = None) -> Path:
     path = Path(root or os.environ.get(DATA_ENV) or DEFAULT_DATA)
     if not path.is_dir():
-        raise FileNotFoundError(f"data folder {path} not found: pass --data-dir or set ${DATA_ENV}")
+        raise FileNotFoundError(
+            f"data folder {path.resolve()} not found: pass --data-dir or set ${DATA_ENV} to a folder holding "
+            f"{', '.join(TASKS)} (LM-BFF / GLUE files) and squad/dev.json"
+        )
     return path
 
 
