@@ -83,7 +83,8 @@ def _error(err: Exception, rank: int) -> None:
 def run(args: argparse.Namespace) -> int:
     """Start or resume a run; prints a summary. Exit codes: 0 done, 2 bad input, 3 diverged, 4 a torchrun
     peer died or hung, 130 stopped."""
-    from hdopt.finetune.trainer import finetune, launched_world, resume
+    from hdopt.finetune.data_parallel import launched_world
+    from hdopt.finetune.trainer import finetune, resume
 
     overrides = config_overrides(args)
     rank = launched_world()[0]
