@@ -4,7 +4,9 @@ Modules: :mod:`~hdopt.finetune.config` (one dataclass per component), :mod:`~hdo
 (the methods registry), :mod:`~hdopt.finetune.adapters` and :mod:`~hdopt.finetune.prefix` (what is
 trained), :mod:`~hdopt.finetune.batches` (data order, objectives), :mod:`~hdopt.finetune.optimizers`
 (optimizers, schedules, one step), :mod:`~hdopt.finetune.trainer` (the recipe),
-:mod:`~hdopt.finetune.checkpoint` and :mod:`~hdopt.finetune.rundir` (what a run writes).
+:mod:`~hdopt.finetune.data_parallel` (forward-only training under torchrun),
+:mod:`~hdopt.finetune.checkpoint` and :mod:`~hdopt.finetune.rundir` (what a run writes),
+:mod:`~hdopt.finetune.peak_memory` (peak memory of one step per method, in a fresh process).
 
     >>> from hdopt.finetune import RunConfig, finetune                      # doctest: +SKIP
     >>> cfg = RunConfig().replace(method="mezo", task="sst2", steps=2000)  # doctest: +SKIP
