@@ -12,10 +12,11 @@ run as in-place int32 tensor ops (int32 multiplies are native SIMD instructions;
 * Rademacher (+-1): one 32-bit word (counter ``c``) gives the signs of elements ``32c .. 32c+31``
   (expanded by a table lookup).
 * Gaussian: Box-Muller (a 24-bit uniform for the radius, a 32-bit angle). Pair ``j`` hashes counter ``j``:
-  the first round's word
-  gives the radius, the second round's word the angle. Elements come in blocks of 64: element ``64b + i``
-  (``i < 32``) is ``r cos(theta)`` of pair ``32b + i`` and element ``64b + 32 + i`` is its ``r sin(theta)``,
-  so a chunk is written with contiguous, vectorizable stores.
+  the first round's word gives the radius, the second round's word the angle. Elements come in blocks of 64:
+  element ``64b + i`` (``i < 32``) is ``r cos(theta)`` of pair ``32b + i`` and element ``64b + 32 + i`` is
+  its ``r sin(theta)``. cos and sin are computed over all pairs of a piece at once (contiguous buffers;
+  called on the 32-element rows of the layout they cost 2-3x more) and the products with ``r`` are stored
+  into the block layout; a piece (``PIECE`` elements) keeps the temporaries near a core's L2 cache.
 
 :class:`NoiseGenerator` keeps its temporaries between calls (fresh large allocations cost page faults that
 would double the generation time); no temporary exceeds ``chunk`` elements.
@@ -33,6 +34,7 @@ RADEMACHER = "rademacher"
 DISTRIBUTIONS = (GAUSSIAN, RADEMACHER)
 
 DEFAULT_CHUNK = 1 << 20  # elements: the largest noise temporary
+PIECE = 1 << 18  # elements: Gaussian noise is computed in pieces whose temporaries fit a core's L2 cache
 
 _MASK64 = (1 << 64) - 1
 _M1 = 0x7FEB352D
@@ -78,11 +80,29 @@ def _mix32_(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     Logical right shifts are emulated by masking (torch has no unsigned 32-bit shifts). The input is already
     ``counter ^ key``, a bijection of the counter, so the leading xorshift of lowbias32 is left out.
     """
-    x.mul_(_M1)
-    torch.bitwise_right_shift(x, 15, out=scratch)
-    x.bitwise_xor_(scratch.bitwise_and_(0x1FFFF)).mul_(_M2)
-    torch.bitwise_right_shift(x, 16, out=scratch)
-    return x.bitwise_xor_(scratch.bitwise_and_(0xFFFF))
+    c = _constants(x.device)
+    x.mul_(c["m1"])
+    torch.bitwise_right_shift(x, c["15"], out=scratch)
+    x.bitwise_xor_(scratch.bitwise_and_(c["mask17"])).mul_(c["m2"])
+    torch.bitwise_right_shift(x, c["16"], out=scratch)
+    return x.bitwise_xor_(scratch.bitwise_and_(c["mask16"]))
+
+
+_CONSTANTS: dict[torch.device, dict[str, torch.Tensor]] = {}
+
+
+def _constants(device: torch.device) -> dict[str, torch.Tensor]:
+    """0-dim tensors of the hash and Box-Muller constants: a Python scalar operand costs a tensor wrap per op
+    (~1 us, a good share of an op on a small parameter); the results are the same."""
+    consts = _CONSTANTS.get(device)
+    if consts is None:
+        ints = {"m1": _M1, "m2": _M2, "15": 15, "16": 16, "mask16": 0xFFFF, "mask17": 0x1FFFF}
+        ints["mask24"] = 0xFFFFFF
+        floats = dict(half=0.5, scale=-2.0 * _LN2, shift=48.0 * _LN2, angle=torch.pi / 2**31)
+        consts = {k: torch.tensor(v, dtype=torch.int32, device=device) for k, v in ints.items()}
+        consts.update({k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in floats.items()})
+        _CONSTANTS[device] = consts
+    return consts
 
 
 _SIGN_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
@@ -116,19 +136,25 @@ class NoiseGenerator:
         self.chunk = int(chunk)
         self.device = torch.device(device)
         self._buffers: dict[str, torch.Tensor] = {}
+        self._piece = min(self.chunk, PIECE)
+        self._pairs_capacity = self._piece // 2 + _BLOCK  # Gaussian pairs in one piece, block-aligned
 
-    def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def _buffer(self, name: str, numel: int, dtype: torch.dtype, capacity: int | None = None) -> torch.Tensor:
+        """The first ``numel`` elements of a reused buffer (``capacity`` elements or more; default chunk)."""
         buf = self._buffers.get(name)
-        if buf is None or buf.dtype != dtype:
-            buf = torch.empty(self.chunk + 2 * _BLOCK, dtype=dtype, device=self.device)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            size = max(numel, self.chunk + 2 * _BLOCK if capacity is None else capacity)
+            buf = torch.empty(size, dtype=dtype, device=self.device)
             self._buffers[name] = buf
         return buf[:numel]
 
     def _hash(self, key: int, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Both hash rounds for counters ``start .. start+count-1`` (views of internal buffers)."""
-        first = self._buffer("round1", count, torch.int32)
-        second = self._buffer("round2", count, torch.int32)
-        scratch = self._buffer("scratch", count, torch.int32)
+        # a Gaussian piece hashes one counter per pair, Rademacher one per 32 elements (words() may grow them)
+        capacity = self._pairs_capacity if self.distribution == GAUSSIAN else self.chunk // 32 + 4
+        first = self._buffer("round1", count, torch.int32, capacity)
+        second = self._buffer("round2", count, torch.int32, capacity)
+        scratch = self._buffer("scratch", count, torch.int32, capacity)
         pos = 0
         while pos < count:  # cut at segment boundaries so every counter fits an int32
             segment, local = divmod(start + pos, _SEGMENT)
@@ -160,18 +186,30 @@ class NoiseGenerator:
             signs = self._buffer("z", _BLOCK * blocks, torch.float32).view(-1, 8)
             table = _sign_table(torch.float32, self.device)
             torch.index_select(table, 0, words.view(torch.uint8).to(torch.int32), out=signs)
-        else:  # one pair per two elements
-            radius_bits, angle_bits = self._hash(key, 32 * first, 32 * blocks)
-            radius = self._buffer("radius", 32 * blocks, torch.float32)
-            theta = self._buffer("theta", 32 * blocks, torch.float32)
-            _box_muller_(radius_bits, angle_bits, radius, theta)
+        else:  # one pair per two elements, computed in pieces that stay in the L2 cache
             z = self._buffer("z", _BLOCK * blocks, torch.float32).view(blocks, 2, 32)
-            torch.cos(theta.view(blocks, 32), out=z[:, 0, :])
-            torch.sin(theta.view(blocks, 32), out=z[:, 1, :])
-            z.mul_(radius.view(blocks, 1, 32))
+            step = max(1, self._piece // _BLOCK)
+            for b in range(0, blocks, step):
+                self._gaussian_blocks(key, first + b, z[b : b + step])
             signs = z
         skip = start - _BLOCK * first
         return signs.view(-1)[skip : skip + length]
+
+    def _gaussian_blocks(self, key: int, first: int, z: torch.Tensor) -> None:
+        """Fill ``z`` ([blocks, 2, 32]) with the Gaussian noise of layout blocks ``first ..``."""
+        blocks = z.shape[0]
+        pairs, capacity = 32 * blocks, self._pairs_capacity
+        radius_bits, angle_bits = self._hash(key, 32 * first, pairs)
+        radius = self._buffer("radius", pairs, torch.float32, capacity)
+        sin = self._buffer("theta", pairs, torch.float32, capacity)
+        cos = self._buffer("cos", pairs, torch.float32, capacity)
+        _box_muller_(radius_bits, angle_bits, radius, sin)
+        # cos and sin on contiguous buffers: a vectorized math call per 32-element row of the block layout
+        # costs 2-3x more per element than one call over the piece (the values are the same)
+        torch.cos(sin, out=cos)
+        sin.sin_()
+        torch.mul(cos.view(blocks, 32), radius.view(blocks, 32), out=z[:, 0, :])
+        torch.mul(sin.view(blocks, 32), radius.view(blocks, 32), out=z[:, 1, :])
 
     def rows(self, key: int, offsets: torch.Tensor, width: int) -> torch.Tensor:
         """Noise for rows of a 2-D tensor: ``[len(offsets), width]``, row i starting at element offsets[i].
@@ -185,7 +223,8 @@ class NoiseGenerator:
             bits = torch.bitwise_right_shift(words, (within % 32).to(torch.int32)).bitwise_and_(1)
             return (bits * 2 - 1).to(torch.float32)
         radius_bits, angle_bits = _hash_at(key, 32 * block + within % 32)
-        radius, theta = torch.empty(counters.shape), torch.empty(counters.shape)
+        radius = torch.empty(counters.shape, device=counters.device)
+        theta = torch.empty_like(radius)
         _box_muller_(radius_bits, angle_bits, radius, theta)
         return torch.where(within < 32, torch.cos(theta), torch.sin(theta)).mul_(radius)
 
@@ -197,15 +236,23 @@ def _box_muller_(radius_bits, angle_bits, radius, theta) -> None:
     ``sqrt(2 ln2 (24 - log2(b + 0.5)))``; ``theta = pi * w / 2^31`` in ``[-pi, pi)`` from the signed second
     word.
     """
-    radius.copy_(radius_bits.bitwise_and_(0xFFFFFF)).add_(0.5)
+    c = _constants(radius.device)
+    torch.add(radius_bits.bitwise_and_(c["mask24"]), c["half"], out=radius)  # int to float, exact
     torch.log2(radius, out=radius)
-    radius.mul_(-2.0 * _LN2).add_(48.0 * _LN2)
+    radius.mul_(c["scale"]).add_(c["shift"])
     torch.sqrt(radius, out=radius)
-    theta.copy_(angle_bits).mul_(torch.pi / 2**31)
+    torch.mul(angle_bits, c["angle"], out=theta)
 
 
 def _hash_at(key: int, counters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Both hash rounds for arbitrary int64 ``counters`` (the values :meth:`NoiseGenerator._hash` gives)."""
+    low, high = (int(c) // _SEGMENT for c in torch.aminmax(counters)) if counters.numel() else (0, -1)
+    if low == high:  # the usual case: one segment, no masks (torch.unique would sort all counters)
+        k1, k2 = _segment_keys(key, low)
+        first = (counters - low * _SEGMENT).to(torch.int32)
+        scratch = torch.empty_like(first)
+        _mix32_(first.bitwise_xor_(k1), scratch)
+        return first, _mix32_(torch.bitwise_xor(first, k2), scratch)
     first = torch.empty(counters.shape, dtype=torch.int32, device=counters.device)
     second = torch.empty_like(first)
     segments = torch.div(counters, _SEGMENT, rounding_mode="floor")
