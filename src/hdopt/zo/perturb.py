@@ -184,6 +184,7 @@ class Perturbation:
         out_features, in_features = weight.shape
         scale, shrink = self.factors.get(id(weight), (1.0, 1.0))
         out = x.new_empty((*x.shape[:-1], out_features))
+        flat_x, flat_out = x.reshape(-1, in_features), out.view(-1, out_features)
         rows = max(1, self.generator.chunk // in_features)
         for first in range(0, out_features, rows):
             last = min(out_features, first + rows)
@@ -196,8 +197,12 @@ class Perturbation:
                 first * in_features,
                 (last - first) * in_features,
             ).view(last - first, in_features)
-            part_bias = None if bias is None else bias[first:last]
-            out[..., first:last] = nn.functional.linear(x, block, part_bias)
+            # the GEMM writes its column block of the output in place (BLAS leading dimension), no copy
+            target = flat_out[:, first:last]
+            if bias is None:
+                torch.mm(flat_x, block.t(), out=target)
+            else:
+                torch.addmm(bias[first:last], flat_x, block.t(), out=target)
         return out
 
     def _post_hook(self, module: nn.Module, args, output):
