@@ -1,9 +1,12 @@
+import importlib
 import math
 
 import pytest
 import torch
 
 from hdopt.zo.noise import NoiseGenerator, chunks, derive_key, name_id, noise
+
+noise_module = importlib.import_module("hdopt.zo.noise")  # the package attribute `noise` is the function
 
 DISTS = ["gaussian", "rademacher"]
 KEY = derive_key(7, 3, 1)
@@ -16,6 +19,18 @@ def test_noise_does_not_depend_on_chunking(dist, chunk):
     gen = NoiseGenerator(dist, chunk=chunk)
     pieces = torch.cat([gen.generate(KEY, s, n).clone() for s, n in chunks(50_001, chunk)])
     assert torch.equal(full, pieces)
+
+
+@pytest.mark.parametrize("piece", [64, 192, noise_module.PIECE])
+def test_gaussian_pieces_do_not_change_the_values(monkeypatch, piece):
+    # a chunk larger than a piece is computed piece by piece; the pieces must not show in the values
+    start, length = 4_133, 2 * noise_module.PIECE + 1_000
+    small = NoiseGenerator(chunk=1 << 16)
+    reference = torch.cat([small.generate(KEY, start + s, n).clone() for s, n in chunks(length, 1 << 16)])
+    monkeypatch.setattr(noise_module, "PIECE", piece)
+    generator = NoiseGenerator(chunk=length)
+    assert generator._piece == piece
+    assert torch.equal(generator.generate(KEY, start, length), reference)
 
 
 @pytest.mark.parametrize("dist", DISTS)
