@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -124,12 +125,15 @@ def smollm2_cache(tmp_path_factory) -> Path:
 def test_packaged_conversion_is_atomic_and_reloads_from_the_cache(smollm2_cache, monkeypatch):
     folder = smollm2_cache / "smollm2-135m"
     assert models.is_ready(folder)
+    assert json.loads((folder / models.READY_MARKER).read_text())["format"] == models.CACHE_FORMAT == 2
+    assert (folder / "hdopt-tokenizer.bin").is_file()  # written by the conversion, read by later loads
     assert sorted(p.name for p in smollm2_cache.iterdir() if p.name.startswith(".smollm2-135m.tmp")) == []
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("a ready cache must be loaded, not converted again")
 
     monkeypatch.setattr(models, "_convert", no_conversion)  # load speed itself is a benchmark figure
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", no_conversion)  # the fast file is used
     model, tokenizer = load_model("smollm2-135m", cache_dir=smollm2_cache)
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert tokenizer("It was great").input_ids == [1589, 436, 1109]  # pinned: the GGUF tokenizer, converted

@@ -2,7 +2,8 @@
 
 Packaged aliases ship a quantised GGUF file inside a PyPI package. The first load de-quantises it once
 into a safetensors folder under the cache directory (``$HDOPT_CACHE_DIR``, else
-``$XDG_CACHE_HOME/hdopt/models``, else ``~/.cache/hdopt/models``); later loads read that folder (< 2 s).
+``$XDG_CACHE_HOME/hdopt/models``, else ``~/.cache/hdopt/models``); later loads read that folder (< 2 s),
+the tokenizer from a fast-loading copy (:mod:`hdopt.lm.model_cache`) written beside it.
 
     >>> from hdopt.lm.models import load_model
     >>> model, tokenizer = load_model("smollm2-135m")            # doctest: +SKIP
@@ -25,7 +26,10 @@ from pathlib import Path
 import torch
 
 CACHE_ENV = "HDOPT_CACHE_DIR"
+FAST_TOKENIZER_ENV = "HDOPT_FAST_TOKENIZER"  # "0": read cached tokenizers with AutoTokenizer (slow)
 READY_MARKER = "hdopt-cache.json"  # written last into a converted folder: its presence means "complete"
+# 1: config, safetensors weights, tokenizer files; 2: also hdopt-tokenizer.bin (format 1 gains it on load)
+CACHE_FORMAT = 2
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -225,7 +229,10 @@ def _convert(spec: PackagedModel, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
         if gguf.parent == tmp:
             gguf.unlink()
+        # later loads must give what AutoTokenizer gives on the saved folder, so store that one
+        _save_fast_tokenizer(spec.alias, AutoTokenizer.from_pretrained(tmp), tmp)
         marker = {"alias": spec.alias, "source": spec.source, "gguf_file": spec.gguf_file}
+        marker["format"] = CACHE_FORMAT
         (tmp / READY_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
         tmp.chmod(0o755)  # mkdtemp made it private
         if target.exists() and not is_ready(target):
@@ -315,13 +322,70 @@ def load_model(
     return model.eval(), tokenizer
 
 
+def _save_fast_tokenizer(alias: str, tokenizer, folder: Path, lock: Path | None = None) -> bool:
+    """Write ``folder``'s fast tokenizer file (holding ``lock``); on failure say why, return False."""
+    from hdopt.lm.model_cache import save_fast_tokenizer
+
+    try:
+        with _file_lock(lock) if lock else contextlib.nullcontext():
+            save_fast_tokenizer(tokenizer, folder)
+        return True
+    except (OSError, TypeError, ValueError) as error:
+        print(
+            f"hdopt: {alias}: could not write the fast tokenizer file ({error}); the tokenizer will be read "
+            f"from tokenizer.json on each load (~3 s slower for Gemma)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+
+
+def _mark_format(folder: Path) -> None:
+    """Record :data:`CACHE_FORMAT` in the ready marker of an upgraded folder (best effort)."""
+    marker = folder / READY_MARKER
+    try:
+        content = json.loads(marker.read_text())
+        if not isinstance(content, dict) or content.get("format") == CACHE_FORMAT:
+            return
+        tmp = marker.with_name(f".{READY_MARKER}.{os.getpid()}")
+        tmp.write_text(json.dumps({**content, "format": CACHE_FORMAT}, indent=1) + "\n")
+        os.replace(tmp, marker)
+    except (OSError, ValueError):
+        pass
+
+
+def _cached_tokenizer(alias: str, folder: Path):
+    """The tokenizer of a converted alias: from its fast file, else from ``tokenizer.json`` (then stored)."""
+    from transformers import AutoTokenizer
+
+    from hdopt.lm.model_cache import FastTokenizerError, load_fast_tokenizer
+
+    if os.environ.get(FAST_TOKENIZER_ENV, "1") == "0":
+        return AutoTokenizer.from_pretrained(folder)
+    try:
+        return load_fast_tokenizer(folder)
+    except FastTokenizerError as why:
+        print(
+            f"hdopt: {alias}: {why}; reading tokenizer.json and writing the fast tokenizer file (once)",
+            file=sys.stderr,
+            flush=True,
+        )
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if _save_fast_tokenizer(alias, tokenizer, folder, lock=folder.parent / f".{alias}.lock"):
+        _mark_format(folder)
+    return tokenizer
+
+
 def _from_pretrained(source, label, name, torch_dtype, device, kwargs, cache_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     placement = {"device_map": "auto"} if device == "auto" else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **placement, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        if name in PACKAGED:
+            tokenizer = _cached_tokenizer(name, source)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, RuntimeError) as error:
         if name in PACKAGED:
             folder = cache_root(cache_dir) / name
