@@ -34,6 +34,19 @@ def test_gaussian_pieces_do_not_change_the_values(monkeypatch, piece):
 
 
 @pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize(("start", "length"), [(0, 64), (5, 1000), (64 * 7 + 3, 10_000), (130, 128)])
+def test_pieces_are_the_stream_in_order(monkeypatch, dist, start, length):
+    monkeypatch.setattr(noise_module, "PIECE", 192)  # several pieces, cut inside layout blocks
+    generator = NoiseGenerator(dist, chunk=1 << 14)
+    offsets, values = zip(*[(at, z.clone()) for at, z in generator.pieces(KEY, start, length)], strict=True)
+    sizes = [v.numel() for v in values]
+    assert list(offsets) == [sum(sizes[:i]) for i in range(len(sizes))]
+    assert torch.equal(torch.cat(values), noise(KEY, start, length, dist))
+    if dist == "gaussian" and length > 192:
+        assert len(values) > 1
+
+
+@pytest.mark.parametrize("dist", DISTS)
 def test_rows_equal_slices_of_the_stream(dist):
     full = noise(KEY, 0, 20_000, dist)
     offsets = torch.tensor([0, 1, 31, 32, 63, 64, 999, 19_000])

@@ -173,12 +173,37 @@ class NoiseGenerator:
             raise ValueError(f"asked for {count} words at once; this generator's chunk is {self.chunk}")
         return self._hash(key, start, count)[1]
 
-    def generate(self, key: int, start: int, length: int) -> torch.Tensor:
-        """float32 noise for offsets ``[start, start+length)``; a view valid until the next call."""
+    def _check(self, start: int, length: int) -> None:
         if length > self.chunk:
             raise ValueError(f"asked for {length} elements at once; this generator's chunk is {self.chunk}")
         if start < 0 or length < 0:
             raise ValueError(f"noise offsets must be non-negative, got start={start}, length={length}")
+
+    def pieces(self, key: int, start: int, length: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """The noise of offsets ``[start, start+length)`` as consecutive ``(offset - start, values)`` pieces.
+
+        The values are :meth:`generate`'s; each view is valid until the next piece. A consumer that adds the
+        noise into a tensor piece by piece keeps it in the cache (a whole chunk of noise written first and
+        read back later is not, once a forward pass has run between two calls).
+        """
+        self._check(start, length)
+        if self.distribution == RADEMACHER or length <= self._piece:
+            yield 0, self.generate(key, start, length)
+            return
+        end, step = start + length, max(1, self._piece // _BLOCK)
+        pos = start
+        while pos < end:
+            first = pos // _BLOCK
+            last = min((end + _BLOCK - 1) // _BLOCK, first + step)
+            z = self._buffer("piece", _BLOCK * (last - first), torch.float32, self._piece + _BLOCK)
+            self._gaussian_blocks(key, first, z.view(last - first, 2, 32))
+            stop = min(end, _BLOCK * last)
+            yield pos - start, z[pos - _BLOCK * first : stop - _BLOCK * first]
+            pos = stop
+
+    def generate(self, key: int, start: int, length: int) -> torch.Tensor:
+        """float32 noise for offsets ``[start, start+length)``; a view valid until the next call."""
+        self._check(start, length)
         first, last = start // _BLOCK, (start + length + _BLOCK - 1) // _BLOCK
         blocks = last - first
         if self.distribution == RADEMACHER:  # one word per 32 elements, i.e. two per block

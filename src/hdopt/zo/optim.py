@@ -420,8 +420,9 @@ class ZOSGD(ZOOptimizer):
         if not group["momentum"]:
             if wd:
                 w32.mul_(1.0 - lr * wd)
-            for key, coef in terms:  # no ghat temporary: add each direction's noise directly
-                w32.add_(gen.generate(key, start, length), alpha=-lr * coef)
+            for key, coef in terms:  # no ghat temporary: add each direction's noise directly, piece by piece
+                for at, z in gen.pieces(key, start, length):
+                    w32[at : at + z.numel()].add_(z, alpha=-lr * coef)
             return
         buf = state["momentum_buffer"].view(-1)[start : start + length]
         buf.mul_(group["momentum"]).add_(self._noise_sum(terms, start, length, gen, w32))

@@ -72,7 +72,9 @@ def perturbed_copy(
             torch.mul(source, shrink, out=acc)
             source = acc
         for key, coef in keys:  # the first term reads the source, later ones accumulate
-            torch.add(source, generator.generate(key, start + offset, size), alpha=coef, out=acc)
+            for at, z in generator.pieces(key, start + offset, size):  # noise used while still in the cache
+                part = slice(at, at + z.numel())
+                torch.add(source[part], z, alpha=coef, out=acc[part])
             source = acc
         if source is not acc:
             acc.copy_(source)
