@@ -15,8 +15,13 @@ loaded (CPU: peak RSS with the kernel's peak counter reset; CUDA: ``torch.cuda.m
 Also reported: elements changed by an lr = 0 step (exact restore) for each dtype, for hdopt and for the
 reference round trip.
 
-Run:  python benchmarks/zo_step.py [--rounds 7] [--device cpu|cuda]
-Saves benchmarks/results/zo_step.json (and .md) unless --out says otherwise.
+Run:  python benchmarks/zo_step.py [--rounds 7] [--device cpu|cuda] [--modes forward,zosgd-gaussian]
+                                   [--wait-idle 600]
+Saves benchmarks/results/zo_step.json (and .md) unless --out says otherwise. ``--modes`` times (and probes the
+memory of) a subset; ``forward`` is always included, as the unit. On a shared machine other processes slow
+the many small ops of a step far more than the large GEMMs of a forward (a 2-thread op waits for a thread
+that another process preempted), so the ratios are only comparable between quiet runs: ``--wait-idle``
+starts each round once the CPUs are idle, and the load average and the waits are recorded.
 """
 
 from __future__ import annotations
@@ -93,13 +98,49 @@ def _runner(mode: str, model, closure, args):
     return lambda: opt.step(closure)
 
 
+def _loadavg() -> float | None:
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _idle_fraction(window: float = 1.0) -> float | None:
+    """Fraction of CPU time idle over ``window`` seconds (all CPUs; Linux /proc/stat), None elsewhere."""
+
+    def sample():
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields)
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(window)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (idle1 - idle0) / max(1, total1 - total0)
+
+
+def _wait_idle(limit: float) -> float:
+    """Wait (up to ``limit`` seconds) until the CPUs are >= 90% idle; returns the seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit:
+        idle = _idle_fraction()
+        if idle is None or idle >= 0.9:
+            break
+    return time.perf_counter() - start
+
+
 def time_modes(args) -> dict:
     model, closure = _setup(args)
-    runners = {mode: _runner(mode, model, closure, args) for mode in MODES}
+    runners = {mode: _runner(mode, model, closure, args) for mode in args.modes}
     for run in runners.values():  # warm-up
         run()
-    times = {mode: [] for mode in MODES}
+    times = {mode: [] for mode in args.modes}
+    load_before, waited = _loadavg(), []
     for r in range(args.rounds):
+        if args.wait_idle:
+            waited.append(_wait_idle(args.wait_idle))
         for mode, run in runners.items():
             _sync(args.device)
             start = time.perf_counter()
@@ -107,35 +148,53 @@ def time_modes(args) -> dict:
             _sync(args.device)
             times[mode].append(time.perf_counter() - start)
         print(
-            f"round {r + 1}/{args.rounds}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in MODES),
+            f"round {r + 1}/{args.rounds}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in args.modes),
             flush=True,
         )
     ratios = {
         mode: statistics.median(t / f for t, f in zip(times[mode], times["forward"], strict=True))
-        for mode in MODES
+        for mode in args.modes
     }
     return {
         "seconds_median": {m: statistics.median(v) for m, v in times.items()},
         "forward_equivalents": ratios,
+        "seconds": times,
+        "load_average_1min": {"before": load_before, "after": _loadavg()},
+        "waited_for_idle_seconds": waited,
     }
 
 
 def noise_sweeps(args) -> dict:
-    """Seconds for one sweep of noise over the model's parameter count (generate + add into a buffer)."""
+    """Seconds for one sweep of noise over the model's parameter count, added into a buffer: as the optimizer
+    streams it (``pieces``) and, for Gaussian noise, one whole chunk at a time (``generate``)."""
     numel = sum(p.numel() for p in load_model(args.model, dtype="float32")[0].parameters())
     target = torch.zeros(min(numel, 1 << 20), device=args.device)
+
+    def streamed(gen):
+        for s, n in chunks(numel, gen.chunk):
+            for at, z in gen.pieces(12345, s, n):
+                target[at : at + z.numel()].add_(z, alpha=1e-3)
+
+    def whole_chunks(gen):
+        for s, n in chunks(numel, gen.chunk):
+            target[:n].add_(gen.generate(12345, s, n), alpha=1e-3)
+
     out = {}
-    for dist in ("gaussian", "rademacher"):
+    variants = [
+        ("gaussian", streamed, ""),
+        ("gaussian", whole_chunks, ", whole chunks"),
+        ("rademacher", streamed, ""),
+    ]
+    for dist, sweep, label in variants:
         gen = NoiseGenerator(dist, device=args.device)
         samples = []
         for _ in range(3):
             _sync(args.device)
             start = time.perf_counter()
-            for s, n in chunks(numel, gen.chunk):
-                target[:n].add_(gen.generate(12345, s, n), alpha=1e-3)
+            sweep(gen)
             _sync(args.device)
             samples.append(time.perf_counter() - start)
-        out[f"hdopt {dist}"] = statistics.median(samples)
+        out[f"hdopt {dist}{label}"] = statistics.median(samples)
     samples = []
     buf = torch.empty(1 << 20, device=args.device)
     for _ in range(3):
@@ -167,12 +226,12 @@ def memory_probe(mode: str, args) -> float:
 
 def measure_memory(args) -> dict:
     peaks = {}
-    for mode in MODES:
+    for mode in args.modes:
         cmd = [sys.executable, __file__, "--memory-probe", mode, *_passthrough(args)]
         result = subprocess.run(cmd, capture_output=True, text=True, check=True)
         peaks[mode] = float(result.stdout.strip().splitlines()[-1])
         print(f"peak memory {mode}: {peaks[mode]:.0f} MiB", flush=True)
-    return {"peak_mib": peaks, "ratio_to_forward": {m: peaks[m] / peaks["forward"] for m in MODES}}
+    return {"peak_mib": peaks, "ratio_to_forward": {m: peaks[m] / peaks["forward"] for m in args.modes}}
 
 
 @torch.no_grad()
@@ -212,7 +271,7 @@ def _markdown(report: dict) -> str:
         "| | seconds | forward equivalents | peak memory (MiB) | memory vs inference |",
         "|---|---|---|---|---|",
     ]
-    for mode in MODES:
+    for mode in t["seconds_median"]:
         lines.append(
             f"| {mode} | {t['seconds_median'][mode]:.2f} | {t['forward_equivalents'][mode]:.2f} | "
             f"{m['peak_mib'][mode]:.0f} | {m['ratio_to_forward'][mode]:.3f}x |"
@@ -243,8 +302,20 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--eps", type=float, default=1e-3)
     parser.add_argument("--out", type=Path, default=RESULTS / "zo_step.json")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="before each round, wait up to SECONDS for the CPUs to be >= 90%% idle (shared machines)",
+    )
     parser.add_argument("--memory-probe", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    unknown = set(args.modes.split(",")) - set(MODES)
+    if unknown:
+        parser.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
+    args.modes = ["forward"] + [m for m in MODES[1:] if m in args.modes.split(",")]
     if args.memory_probe:
         print(memory_probe(args.memory_probe, args))
         return 0
