@@ -155,17 +155,26 @@ class NoiseGenerator:
         first = self._buffer("round1", count, torch.int32, capacity)
         second = self._buffer("round2", count, torch.int32, capacity)
         scratch = self._buffer("scratch", count, torch.int32, capacity)
+        iota = self._iota(count)
         pos = 0
         while pos < count:  # cut at segment boundaries so every counter fits an int32
             segment, local = divmod(start + pos, _SEGMENT)
             n = min(count - pos, _SEGMENT - local)
             k1, k2 = _segment_keys(key, segment)
             a, b = first[pos : pos + n], second[pos : pos + n]
-            torch.arange(local, local + n, dtype=torch.int32, device=self.device, out=a)
+            torch.add(iota[:n], local, out=a)  # the counters; adding to a kept 0..n-1 beats torch.arange
             _mix32_(a.bitwise_xor_(k1), scratch[:n])
             _mix32_(torch.bitwise_xor(a, k2, out=b), scratch[:n])
             pos += n
         return first, second
+
+    def _iota(self, count: int) -> torch.Tensor:
+        """int32 ``0 .. count-1`` (kept; grown on demand)."""
+        iota = self._buffers.get("iota")
+        if iota is None or iota.numel() < count:
+            size = max(count, self._pairs_capacity if self.distribution == GAUSSIAN else self.chunk // 32 + 4)
+            iota = self._buffers["iota"] = torch.arange(size, dtype=torch.int32, device=self.device)
+        return iota[:count]
 
     def words(self, key: int, start: int, count: int) -> torch.Tensor:
         """Uniformly random int32 words for counters ``start ..`` (a view valid until the next call)."""
@@ -223,11 +232,12 @@ class NoiseGenerator:
     def _gaussian_blocks(self, key: int, first: int, z: torch.Tensor) -> None:
         """Fill ``z`` ([blocks, 2, 32]) with the Gaussian noise of layout blocks ``first ..``."""
         blocks = z.shape[0]
-        pairs, capacity = 32 * blocks, self._pairs_capacity
+        pairs = 32 * blocks
         radius_bits, angle_bits = self._hash(key, 32 * first, pairs)
-        radius = self._buffer("radius", pairs, torch.float32, capacity)
-        sin = self._buffer("theta", pairs, torch.float32, capacity)
-        cos = self._buffer("cos", pairs, torch.float32, capacity)
+        # the float stages reuse the hash buffers in place (fewer distinct lines to bring into the cache):
+        # radius over the first round's words, the angle (then its sine) over the second's, cos over scratch
+        radius, sin = radius_bits.view(torch.float32), angle_bits.view(torch.float32)
+        cos = self._buffer("scratch", pairs, torch.int32, self._pairs_capacity).view(torch.float32)
         _box_muller_(radius_bits, angle_bits, radius, sin)
         # cos and sin on contiguous buffers: a vectorized math call per 32-element row of the block layout
         # costs 2-3x more per element than one call over the piece (the values are the same)
@@ -255,7 +265,8 @@ class NoiseGenerator:
 
 
 def _box_muller_(radius_bits, angle_bits, radius, theta) -> None:
-    """Box-Muller polar coordinates from two int32 words, written into ``radius`` and ``theta``.
+    """Box-Muller polar coordinates from two int32 words, written into ``radius`` and ``theta`` (which may be
+    float32 views of the words' own memory: every stage is elementwise).
 
     ``radius = sqrt(-2 ln u)``, ``u = (b + 0.5) / 2^24`` from the low 24 bits ``b`` of the first word, i.e.
     ``sqrt(2 ln2 (24 - log2(b + 0.5)))``; ``theta = pi * w / 2^31`` in ``[-pi, pi)`` from the signed second
