@@ -16,7 +16,7 @@ run as in-place int32 tensor ops (int32 multiplies are native SIMD instructions;
   element ``64b + i`` (``i < 32``) is ``r cos(theta)`` of pair ``32b + i`` and element ``64b + 32 + i`` is
   its ``r sin(theta)``. cos and sin are computed over all pairs of a piece at once (contiguous buffers;
   called on the 32-element rows of the layout they cost 2-3x more) and the products with ``r`` are stored
-  into the block layout; a piece (``PIECE`` elements) keeps the temporaries near a core's L2 cache.
+  into the block layout; a piece (``PIECE`` elements) keeps the temporaries in the cache.
 
 :class:`NoiseGenerator` keeps its temporaries between calls (fresh large allocations cost page faults that
 would double the generation time); no temporary exceeds ``chunk`` elements.
@@ -34,7 +34,7 @@ RADEMACHER = "rademacher"
 DISTRIBUTIONS = (GAUSSIAN, RADEMACHER)
 
 DEFAULT_CHUNK = 1 << 20  # elements: the largest noise temporary
-PIECE = 1 << 18  # elements: Gaussian noise is computed in pieces whose temporaries fit a core's L2 cache
+PIECE = 1 << 19  # elements: Gaussian noise is computed and consumed in pieces (temporaries stay in the cache)
 
 _MASK64 = (1 << 64) - 1
 _M1 = 0x7FEB352D
@@ -220,7 +220,7 @@ class NoiseGenerator:
             signs = self._buffer("z", _BLOCK * blocks, torch.float32).view(-1, 8)
             table = _sign_table(torch.float32, self.device)
             torch.index_select(table, 0, words.view(torch.uint8).to(torch.int32), out=signs)
-        else:  # one pair per two elements, computed in pieces that stay in the L2 cache
+        else:  # one pair per two elements, computed in pieces whose temporaries stay in the cache
             z = self._buffer("z", _BLOCK * blocks, torch.float32).view(blocks, 2, 32)
             step = max(1, self._piece // _BLOCK)
             for b in range(0, blocks, step):
