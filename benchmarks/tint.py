@@ -36,11 +36,13 @@ PROTOCOL = {
     "speed": "one process per cell (peak RSS above the loaded model); SmolLM2 contexts of 128/512 tokens +"
              " 32 query tokens; explicit vs structured on a tiny GPT-2 (width 16, 2 layers, T = 32)",
     "fewshot": "tasks sst2/mr/cr; 0 and 32 shots (16 per class, LM-BFF template '<x> It was great/terrible');"
-               " 100 eval examples per task (reference: 200); 3 seeds for 32 shots; label-token loss for"
-               " 32 shots, the query's own LM loss for 0 shots; lr per (task, shots, method) from"
+               " 200 eval examples per task, as the reference (two batches of 100: the first drawn with"
+               " Random(1234), the second with Random(4321) from the rest of the split); 3 seeds for 32"
+               " shots; label-token loss for 32 shots, the query's own LM loss for 0 shots;"
+               " lr per (task, shots, method) from"
                f" {list(LRS)} on 16 dev examples from the training pool (never the reported split);"
                " 0-shot fine-tuning (one run per test input) is computed by the exact-mode TinT, which"
-               " equals autograd SGD to <= 3e-7 (tint_checks.json), to batch the 100 runs",
+               " equals autograd SGD to <= 3e-7 (tint_checks.json), to batch the runs",
     "lm": "24 SQuAD dev paragraphs of >= 128 tokens (reference: 1024-token chunks of larger corpora),"
           " truncated to 256 tokens, first half = context, second half scored; lr chosen on 6 other"
           " paragraphs",
@@ -80,8 +82,13 @@ def run_lm(n_eval: int = 24, n_dev: int = 6, max_tokens: int = 256) -> dict:
 
 # ---------------------------------------------------------------- few-shot classification
 def run_fewshot(n_eval: int = 100, n_dev: int = 16, seeds=(0, 1, 2), tasks=TASKS,
-                shots_list=(32, 0)) -> dict:
-    """One results file per task, so ``fewshot --tasks mr`` and ``--tasks cr`` can run in parallel."""
+                shots_list=(32, 0), batches: int = 2) -> dict:
+    """One results file per task, so ``fewshot --tasks mr`` and ``--tasks cr`` can run in parallel.
+
+    ``batches`` evaluation batches of ``n_eval`` examples each: batch 1 is drawn with Random(1234) (before the
+    dev examples, so it and the chosen lrs do not depend on ``batches``), batch b > 1 from the rest of the
+    reported split with Random(4321); cells of batch b > 1 are keyed ``.../method#b``.
+    """
     model, tok = load_aux()
     base = tint_for(model, LRS[0])
     for shots in shots_list:  # 32 shots first: the main comparison
@@ -94,20 +101,25 @@ def run_fewshot(n_eval: int = 100, n_dev: int = 16, seeds=(0, 1, 2), tasks=TASKS
             tests = rng.sample(reported, n_eval)
             dev = rng.sample(pool, n_dev)
             demo_pool = [e for e in pool if e not in dev]
+            rest = [e for e in reported if e not in tests]
+            extra = random.Random(4321).sample(rest, n_eval * (batches - 1))
+            evals = [(tests, "")] + [(extra[(b - 1) * n_eval:b * n_eval], f"#{b + 1}")
+                                     for b in range(1, batches)]
             lrs = _choose_lrs(cells, task, shots, model, tok, base, demo_pool, dev, path, saved)
             for seed in (seeds if shots else (0,)):
-                todo = [m for m in ev.METHODS if f"{task}/{shots}/{seed}/{m}" not in cells]
-                if not todo:
-                    continue
-                demos = ev.sample_demos(demo_pool, shots, seed) if shots else []
-                t0 = time.time()
-                accs = ev.classify_many({m: _run(m, model, base, lrs[m], shots) for m in todo}, model, tok,
-                                        demos, tests)
-                for m, acc in accs.items():
-                    cells[f"{task}/{shots}/{seed}/{m}"] = {"acc": acc, "lr": lrs[m],
-                                                           "seconds_all_methods": time.time() - t0}
-                    print(f"{task}/{shots}/{seed}/{m}: acc {acc:.3f} (lr {lrs[m]})", flush=True)
-                write_json(path, saved)
+                for batch, tag in evals:
+                    todo = [m for m in ev.METHODS if f"{task}/{shots}/{seed}/{m}{tag}" not in cells]
+                    if not todo:
+                        continue
+                    demos = ev.sample_demos(demo_pool, shots, seed) if shots else []
+                    t0 = time.time()
+                    runs = {m: _run(m, model, base, lrs[m], shots) for m in todo}
+                    accs = ev.classify_many(runs, model, tok, demos, batch)
+                    for m, acc in accs.items():
+                        cells[f"{task}/{shots}/{seed}/{m}{tag}"] = {"acc": acc, "lr": lrs[m], "n": len(batch),
+                                                                    "seconds_all_methods": time.time() - t0}
+                        print(f"{task}/{shots}/{seed}/{m}{tag}: acc {acc:.3f} (lr {lrs[m]})", flush=True)
+                    write_json(path, saved)
     return {}
 
 
@@ -220,18 +232,31 @@ def tables() -> str:
     cells = {k: v for task in TASKS for k, v in read_json(RESULTS / f"tint_fewshot_{task}.json",
                                                            {"cells": {}})["cells"].items()}
     if cells:
-        lines += ["| task | shots | ICL | TinT | fine-tuning | lr TinT / FT |", "|---|---|---|---|---|---|"]
+        lines += ["| task | shots | eval examples | ICL | TinT | fine-tuning | lr TinT / FT |",
+                  "|---|---|---|---|---|---|---|"]
         for task in TASKS:
             for shots in (0, 32):
                 row = [_acc(cells, task, shots, m) for m in ev.METHODS]
                 lrs = [_lr(cells, task, shots, m) for m in ("tint", "ft")]
-                lines.append(f"| {task} | {shots} | " + " | ".join(row) + f" | {lrs[0]} / {lrs[1]} |")
+                lines.append(f"| {task} | {shots} | {_n_eval(cells, task, shots)} | " + " | ".join(row)
+                             + f" | {lrs[0]} / {lrs[1]} |")
     return "\n".join(lines)
 
 
 def _accs(cells, task, shots, method):
-    prefix, suffix = f"{task}/{shots}/", f"/{method}"
-    return [v["acc"] for k, v in cells.items() if k.startswith(prefix) and k.endswith(suffix) and "acc" in v]
+    """Accuracy per demonstration seed over all evaluation batches of that seed (weighted by batch size)."""
+    prefix, per_seed = f"{task}/{shots}/", {}
+    for k, v in cells.items():
+        parts = k.split("/")
+        if k.startswith(prefix) and len(parts) == 4 and parts[3].split("#")[0] == method and "acc" in v:
+            per_seed.setdefault(parts[2], []).append((v["acc"], v.get("n", 100)))
+    return [sum(a * n for a, n in runs) / sum(n for _, n in runs) for _, runs in sorted(per_seed.items())]
+
+
+def _n_eval(cells, task, shots) -> int:
+    """Evaluation examples behind each accuracy of (task, shots) (the first seed's ICL batches)."""
+    return sum(v.get("n", 100) for k, v in cells.items()
+               if k.startswith(f"{task}/{shots}/0/icl") and "acc" in v)
 
 
 def _acc(cells, task, shots, method) -> str:
@@ -243,8 +268,8 @@ def _acc(cells, task, shots, method) -> str:
 
 
 def _lr(cells, task, shots, method) -> str:
-    v = [c["lr"] for k, c in cells.items() if k.startswith(f"{task}/{shots}/") and k.endswith(f"/{method}")
-         and "lr" in c]
+    v = [c["lr"] for k, c in cells.items() if k.startswith(f"{task}/{shots}/") and "lr" in c
+         and k.split("/")[-1].split("#")[0] == method]
     return f"{v[0]:g}" if v else "-"
 
 
