@@ -21,6 +21,8 @@ hard row gate) is, for GPT-2/OPT auxiliaries and the reference backward rule:
 
 Identical modules (same pattern; only the mask differs, e.g. the forward of every non-updated block) are
 built once and reused. The structured realization computes the same numbers without the zero weights.
+Llama-family auxiliaries (RMSNorm, SwiGLU, RoPE, grouped-query attention) subclass this program in
+:mod:`hdopt.tint.explicit_llama`; :func:`explicit_tint` picks the class for an auxiliary.
 """
 
 from __future__ import annotations
@@ -33,34 +35,51 @@ from hdopt.tint.config import TinTConfig
 from hdopt.tint.gadgets import MLP, Attention, Norm, Patterns, Registers, Term
 from hdopt.tint.structured import TinTOutput
 
-SCRATCH = ("n1", "u1", "o", "n2", "u2", "h", "a")
-BACKWARD = ("da", "dh", "du2", "dn2", "do", "dqkv", "du1", "dn1")
-LOSS = ("nf", "uf", "pe", "duf", "dnf")
+
+def explicit_tint(spec: AuxSpec, config: TinTConfig, device=None) -> ExplicitTinT:
+    """The explicit TinT of ``spec``'s family (:class:`ExplicitTinT` or its Llama-family subclass)."""
+    if spec.family == "llama":
+        from hdopt.tint.explicit_llama import ExplicitLlamaTinT
+
+        return ExplicitLlamaTinT(spec, config, device)
+    return ExplicitTinT(spec, config, device)
 
 
 class ExplicitTinT(nn.Module):
     """TinT with explicit fixed-pattern weights (GPT-2/OPT auxiliaries, ``backward='reference'``).
 
     Build on ``device="meta"`` to count parameters of large configurations without allocating them.
+    Subclasses for other families override the class attributes below, the layout hooks
+    (:meth:`_layer_groups`, :meth:`_sizes`), :meth:`block_forward`, :meth:`block_backward` and
+    :meth:`_prefix_entries`.
     """
+
+    FAMILY = "gpt2"
+    NORM: type[Norm] = Norm
+    TOKENS = ("pos", "one", "c", "tok", "emb", "tgt", "x", "g", "S.qkv")  # input and work registers
+    SCRATCH = ("n1", "u1", "o", "n2", "u2", "h", "a")  # a block's activations (kept for simulated blocks)
+    BACKWARD = ("da", "dh", "du2", "dn2", "do", "dqkv", "du1", "dn1")
+    LOSS = ("nf", "uf", "pe", "duf", "dnf")
+    MEMBERS = {"ln1": ("ln1",), "qkv": ("q", "k", "v"), "o": ("o",), "ln2": ("ln2",), "fc": ("fc",),
+               "proj": ("proj",)}  # prefix group -> the auxiliary's tensors it holds (for biases)
 
     def __init__(self, spec: AuxSpec, config: TinTConfig, device=None):
         super().__init__()
-        if spec.family != "gpt2":
-            raise NotImplementedError("the explicit realization supports GPT-2/OPT auxiliaries; Llama-family "
-                                      "sizes are counted analytically (hdopt.tint.size, docs/tint.md)")
+        if spec.family != self.FAMILY:
+            raise ValueError(f"{type(self).__name__} is for {self.FAMILY!r} auxiliaries, got {spec.family!r} "
+                             "(use hdopt.tint.explicit.explicit_tint)")
         if config.backward != "reference" or config.n_layers > spec.n_layers:
             raise ValueError("explicit TinT needs backward='reference' and n_layers <= the auxiliary's "
                              "number of blocks")
         self.spec, self.config = spec, config
         self.device, self.dtype = device, spec.dtype
-        D, Fd, T = spec.d_model, spec.d_ff, config.max_len
+        T = config.max_len
         self.first = spec.n_layers - config.n_layers
         self.tops = list(range(self.first, spec.n_layers))
         self._layout_prefix()
         self._layout_tokens()
         self.width = max(self.pre.width, self.tok.width)
-        self.bias_slot = max(D, Fd)  # index of the bias inside register w
+        self.bias_slot = self.pre["w"][1] - 1  # index of the bias inside register w
         self.patterns = Patterns()
         self.ops = nn.ModuleList()
         self.program: list[tuple] = []  # (op index, mask kind, gate kind) or ("loss",)
@@ -71,15 +90,32 @@ class ExplicitTinT(nn.Module):
         self.register_buffer("prefix", self._encode_prefix(), persistent=False)
 
     # ------------------------------------------------------------------ layouts
+    @property
+    def kept(self) -> tuple[str, ...]:
+        """Registers each simulated block keeps for its backward pass."""
+        return ("x", "x2", "A", *self.SCRATCH)
+
+    def _layer_groups(self) -> list[tuple[str, int, int]]:
+        """(name, rows = output width, input width) of each linear map of one block, in prefix order."""
+        D, Fd = self.spec.d_model, self.spec.d_ff
+        return [("ln1", D, D), ("qkv", 3 * D, D), ("o", D, D), ("ln2", D, D), ("fc", Fd, D), ("proj", D, Fd)]
+
+    def _sizes(self) -> dict[str, int]:
+        """Widths of the token registers (D when absent)."""
+        s, D, Fd, T = self.spec, self.spec.d_model, self.spec.d_ff, self.config.max_len
+        return {"pos": T, "one": 1, "c": 1, "n1": D, "u1": D, "o": D, "n2": D, "u2": D, "h": Fd, "a": Fd,
+                "x": D, "x2": D, "A": s.n_heads * T, "qkv": 3 * D, "da": Fd, "dh": Fd, "dqkv": 3 * D}
+
     def _layout_prefix(self) -> None:
-        s, D, Fd = self.spec, self.spec.d_model, self.spec.d_ff
+        s, D = self.spec, self.spec.d_model
+        groups = self._layer_groups()
         self.pre = Registers()
-        self.pre.add("w", max(D, Fd) + 1)
-        self.pre.add("e", max(3 * D, Fd))
+        self.pre.add("w", max(d_in for _, _, d_in in groups) + 1)  # [weight row, bias]
+        self.pre.add("e", max(n for _, n, _ in groups))  # one-hot of the row inside its group
         self.groups: dict[str, tuple[int, int]] = {}
         rows = 0
         for layer in range(s.n_layers):
-            for name, n in (("ln1", D), ("qkv", 3 * D), ("o", D), ("ln2", D), ("fc", Fd), ("proj", D)):
+            for name, n, _ in groups:
                 self.groups[f"{layer}.{name}"] = (rows, n)
                 rows += n
         for name, n in (("lnf", D), ("vocab", s.vocab_size)):
@@ -88,19 +124,16 @@ class ExplicitTinT(nn.Module):
         self.n_prefix = rows
 
     def _layout_tokens(self) -> None:
-        s, D, Fd, T = self.spec, self.spec.d_model, self.spec.d_ff, self.config.max_len
-        sizes = {"n1": D, "u1": D, "o": D, "n2": D, "u2": D, "h": Fd, "a": Fd, "x": D, "x2": D,
-                 "A": s.n_heads * T, "qkv": 3 * D, "da": Fd, "dh": Fd, "dqkv": 3 * D}
+        sizes, D = self._sizes(), self.spec.d_model
         self.tok = Registers()
-        for name, n in (("pos", T), ("one", 1), ("c", 1), ("tok", D), ("emb", D), ("tgt", D), ("x", D),
-                        ("g", D), ("S.qkv", 3 * D)):
-            self.tok.add(name, n)
-        for name in SCRATCH:
+        for name in self.TOKENS:
+            self.tok.add(name, sizes.get(name.removeprefix("S."), D))
+        for name in self.SCRATCH:
             self.tok.add(f"S.{name}", sizes[name])
-        for name in BACKWARD + LOSS:
+        for name in self.BACKWARD + self.LOSS:
             self.tok.add(name, sizes.get(name, D))
         for i in self.tops:  # activations kept for the backward pass of each simulated block
-            for name in ("x", "x2", "A", *SCRATCH):
+            for name in self.kept:
                 self.tok.add(f"L{i}.{name}", sizes[name])
 
     # ------------------------------------------------------------------ terms
@@ -152,27 +185,32 @@ class ExplicitTinT(nn.Module):
         self._op(("linb", grad, dst, d_in, d_out), self._attn(1, d_out, d_in, False), fill,
                  ("tok->grp", group), "tok")
 
-    def lin_update(self, group: str, grad: str, src: str | None, d_in: int, d_out: int) -> None:
-        """w_j -= lr * sum_t dy_t[j] [x_t, 1] in the group's prefix rows (bias only when src is None)."""
+    def lin_update(self, group: str, grad: str, src: str | None, d_in: int, d_out: int,
+                   bias: bool = True) -> None:
+        """w_j -= lr * sum_t dy_t[j] [x_t, 1] in the group's prefix rows (bias only when src is None; weight
+        only when not ``bias``)."""
         lr = self.config.inner_lr
-        v, o = [self._t("one", off=d_in)], [self._p("w", scale=-lr, start=self.bias_slot, n=1, off=d_in)]
+        v, o = [], []
+        if bias:
+            v.append(self._t("one", off=d_in))
+            o.append(self._p("w", scale=-lr, start=self.bias_slot, n=1, off=d_in))
         if src is not None:
             v.append(self._t(src, n=d_in))
             o.append(self._p("w", scale=-lr, n=d_in))
         fill = self._fill(q=[self._p("e", n=d_out)], k=[self._t(grad, n=d_out)], v=v, o=o)
-        self._op(("upd", grad, src, d_in, d_out), self._attn(1, d_out, d_in + 1, False), fill,
+        self._op(("upd", grad, src, d_in, d_out, bias), self._attn(1, d_out, d_in + 1, False), fill,
                  ("grp->tok", group), ("grp", group))
 
     def norm(self, terms: list[Term], dst: str, scale: float = 1.0) -> None:
-        """dst += scale * LayerNorm(sum of terms) (D wide)."""
+        """dst += scale * normalize(sum of terms) (LayerNorm or RMSNorm without gain, D wide)."""
         D = self.spec.d_model
 
         def fill(m):
             self.patterns.read(m.read.weight, terms)
             self.patterns.write(m.write.weight, [self._t(dst, scale=scale)])
-        self._op(("norm", tuple(terms), dst, scale), lambda: Norm(self.width, D, self.spec.norm_eps,
-                                                                  self.device, self.dtype),
-                 fill, None, "tok")
+        self._op(("norm", tuple(terms), dst, scale),
+                 lambda: self.NORM(self.width, D, self.spec.norm_eps, self.device, self.dtype), fill, None,
+                 "tok")
 
     def act(self, terms: list[Term], dst: str, scale: float = 1.0) -> None:
         """dst += scale * f(sum of terms) elementwise (d_ff wide)."""
@@ -201,19 +239,31 @@ class ExplicitTinT(nn.Module):
     def clear(self, names: list[str]) -> None:
         self.linmap([(r, r, -1.0) for r in names])
 
+    def has_bias(self, layer: int, group: str) -> bool:
+        """Whether the auxiliary has the biases of a prefix group (then the update moves them)."""
+        present = {f"{name}.b" in self.spec.blocks[layer] for name in self.MEMBERS[group]}
+        if len(present) > 1:
+            raise NotImplementedError(f"group {group} of block {layer} has biases on some members only")
+        return present.pop()
+
     # ------------------------------------------------------------------ program
-    def _build_program(self, T: int) -> None:
+    def _prologue(self, T: int) -> None:
+        """x = input embedding; tgt = the next token's output embedding."""
         D = self.spec.d_model
         self.linmap([("emb", "x", 1.0)])
         # target embedding: token t reads token t+1's embedding (a shift head on one-hot positions)
         self._op(("shift",), self._attn(1, T, D, False),
                  self._fill(q=[self._t("pos", n=T - 1, off=1)], k=[self._t("pos")], v=[self._t("tok")],
                             o=[self._t("tgt")]), "tok->tok", "tok")
+
+    def _build_program(self, T: int) -> None:
+        D = self.spec.d_model
+        self._prologue(T)
         for layer in range(self.spec.n_layers):
             self.block_forward(layer, f"L{layer}" if layer >= self.first else "S")
         for step in range(self.config.n_steps):
             if step > 0:  # restart the simulated blocks from the stored input of the lowest one
-                stored = [f"L{i}.{r}" for i in self.tops for r in ("x", "x2", "A", *SCRATCH)]
+                stored = [f"L{i}.{r}" for i in self.tops for r in self.kept]
                 self.linmap([(f"L{self.first}.x", "x", 1.0), ("x", "x", -1.0), ("g", "g", -1.0)]
                             + [(r, r, -1.0) for r in stored])
                 for layer in self.tops:
@@ -253,7 +303,7 @@ class ExplicitTinT(nn.Module):
         self.lin_forward(f"{layer}.fc", f"{ns}.u2", f"{ns}.h", D, Fd)
         self.act([self._t(f"{ns}.h")], f"{ns}.a")
         self.lin_forward(f"{layer}.proj", f"{ns}.a", "x", Fd, D)
-        self.clear(["S.qkv"] + ([] if keep else [f"S.{r}" for r in SCRATCH]))
+        self.clear(["S.qkv"] + ([] if keep else [f"S.{r}" for r in self.SCRATCH]))
 
     def loss_gradient(self) -> None:
         """g = d loss / d x at the last block's output: c_t (E^T softmax(E u_t) - e_{t+1}) through ln_f."""
@@ -270,24 +320,25 @@ class ExplicitTinT(nn.Module):
         self.lin_backward("lnf", "duf", "dnf", D, D)
         self.norm([self._t("x"), self._t("dnf", scale=1.0 / N)], "g", scale=N)
         self.linmap([("nf", "g", -N)])
-        self.clear(list(LOSS))
+        self.clear(list(self.LOSS))
 
     def block_backward(self, layer: int, ns: str) -> None:
         """Reference-rule backward and SGD update of one block; g holds d loss / d (block output)."""
         D, Fd, H, T = self.spec.d_model, self.spec.d_ff, self.spec.n_heads, self.config.max_len
         dh, N = D // H, self.config.fd_scale
         self.lin_backward(f"{layer}.proj", "g", "da", Fd, D)
-        self.lin_update(f"{layer}.proj", "g", f"{ns}.a", Fd, D)
+        self.lin_update(f"{layer}.proj", "g", f"{ns}.a", Fd, D, self.has_bias(layer, "proj"))
         self.act([self._t(f"{ns}.h"), self._t("da", scale=1.0 / N)], "dh", scale=N)
         self.linmap([(f"{ns}.a", "dh", -N)])
         self.lin_backward(f"{layer}.fc", "dh", "du2", D, Fd)
-        self.lin_update(f"{layer}.fc", "dh", f"{ns}.u2", D, Fd)
+        self.lin_update(f"{layer}.fc", "dh", f"{ns}.u2", D, Fd, self.has_bias(layer, "fc"))
         self.lin_backward(f"{layer}.ln2", "du2", "dn2", D, D)
-        self.lin_update(f"{layer}.ln2", "du2", None, D, D)
+        if self.has_bias(layer, "ln2"):
+            self.lin_update(f"{layer}.ln2", "du2", None, D, D)
         self.norm([self._t(f"{ns}.x2"), self._t("dn2", scale=1.0 / N)], "g", scale=N)
         self.linmap([(f"{ns}.n2", "g", -N)])
         self.lin_backward(f"{layer}.o", "g", "do", D, D)
-        self.lin_update(f"{layer}.o", "g", f"{ns}.o", D, D)
+        self.lin_update(f"{layer}.o", "g", f"{ns}.o", D, D, self.has_bias(layer, "o"))
         # dv_t = sum_s P[s, t] do_s per head (probabilities detached)
         self._op(("attnT", ns), self._attn(H, T, dh, False),
                  self._fill(q=[self._t("pos", off=h * T) for h in range(H)],
@@ -296,14 +347,28 @@ class ExplicitTinT(nn.Module):
                             o=[self._t("dqkv", start=2 * D + h * dh, n=dh, off=h * dh) for h in range(H)]),
                  "tok->tok", "tok")
         self.lin_backward(f"{layer}.qkv", "dqkv", "du1", D, 3 * D)
-        self.lin_update(f"{layer}.qkv", "dqkv", f"{ns}.u1", D, 3 * D)
+        self.lin_update(f"{layer}.qkv", "dqkv", f"{ns}.u1", D, 3 * D, self.has_bias(layer, "qkv"))
         self.lin_backward(f"{layer}.ln1", "du1", "dn1", D, D)
-        self.lin_update(f"{layer}.ln1", "du1", None, D, D)
+        if self.has_bias(layer, "ln1"):
+            self.lin_update(f"{layer}.ln1", "du1", None, D, D)
         self.norm([self._t(f"{ns}.x"), self._t("dn1", scale=1.0 / N)], "g", scale=N)
         self.linmap([(f"{ns}.n1", "g", -N)])
-        self.clear(list(BACKWARD))
+        self.clear(list(self.BACKWARD))
 
     # ------------------------------------------------------------------ inputs and running
+    def _prefix_entries(self):
+        """Yield (group, weight (rows, in), bias (rows,) or None) for every linear map but the vocabulary."""
+        s, D = self.spec, self.spec.d_model
+        for layer, b in enumerate(s.blocks):
+            yield f"{layer}.ln1", torch.diag(b["ln1.w"]), b["ln1.b"]
+            qkv_b = torch.cat([b.get(f"{n}.b", torch.zeros(D, dtype=self.dtype)) for n in "qkv"])
+            yield f"{layer}.qkv", torch.cat([b[f"{n}.w"] for n in "qkv"]), qkv_b
+            yield f"{layer}.o", b["o.w"], b.get("o.b")
+            yield f"{layer}.ln2", torch.diag(b["ln2.w"]), b["ln2.b"]
+            yield f"{layer}.fc", b["fc.w"], b.get("fc.b")
+            yield f"{layer}.proj", b["proj.w"], b.get("proj.b")
+        yield "lnf", torch.diag(s.ln_f["w"]), s.ln_f.get("b")
+
     def _encode_prefix(self) -> torch.Tensor:
         """(P, W) prefix rows: [weight row, bias] in w and the row's one-hot in e."""
         s, D = self.spec, self.spec.d_model
@@ -311,37 +376,32 @@ class ExplicitTinT(nn.Module):
         if X.device.type == "meta":
             return X
         w0, e0 = self.pre["w"][0], self.pre["e"][0]
-
-        def put(group: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        for group, weight, bias in self._prefix_entries():
             start, n = self.groups[group]
             X[start:start + n, w0:w0 + weight.shape[1]] = weight
             if bias is not None:
                 X[start:start + n, w0 + self.bias_slot] = bias
             X[start + torch.arange(n), e0 + torch.arange(n)] = 1.0
-
-        for layer, b in enumerate(s.blocks):
-            put(f"{layer}.ln1", torch.diag(b["ln1.w"]), b["ln1.b"])
-            qkv_b = torch.cat([b.get(f"{n}.b", torch.zeros(D, dtype=self.dtype)) for n in "qkv"])
-            put(f"{layer}.qkv", torch.cat([b[f"{n}.w"] for n in "qkv"]), qkv_b)
-            put(f"{layer}.o", b["o.w"], b.get("o.b"))
-            put(f"{layer}.ln2", torch.diag(b["ln2.w"]), b["ln2.b"])
-            put(f"{layer}.fc", b["fc.w"], b.get("fc.b"))
-            put(f"{layer}.proj", b["proj.w"], b.get("proj.b"))
-        put("lnf", torch.diag(s.ln_f["w"]), s.ln_f["b"])
         start, n = self.groups["vocab"]
         X[start:start + n, w0:w0 + D] = s.lm_head
         return X
 
     def _encode_tokens(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """(B, T, W) token rows; ``weights`` (B, T) is each position's loss weight (for predicting t+1)."""
+        """(B, T, W) token rows; ``weights`` (B, T) is each position's loss weight (for predicting t+1).
+
+        ``tok`` holds the token's output embedding (the loss gradient's target row), ``emb`` its input
+        embedding (+ learned position).
+        """
         s, (B, T) = self.spec, ids.shape
         X = torch.zeros(B, T, self.width, dtype=self.dtype)
         pos0, one, c = self.tok["pos"][0], self.tok["one"][0], self.tok["c"][0]
         tok0, emb0, D = self.tok["tok"][0], self.tok["emb"][0], s.d_model
         X[:, torch.arange(T), pos0 + torch.arange(T)] = 1.0
         X[..., one], X[..., c] = 1.0, weights
-        X[..., tok0:tok0 + D] = s.wte[ids]
-        X[..., emb0:emb0 + D] = s.wte[ids] + s.wpe[torch.arange(T) + s.pos_offset]
+        X[..., tok0:tok0 + D] = s.lm_head[ids]
+        X[..., emb0:emb0 + D] = s.wte[ids]
+        if s.wpe is not None:
+            X[..., emb0:emb0 + D] += s.wpe[torch.arange(T) + s.pos_offset]
         return X
 
     def _masks(self, T: int) -> dict:

@@ -12,7 +12,8 @@ their non-zeros (what the structured realization replaces by index ops).
   vocabulary rows.
 * :class:`MLP`: ``proj(act(fc X))``; with ReLU and ``[P; -P]`` weights it is an exact linear map
   (``relu(z) - relu(-z) = z``) used for copies, clears and finite differences.
-* :class:`Norm`: ``write(LayerNorm(read X))`` without affine parameters.
+* :class:`Norm`: ``write(LayerNorm(read X))`` without affine parameters; :class:`RMSNorm`: the same with
+  ``z / rms(z)`` (Llama family).
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ class Registers:
     def has(self, name: str) -> bool:
         return name in self.slots
 
+    def view(self, name: str, parent: str, start: int, n: int) -> None:
+        """Name coordinates ``start .. start + n`` of an existing register (no new width)."""
+        assert name not in self.slots and start + n <= self.slots[parent][1], name
+        self.slots[name] = (self.slots[parent][0] + start, n)
+
 
 # A read term: (register start, length, scale, offset in the module's input/output vector).
 Term = tuple[int, int, float, int]
@@ -62,6 +68,14 @@ class Patterns:
         """weight (W, d): ``X[start + i] += scale * out[off + i]``."""
         for start, n, scale, off in terms:
             self._place(weight, torch.arange(start, start + n), torch.arange(off, off + n), scale)
+
+    def entries(self, weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                values: torch.Tensor | None = None) -> None:
+        """``weight[rows[i], cols[i]] += values[i]`` (1 when None; fixed tables such as RoPE's cos/sin)."""
+        if weight.device.type != "meta":
+            vals = torch.ones(len(rows), dtype=weight.dtype) if values is None else values.to(weight.dtype)
+            weight.index_put_((rows, cols), vals, accumulate=True)
+        self.nonzeros += len(rows)
 
     def _place(self, weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, scale: float) -> None:
         if weight.device.type != "meta":
@@ -123,3 +137,11 @@ class Norm(nn.Module):
     def forward(self, X: torch.Tensor, allowed: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         z = self.read(X)
         return X + gate * self.write(F.layer_norm(z, z.shape[-1:], eps=self.eps))
+
+
+class RMSNorm(Norm):
+    """``gate * write(RMSNorm(read X))``: ``z / sqrt(mean(z^2) + eps)``, no gain (Llama family)."""
+
+    def forward(self, X: torch.Tensor, allowed: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        z = self.read(X)
+        return X + gate * self.write(z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + self.eps))
