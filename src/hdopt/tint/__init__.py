@@ -2,7 +2,8 @@
 
 Panigrahi, Malladi, Xia, Arora, "Trainable Transformer in Transformer" (ICML 2024), rebuilt for GPT-2/OPT and
 Llama-family auxiliaries, with an exact backward mode, correct bias steps, and two realizations:
-``structured`` (fast, every architecture) and ``explicit`` (fixed-pattern weights + prefix tokens; GPT-2/OPT).
+``structured`` (fast, every architecture) and ``explicit`` (fixed-pattern weights + prefix tokens; GPT-2/OPT
+and Llama-family, reference rule).
 
     >>> tint = build(hf_model, TinTConfig(n_layers=3, n_steps=1, inner_lr=1e-4))
     >>> out = tint(input_ids, context_len=100)   # out.query_logits, out.inner_losses
@@ -23,12 +24,13 @@ def build(aux_model: nn.Module | AuxSpec, config: TinTConfig | None = None) -> n
     """A TinT simulating fine-tuning of ``aux_model`` (a Hugging Face causal LM or an :class:`AuxSpec`).
 
     Returns a :class:`StructuredTinT` or, for ``config.realization == "explicit"``, an
-    :class:`hdopt.tint.explicit.ExplicitTinT`; both are called as ``tint(input_ids, context_len, ...)``.
+    :class:`hdopt.tint.explicit.ExplicitTinT` (:class:`hdopt.tint.explicit_llama.ExplicitLlamaTinT` for
+    Llama-family auxiliaries); all are called as ``tint(input_ids, context_len, ...)``.
     """
     config = config or TinTConfig()
     spec = aux_model if isinstance(aux_model, AuxSpec) else from_hf(aux_model)
     if config.realization == "explicit":
-        from hdopt.tint.explicit import ExplicitTinT
+        from hdopt.tint.explicit import explicit_tint
 
-        return ExplicitTinT(spec, config)
+        return explicit_tint(spec, config)
     return StructuredTinT(spec, config)

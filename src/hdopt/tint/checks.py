@@ -19,9 +19,14 @@ from hdopt.tint.functional import attention_mask, block_forward, embed, final_lo
 VOCAB = 61
 
 
-def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, layers: int = 3, width: int = 16,
-               vocab: int = VOCAB):
-    """A random GPT-2 / OPT / Llama (GQA) auxiliary with weights large enough for peaked attention."""
+def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, layers: int = 3,
+               width: int | None = None, vocab: int = VOCAB, heads: int | None = None,
+               kv_heads: int | None = None, tied: bool = True):
+    """A random GPT-2 / OPT / Llama (GQA) auxiliary with weights large enough for peaked attention.
+
+    Defaults: width 16 and 2 heads (GPT-2, OPT); width 32, 4 query / 2 key-value heads, MLP 1.5 x width
+    (Llama). ``tied=False`` gives Llama an untied output head.
+    """
     from transformers import (
         GPT2Config,
         GPT2LMHeadModel,
@@ -32,20 +37,24 @@ def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0, lay
     )
 
     torch.manual_seed(seed)
+    llama = arch == "llama"
+    width = width or (32 if llama else 16)
+    heads = heads or (4 if llama else 2)
     if arch == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=width, n_layer=layers,
-                                           n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+                                           n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     elif arch == "opt":
         model = OPTForCausalLM(OPTConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers,
-                                         ffn_dim=2 * width, num_attention_heads=2, max_position_embeddings=64,
-                                         word_embed_proj_dim=width, dropout=0.0, attention_dropout=0.0,
-                                         pad_token_id=1))
-    elif arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48,
-                                             num_hidden_layers=layers, num_attention_heads=4,
-                                             num_key_value_heads=2,
+                                         ffn_dim=2 * width, num_attention_heads=heads,
+                                         max_position_embeddings=64, word_embed_proj_dim=width, dropout=0.0,
+                                         attention_dropout=0.0, pad_token_id=1))
+    elif llama:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=width,
+                                             intermediate_size=3 * width // 2, num_hidden_layers=layers,
+                                             num_attention_heads=heads,
+                                             num_key_value_heads=kv_heads or heads // 2,
                                              max_position_embeddings=64, rope_theta=10000.0,
-                                             tie_word_embeddings=True))
+                                             tie_word_embeddings=tied))
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")
     # HF's eager OPT attention takes the softmax in float32 even for a float64 model; sdpa stays in float64.

@@ -26,8 +26,8 @@ class TinTConfig:
             LayerNorm biases only).
         fd_scale: N of the finite-difference backward of the reference rule (the reference uses 1000).
         realization: "structured" (index/einsum ops; every architecture) or "explicit" (a transformer with
-            fixed-pattern weights and prefix tokens holding the auxiliary weights; GPT-2/OPT auxiliaries,
-            reference backward rule).
+            fixed-pattern weights and prefix tokens holding the auxiliary weights; GPT-2/OPT and Llama-family
+            auxiliaries, reference backward rule).
         max_len: longest input (tokens) the explicit realization is built for (sizes its position registers).
     """
 
