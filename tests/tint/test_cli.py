@@ -20,6 +20,10 @@ def test_size_json_for_smollm2(capsys):
     table = json.loads(capsys.readouterr().out)
     assert table["aux_params"] == 134_515_008  # SmolLM2-135M with tied embeddings
     assert table["structured_per_example"] == 3 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 576 * 1536 + 2 * 576)
+    # the Llama explicit construction is built (on the meta device): one prefix row per output row of every
+    # linear map (ln1, q|k|v, o, ln2, gate|up, down), the final norm and the vocabulary
+    assert table["explicit_kind"] == "built (meta device)"
+    assert table["explicit"]["prefix_rows"] == 30 * (4 * 576 + 576 + 2 * 192 + 2 * 1536) + 576 + 49152
 
 
 def test_bad_arguments_exit_nonzero():

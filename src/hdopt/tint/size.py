@@ -1,6 +1,7 @@
 """Size accounting: parameters of both realizations, next to the reference's counts (references/tint.md).
 
-Auxiliary shapes are built as meta tensors: counting the explicit TinT of a 124M auxiliary allocates nothing.
+Auxiliary shapes are built as meta tensors: counting the explicit TinT of a 124M auxiliary (GPT-2 or
+Llama family) allocates nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 
 from hdopt.tint.aux import AuxSpec
 from hdopt.tint.config import TinTConfig
-from hdopt.tint.explicit import ExplicitTinT
+from hdopt.tint.explicit import explicit_tint
 
 # Counted by building the reference code (references/tint.md): (aux, layers, steps) -> (reused, without reuse)
 REFERENCE_COUNTS = {
@@ -66,23 +67,6 @@ def meta_spec(shape: Shape) -> AuxSpec:
                    ln_f=ln_f, wpe=wpe)
 
 
-def _llama_extra(shape: Shape, width: int, n_layers: int, n_steps: int) -> int:
-    """Closed-form parameters of the gadgets a Llama block adds to the GPT-2-style program.
-
-    Products of two token registers (SwiGLU's silu(g) * up, RoPE's x * cos + rot(x) * sin with cos/sin a
-    linear function of the one-hot position) are exact with a diagonal linear-attention head per coordinate
-    (score q_t k_t = a_t b_t, value 1): 4 * W * n parameters for n coordinates. Counted without reuse.
-    """
-    D, Fd, dh = shape.d_model, shape.d_ff, shape.d_model // shape.n_heads
-    product = 4 * width  # per coordinate
-    lin = 2 * width * (D + 1) + 2 * width * Fd  # one extra linear gadget of shape (F, D) (the up projection)
-    rope = product * 2 * (shape.n_heads + shape.n_kv_heads) * dh  # x*cos and rot(x)*sin for q and k
-    forward = lin + product * Fd + rope  # per simulated block forward
-    backward = 2 * lin + 2 * product * Fd  # up: backward + update; d(up) = da*s and d(s) = da*up
-    passes = shape.n_layers * 2 + n_layers * (n_steps - 1)  # first + final pass, re-forwards of later steps
-    return passes * forward + n_layers * n_steps * backward
-
-
 def size_table(aux: str, n_layers: int, n_steps: int, max_len: int | None = None) -> dict:
     """Parameter counts for ``hdopt tint size``."""
     if aux not in SHAPES:
@@ -95,18 +79,8 @@ def size_table(aux: str, n_layers: int, n_steps: int, max_len: int | None = None
     out = {"aux": aux, "layers": n_layers, "steps": n_steps, "max_len": T,
            "aux_params": spec.num_parameters(), "structured_stored": spec.num_parameters(),
            "structured_per_example": updated, "reference": REFERENCE_COUNTS.get((aux, n_layers, n_steps))}
-    if shape.family == "gpt2":
-        out["explicit"] = ExplicitTinT(spec, cfg, device="meta").size_report()
-        out["explicit_kind"] = "built (meta device)"
-    else:  # GPT-2-style program at SmolLM2's widths (built on meta) + the Llama gadgets in closed form
-        proxy = Shape("gpt2", shape.d_model, shape.n_heads, shape.n_heads, shape.d_ff, shape.n_layers,
-                      shape.vocab, T, "silu")
-        report = ExplicitTinT(meta_spec(proxy), cfg, device="meta").size_report()
-        extra = _llama_extra(shape, report["width"], n_layers, n_steps)
-        report["params_no_reuse"] += extra
-        report["params_reused"] += extra
-        out["explicit"] = report
-        out["explicit_kind"] = "analytic (not built): GPT-2-style program at these widths + product gadgets"
+    out["explicit"] = explicit_tint(spec, cfg, device="meta").size_report()
+    out["explicit_kind"] = "built (meta device)"
     return out
 
 
