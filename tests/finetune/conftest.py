@@ -1,5 +1,6 @@
 """Fixtures for the finetune tests: tiny random causal LMs (Llama / GPT-2 / OPT / Gemma-3), a byte-level
-tokenizer and a trivially learnable custom task (the label is the first word of the text)."""
+tokenizer, a trivially learnable custom task (the label is the first word of the text), a multiple-choice
+task with per-example options (COPA-like) and a generation task (SQuAD-like)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,21 @@ torch.set_num_threads(1)  # tiny matmuls: threads only contend (the CPU is share
 
 
 def make_model(family: str):
-    """A 2-layer, hidden-32 random model of ``family`` (seeded, eval mode)."""
+    """A 2-layer, hidden-32 random model of ``family`` (seeded, eval mode).
+
+    ``llama-tied`` is the tiny Llama with its LM head tied to the input embedding (as SmolLM2); the GPT-2,
+    OPT and Gemma-3 configs tie them by default, ``llama`` does not.
+    """
+    if family == "llama-tied":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            tie_word_embeddings=True,
+        )  # fmt: skip
+        return LlamaForCausalLM(config).eval()
     if family != "opt":
         return tiny_model(family)
     from transformers import OPTConfig, OPTForCausalLM
@@ -53,6 +68,42 @@ def task_file(tmp_path_factory) -> Path:
         encoding="utf-8",
     )
     return folder / "toy.yaml"
+
+
+@pytest.fixture(scope="session")
+def qa_task(tmp_path_factory) -> Path:
+    """``qa``: a generation task (question "say ab", answer "ab"), scored by F1 / exact match."""
+    folder = tmp_path_factory.mktemp("qa")
+    rows = [{"q": f"say {w}", "a": w} for w in ["ab", "cd", "ef", "gh"] * 6]
+    _write_rows(folder / "train.jsonl", rows[:16])
+    _write_rows(folder / "eval.jsonl", rows[16:])
+    (folder / "qa.yaml").write_text(
+        "name: qa\ndata: {train: train.jsonl, eval: eval.jsonl}\ntemplate: 'Q: {q}\\nA:'\n"
+        "target_column: a\nmetric: f1\n",
+        encoding="utf-8",
+    )
+    return folder / "qa.yaml"
+
+
+@pytest.fixture(scope="session")
+def choice_task(tmp_path_factory) -> Path:
+    """``choice``: COPA-like multiple choice, two options per example (no fixed label words); the gold
+    option repeats the prompt's last word."""
+    folder = tmp_path_factory.mktemp("choice")
+    words = ["cat", "dog", "sun", "map", "cup", "pen", "box", "hat"]
+    rows = []
+    for i in range(48):
+        gold, other = words[i % 8], words[(i * 3 + 1) % 8]
+        options = [f" {gold}", f" {other}"] if i % 2 else [f" {other}", f" {gold}"]
+        rows.append({"text": f"pick {gold} so", "options": options, "label": 1 - i % 2})
+    _write_rows(folder / "train.jsonl", rows[:32])
+    _write_rows(folder / "eval.jsonl", rows[32:])
+    (folder / "choice.yaml").write_text(
+        "name: choice\ndata: {train: train.jsonl, eval: eval.jsonl}\ntemplate: '{text}'\n"
+        "options_column: options\nlabel_column: label\n",
+        encoding="utf-8",
+    )
+    return folder / "choice.yaml"
 
 
 def toy_config(task_file: Path, out: Path, method: str, **overrides) -> RunConfig:

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from hdopt.finetune import finetune, rundir
 from tests.finetune.conftest import make_model, toy_config
-
-
-@pytest.fixture(scope="module")
-def qa_task(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qa")
-    rows = [{"q": f"say {w}", "a": w} for w in ["ab", "cd", "ef", "gh"] * 6]
-    for split, part in (("train", rows[:16]), ("eval", rows[16:])):
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    (folder / "qa.yaml").write_text(
-        "name: qa\ndata: {train: train.jsonl, eval: eval.jsonl}\ntemplate: 'Q: {q}\\nA:'\n"
-        "target_column: a\nmetric: f1\n"
-    )
-    return folder / "qa.yaml"
 
 
 @pytest.mark.parametrize("objective", ["loss", "f1"])

@@ -95,8 +95,8 @@ class PrefixLM(nn.Module):
     """A causal LM with a trainable prefix. Trainable parameters: ``prefix.keys`` and ``prefix.values``.
 
     Quacks like the wrapped model where hdopt.lm needs it: ``forward`` returns its output (``.logits``),
-    ``base_model`` gives hidden states, ``get_input_embeddings``/``get_output_embeddings`` and ``config``.
-    Generation (``generate``) is not supported.
+    ``base_model`` gives hidden states, ``get_input_embeddings``/``get_output_embeddings``, ``config`` and
+    ``generate`` (greedy, the prefix first in the key/value cache).
     """
 
     def __init__(self, lm: nn.Module, prefix: PrefixKV) -> None:
@@ -121,11 +121,20 @@ class PrefixLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         return self.prefix(self.lm, input_ids, attention_mask, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        raise NotImplementedError(
-            "generation with a tuned prefix is not supported yet: use mezo-prefix/ft-prefix on "
-            "classification tasks, or mezo/mezo-lora for generation tasks"
-        )
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 generation_config=None, tokenizer=None, **kwargs) -> torch.Tensor:  # fmt: skip
+        """Greedy generation after the prefix (see :mod:`hdopt.finetune.prefix_generation`).
+
+        Takes what :func:`hdopt.lm.generation.greedy_generate` passes to ``transformers``' ``generate``:
+        left-padded ``input_ids``/``attention_mask``, a ``GenerationConfig`` (``max_new_tokens``,
+        ``eos_token_id``, ``pad_token_id``, ``stop_strings``; keyword arguments override it) and the
+        tokenizer for the stop strings. Returns ``[B, T + new tokens]``. Sampling and beams raise
+        ``ValueError``.
+        """
+        from hdopt.finetune.prefix_generation import GreedySettings, greedy_with_prefix
+
+        settings = GreedySettings.from_config(generation_config, **kwargs)
+        return greedy_with_prefix(self.lm, self.prefix, input_ids, attention_mask, settings, tokenizer)
 
 
 def add_prefix(lm: nn.Module, num_tokens: int = 5, init: str = "activations", seed: int = 0) -> PrefixLM:
