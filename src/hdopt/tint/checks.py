@@ -172,15 +172,18 @@ def report(seeds=(0, 1, 2)) -> dict:
             rule32 = autograd_reference_rule(m32, ids, n_ctx, 2, 0.01)
             b32 = hf_logits(m32, ids)[:, n_ctx - 1:]
             worst(f"reference_vs_rule_fp32/{arch}", rel(got32 - b32, rule32 - b32))
-        for arch in ("gpt2", "opt"):
-            m = tiny_model(arch, layers=2, width=8, vocab=23, seed=seed)
+        for arch in ("gpt2", "opt", "llama"):  # Llama: 2 query heads sharing 1 key/value head, untied head
+            extra = {"heads": 2, "kv_heads": 1, "tied": False} if arch == "llama" else {}
+            m = tiny_model(arch, layers=2, width=8, vocab=23, seed=seed, **extra)
             small = ids[:, :9] % 23
-            cfg = {"n_layers": 2, "n_steps": 1, "inner_lr": 0.01, "backward": "reference", "max_len": 10}
-            s = build(m, TinTConfig(**cfg))
-            e = build(m, TinTConfig(**cfg, realization="explicit"))
-            before = s.run(small, s.blocks_with(None), logits_from=5)[0]
-            a, b = s(small, context_len=6).query_logits, e(small, context_len=6).query_logits
-            worst(f"explicit_vs_structured_fp64/{arch}", rel(b - before, a - before))
+            for steps, red in ((1, "sum"), (2, "mean")):
+                cfg = {"n_layers": 2, "n_steps": steps, "inner_lr": 0.01, "reduction": red,
+                       "backward": "reference", "max_len": 10}
+                s = build(m, TinTConfig(**cfg))
+                e = build(m, TinTConfig(**cfg, realization="explicit"))
+                before = s.run(small, s.blocks_with(None), logits_from=5)[0]
+                a, b = s(small, context_len=6).query_logits, e(small, context_len=6).query_logits
+                worst(f"explicit_vs_structured_fp64/{arch}/{steps}step_{red}", rel(b - before, a - before))
     return out
 
 
