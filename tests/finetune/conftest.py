@@ -87,15 +87,15 @@ def qa_task(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def choice_task(tmp_path_factory) -> Path:
-    """``choice``: COPA-like multiple choice, two options per example (no fixed label words); the gold
-    option repeats the prompt's last word."""
+    """``choice``: COPA-like multiple choice with per-example options (no fixed label words); the gold
+    option is always " yes", against a varying distractor (learnable by the LM head alone)."""
     folder = tmp_path_factory.mktemp("choice")
     words = ["cat", "dog", "sun", "map", "cup", "pen", "box", "hat"]
+    distractors = [" no", " nope", " never", " none"]
     rows = []
     for i in range(48):
-        gold, other = words[i % 8], words[(i * 3 + 1) % 8]
-        options = [f" {gold}", f" {other}"] if i % 2 else [f" {other}", f" {gold}"]
-        rows.append({"text": f"pick {gold} so", "options": options, "label": 1 - i % 2})
+        options = [" yes", distractors[i % 4]] if i % 2 else [distractors[i % 4], " yes"]
+        rows.append({"text": f"is {words[i % 8]} ok? so", "options": options, "label": 1 - i % 2})
     _write_rows(folder / "train.jsonl", rows[:32])
     _write_rows(folder / "eval.jsonl", rows[32:])
     (folder / "choice.yaml").write_text(

@@ -1,11 +1,13 @@
 """Fine-tuning language models with forward passes (MeZO: full, LoRA, prefix) and backprop baselines.
 
 Modules: :mod:`~hdopt.finetune.config` (one dataclass per component), :mod:`~hdopt.finetune.methods`
-(the methods registry), :mod:`~hdopt.finetune.adapters` and :mod:`~hdopt.finetune.prefix` (what is
-trained), :mod:`~hdopt.finetune.batches` (data order, objectives), :mod:`~hdopt.finetune.optimizers`
+(the methods registry), :mod:`~hdopt.finetune.adapters`, :mod:`~hdopt.finetune.prefix` and
+:mod:`~hdopt.finetune.head` (what is trained), :mod:`~hdopt.finetune.prefix_generation` (greedy decoding
+after a prefix), :mod:`~hdopt.finetune.batches` (data order, objectives), :mod:`~hdopt.finetune.optimizers`
 (optimizers, schedules, one step), :mod:`~hdopt.finetune.trainer` (the recipe),
 :mod:`~hdopt.finetune.data_parallel` (forward-only training under torchrun),
 :mod:`~hdopt.finetune.checkpoint` and :mod:`~hdopt.finetune.rundir` (what a run writes),
+:mod:`~hdopt.finetune.trained` (the tested model, rebuilt from a run folder),
 :mod:`~hdopt.finetune.peak_memory` (peak memory of one step per method, in a fresh process).
 
     >>> from hdopt.finetune import RunConfig, finetune                      # doctest: +SKIP
@@ -24,6 +26,7 @@ from hdopt.finetune.config import (
 )
 from hdopt.finetune.methods import Method, MethodError, get_method, list_methods, register_method
 from hdopt.finetune.optimizers import DivergenceError
+from hdopt.finetune.trained import load_trained
 from hdopt.finetune.trainer import finetune, resume
 
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "finetune",
     "get_method",
     "list_methods",
+    "load_trained",
     "register_method",
     "resume",
 ]

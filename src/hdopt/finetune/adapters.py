@@ -1,4 +1,4 @@
-"""What a method trains: all weights, LoRA adapters (peft) or a prefix; everything else is frozen."""
+"""What a method trains: all weights, LoRA adapters (peft), a prefix or the LM head; the rest is frozen."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from hdopt.finetune.config import MethodConfig
+from hdopt.finetune.head import add_head
 from hdopt.finetune.prefix import add_prefix
 
 
@@ -35,7 +36,7 @@ def add_lora(model: nn.Module, cfg: MethodConfig, seed: int) -> nn.Module:
 
 
 def prepare_model(model: nn.Module, adapter: str, cfg: MethodConfig, seed: int) -> nn.Module:
-    """Return the model to train for ``adapter`` (``full``, ``lora``, ``prefix`` or ``none``)."""
+    """Return the model to train for ``adapter`` (``full``, ``lora``, ``prefix``, ``head`` or ``none``)."""
     if adapter == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -44,6 +45,8 @@ def prepare_model(model: nn.Module, adapter: str, cfg: MethodConfig, seed: int) 
         return add_lora(model, cfg, seed)
     if adapter == "prefix":
         return add_prefix(model, cfg.prefix_tokens, cfg.prefix_init, seed)
+    if adapter == "head":
+        return add_head(model)
     if adapter == "none":
         for p in model.parameters():
             p.requires_grad_(False)

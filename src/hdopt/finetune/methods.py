@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TRAINERS = ("zo", "fo", "lp")
-ADAPTERS = ("full", "lora", "prefix", "none")
+ADAPTERS = ("full", "lora", "prefix", "head", "none")
 
 
 class MethodError(ValueError):
@@ -26,9 +26,12 @@ class Method:
     Args:
         name: registry key, e.g. ``mezo-lora``.
         trainer: ``zo`` (forward passes only, :mod:`hdopt.zo`), ``fo`` (backprop) or ``lp`` (linear probe).
-        adapter: what is trained: ``full`` (all weights), ``lora``, ``prefix`` or ``none`` (linear probe).
+        adapter: what is trained: ``full`` (all weights), ``lora``, ``prefix``, ``head`` (the LM head, untied
+            from the input embedding) or ``none`` (a separate linear probe).
         defaults: config field -> value, for the fields a run leaves at ``None``.
         description: one line for ``--help`` and the docs.
+        without_label_words: the method that runs instead on tasks without fixed label words (multiple
+            choice, generation); ``lp`` -> head tuning. ``None``: this method runs on every task.
     """
 
     name: str
@@ -36,12 +39,20 @@ class Method:
     adapter: str
     defaults: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    without_label_words: Method | None = None
 
     def __post_init__(self) -> None:
         if self.trainer not in TRAINERS:
             raise MethodError(f"method {self.name!r}: trainer must be one of {TRAINERS}")
         if self.adapter not in ADAPTERS:
             raise MethodError(f"method {self.name!r}: adapter must be one of {ADAPTERS}")
+
+    def for_task(self, task) -> Method:
+        """The method that runs on ``task`` (an :class:`hdopt.lm.tasks.Task`): this one, or its variant for
+        tasks without fixed label words."""
+        if self.without_label_words is not None and not task.label_words:
+            return self.without_label_words
+        return self
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -79,5 +90,12 @@ register_method(Method("mezo-prefix", "zo", "prefix", {**_ZO, "lr": 1e-2, "eps":
 register_method(Method("ft", "fo", "full", {**_FO, "lr": 1e-5}, "full fine-tuning with AdamW"))
 register_method(Method("ft-lora", "fo", "lora", {**_FO, "lr": 1e-4}, "LoRA fine-tuning with AdamW"))
 register_method(Method("ft-prefix", "fo", "prefix", {**_FO, "lr": 1e-2}, "prefix-tuning with AdamW"))
+# lp on tasks without fixed label words (multiple choice, generation) is MeZO's head tuning: the LM head
+# alone, untied from the input embedding, trained with the backprop recipe above. lr 1e-4 (10x FT's: one
+# matrix moves) is hdopt's choice, not a value from the paper's tables.
+HEAD_TUNING = Method("lp", "fo", "head", {**_FO, "lr": 1e-4},
+                     "head tuning: the LM head alone (untied from the input embedding), AdamW")  # fmt: skip
 register_method(Method("lp", "lp", "none", {"eval_every": 0},
-                       "linear probe: logistic regression on frozen last-token features"))  # fmt: skip
+                       "linear probe: logistic regression on frozen last-token features (label-word tasks); "
+                       "head tuning (the LM head with AdamW) on multiple-choice and generation tasks",
+                       without_label_words=HEAD_TUNING))  # fmt: skip

@@ -2,8 +2,9 @@
 
 The feature of an example is the final hidden state at the last prompt token (before any option), from
 the frozen body. A standardised logistic regression (scikit-learn, L2, C = 1) is fit on the train
-features and scored on dev and test. Only tasks with fixed label words are supported; MeZO's head tuning
-for multiple-choice and generation tasks is not implemented.
+features and scored on dev and test. This covers tasks with fixed label words; on multiple-choice and
+generation tasks ``lp`` is MeZO's head tuning instead (:mod:`hdopt.finetune.head`, trained by the backprop
+loop of :mod:`hdopt.finetune.trainer`; see :meth:`hdopt.finetune.methods.Method.for_task`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,10 @@ def linear_probe(s) -> tuple[dict, Path]:
     from sklearn.preprocessing import StandardScaler
 
     if not s.task.label_words:
-        raise ValueError(f"lp supports classification tasks with fixed label words; {s.task.name!r} has none")
+        raise ValueError(
+            f"the logistic-regression probe needs fixed label words and {s.task.name!r} has none: run lp "
+            "through hdopt.finetune.finetune, which tunes the LM head on such tasks"
+        )
     cfg = s.cfg
     folder = rundir.new_run_dir(cfg.train.output_dir, s.task.name, s.method.name, cfg.model.model)
     rundir.write_json(folder / rundir.CONFIG, cfg.to_dict())

@@ -9,16 +9,10 @@ import torch
 from hdopt.finetune import rundir
 from hdopt.finetune.adapters import prepare_model, trainable_parameters
 from hdopt.finetune.checkpoint import load_checkpoint, load_weights
-from hdopt.finetune.config import RunConfig
 from hdopt.finetune.methods import get_method
+from hdopt.finetune.trained import run_config
 from hdopt.lm.models import load_model
 from hdopt.zo import Trajectory, replay
-
-
-def run_config(folder: Path) -> RunConfig:
-    doc = rundir.read_json(folder / rundir.CONFIG)
-    doc.pop("method_record", None)
-    return RunConfig.from_dict(doc, str(folder / rundir.CONFIG))
 
 
 def rebuild(folder: str | Path, model=None, tokenizer=None, upto: int | None = None):

@@ -53,7 +53,7 @@ from hdopt.finetune.optimizers import (
     forwards_per_step,
     zo_step,
 )
-from hdopt.lm.evaluation import EvalConfig, context_length, evaluate
+from hdopt.lm.evaluation import EvalConfig, EvalResult, context_length, evaluate
 from hdopt.lm.models import load_model
 from hdopt.lm.tasks import Splits, Task, load_split, resolve_task, sample_protocol
 from hdopt.zo import NonFiniteLossError, Trajectory
@@ -126,7 +126,8 @@ def setup(cfg: RunConfig, model=None, tokenizer=None, comm: Communicator | None 
     rank checked that it runs the same config from the same weights.
     """
     comm = comm if comm is not None else Communicator.single()
-    method, task = get_method(cfg.method.method), resolve_task(cfg.data.task)
+    task = resolve_task(cfg.data.task)
+    method = get_method(cfg.method.method).for_task(task)  # lp without label words: head tuning
     cfg = resolve(cfg, method, task)
     check_data_parallel(cfg, method, comm.world_size)
     torch.manual_seed(cfg.train.seed)  # dropout masks and any other draw from torch's global generator
@@ -179,16 +180,22 @@ def metrics_of(task: Task, records: list[dict]) -> dict[str, float]:
 
 
 def _evaluate(s: Setup, examples):
-    answer_room = MAX_NEW_TOKENS if s.task.is_generation else 0  # max_length bounds the prompt
+    return evaluate_examples(s.model, s.tokenizer, s.task, s.cfg, examples)
+
+
+def evaluate_examples(model, tokenizer, task: Task, cfg: RunConfig, examples) -> EvalResult:
+    """hdopt.lm's zero-shot evaluation of ``model`` on ``examples``, as a run of ``cfg`` evaluates dev/test
+    (eval mode during the evaluation; the model's mode is restored after)."""
+    answer_room = MAX_NEW_TOKENS if task.is_generation else 0  # max_length bounds the prompt
     ecfg = EvalConfig(
-        model=s.cfg.model.model, task=s.task.name, batch_size=s.cfg.train.eval_batch_size,
-        max_length=context_length(s.model, s.cfg.data.max_length + answer_room),
+        model=cfg.model.model, task=task.name, batch_size=cfg.train.eval_batch_size,
+        max_length=context_length(model, cfg.data.max_length + answer_room),
         max_new_tokens=MAX_NEW_TOKENS, progress=False,
     )  # fmt: skip
-    was_training = s.model.training
-    s.model.eval()
-    result = evaluate(s.model, s.tokenizer, s.task, examples, [], ecfg)
-    s.model.train(was_training)
+    was_training = model.training
+    model.eval()
+    result = evaluate(model, tokenizer, task, examples, [], ecfg)
+    model.train(was_training)
     return result
 
 
@@ -316,7 +323,8 @@ def train_loop(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog,
     t = s.cfg.train
     fwd, bwd = forwards_per_step(s.cfg, s.method.trainer)
     guarded = s.cfg.method.objective == "loss"
-    s.model.train(s.method.trainer == "fo")  # dropout only for backprop; ZO compares two forwards
+    # dropout only for backprop (ZO compares two forwards); head tuning reads frozen features, as a probe does
+    s.model.train(s.method.trainer == "fo" and s.method.adapter != "head")
     if state.step == 0 and t.eval_every:
         evaluate_and_select(s, state, folder, log)
     bar = tqdm(total=t.steps, initial=state.step, desc=s.method.name, unit="step",
@@ -468,4 +476,4 @@ def _method_record(method: Method, world_size: int = 1) -> dict:
             "world_size": world_size}
 
 
-__all__ = ["LoopState", "Setup", "finetune", "replace", "resume", "setup"]
+__all__ = ["LoopState", "Setup", "evaluate_examples", "finetune", "load_data", "replace", "resume", "setup"]

@@ -1,0 +1,79 @@
+"""Rebuild the model a fine-tuning run tested, from its run folder and its starting model.
+
+A run folder keeps only the trainable weights (full weights, LoRA adapters, the prefix, or the LM head of
+head tuning). :func:`load_trained` attaches the run's adapter to the starting model, as the run did, and
+loads the weights the test evaluated: ``best.safetensors`` when the run kept the best dev checkpoint,
+else the last ``checkpoint.safetensors``.
+
+    >>> model, tokenizer = load_trained("runs/finetune-copa-lp-...")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hdopt.finetune import rundir
+from hdopt.finetune.adapters import prepare_model, trainable_parameters
+from hdopt.finetune.checkpoint import load_checkpoint, load_weights
+from hdopt.finetune.config import RunConfig
+from hdopt.finetune.methods import Method, get_method
+from hdopt.lm.models import load_model
+from hdopt.lm.tasks import resolve_task
+
+
+def run_config(folder: str | Path) -> RunConfig:
+    """The resolved config a run saved (``config.json``, without its method record)."""
+    folder = Path(folder)
+    doc = rundir.read_json(folder / rundir.CONFIG)
+    doc.pop("method_record", None)
+    return RunConfig.from_dict(doc, str(folder / rundir.CONFIG))
+
+
+def run_method(cfg: RunConfig) -> Method:
+    """The method that ran for ``cfg`` (``lp`` on a task without label words: head tuning)."""
+    return get_method(cfg.method.method).for_task(resolve_task(cfg.data.task))
+
+
+def selected_checkpoint(folder: str | Path, cfg: RunConfig) -> Path:
+    """The weights a run's test evaluated: best.safetensors (kept best dev), else the last checkpoint."""
+    folder = Path(folder)
+    if cfg.train.keep_best and (folder / rundir.BEST).is_file():
+        return folder / rundir.BEST
+    if (folder / rundir.CHECKPOINT).is_file():
+        return folder / rundir.CHECKPOINT
+    raise FileNotFoundError(f"{folder} holds no {rundir.BEST} or {rundir.CHECKPOINT}: has the run saved yet?")
+
+
+def load_trained(folder: str | Path, model: nn.Module | None = None,
+                 tokenizer=None) -> tuple[nn.Module, object]:  # fmt: skip
+    """``(model, tokenizer)``: the run's starting model with its adapter and its selected trained weights.
+
+    Args:
+        folder: a finished (or checkpointed) run folder of a ``zo`` or ``fo`` method.
+        model, tokenizer: the starting model, if already loaded (else loaded as the run did). It is
+            modified: adapters are attached (LoRA, prefix), a tied LM head is untied (head tuning).
+
+    Raises:
+        ValueError: for the logistic-regression ``lp`` (its best.safetensors holds the probe, not model
+            weights).
+    """
+    folder = Path(folder)
+    cfg = run_config(folder)
+    method = run_method(cfg)
+    if method.trainer == "lp":
+        raise ValueError(
+            f"{folder} is a logistic-regression probe: its {rundir.BEST} holds the probe's coefficients, "
+            "not weights of the model"
+        )
+    path = selected_checkpoint(folder, cfg)
+    if model is None:
+        m = cfg.model
+        model, tokenizer = load_model(m.model, m.dtype, m.device, m.cache_dir)
+    torch.manual_seed(cfg.train.seed)  # as the trainer's setup does before attaching the adapter
+    model = prepare_model(model, method.adapter, cfg.method, cfg.train.seed)
+    load_weights(trainable_parameters(model), load_checkpoint(path)[0])
+    model.eval()
+    return model, tokenizer
