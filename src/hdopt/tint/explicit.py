@@ -322,32 +322,56 @@ class ExplicitTinT(nn.Module):
         self.linmap([("nf", "g", -N)])
         self.clear(list(self.LOSS))
 
+    @property
+    def dq(self) -> int:
+        """Width of all query heads."""
+        return self.spec.n_heads * self.spec.head_dim
+
+    @property
+    def dkv(self) -> int:
+        """Width of all key (or value) heads."""
+        return self.spec.n_kv_heads * self.spec.head_dim
+
     def block_backward(self, layer: int, ns: str) -> None:
         """Reference-rule backward and SGD update of one block; g holds d loss / d (block output)."""
-        D, Fd, H, T = self.spec.d_model, self.spec.d_ff, self.spec.n_heads, self.config.max_len
-        dh, N = D // H, self.config.fd_scale
+        self.mlp_backward(layer, ns)
+        self.attention_backward(layer, ns)
+
+    def mlp_backward(self, layer: int, ns: str) -> None:
+        """Backward and update of the block's MLP; leaves d loss / d (MLP input) in du2."""
+        D, Fd, N = self.spec.d_model, self.spec.d_ff, self.config.fd_scale
         self.lin_backward(f"{layer}.proj", "g", "da", Fd, D)
         self.lin_update(f"{layer}.proj", "g", f"{ns}.a", Fd, D, self.has_bias(layer, "proj"))
         self.act([self._t(f"{ns}.h"), self._t("da", scale=1.0 / N)], "dh", scale=N)
         self.linmap([(f"{ns}.a", "dh", -N)])
         self.lin_backward(f"{layer}.fc", "dh", "du2", D, Fd)
         self.lin_update(f"{layer}.fc", "dh", f"{ns}.u2", D, Fd, self.has_bias(layer, "fc"))
+
+    def attention_backward(self, layer: int, ns: str) -> None:
+        """From du2 (d loss / d MLP input) down through ln2, the attention sublayer and ln1 into g.
+
+        Shared by both families: query heads of a key/value group (GQA; one head per group for GPT-2/OPT)
+        add into the same dv coordinates."""
+        s, T, N = self.spec, self.config.max_len, self.config.fd_scale
+        D, Dq, Dkv, H, dh = s.d_model, self.dq, self.dkv, s.n_heads, s.head_dim
+        rep = s.n_heads // s.n_kv_heads
         self.lin_backward(f"{layer}.ln2", "du2", "dn2", D, D)
         if self.has_bias(layer, "ln2"):
             self.lin_update(f"{layer}.ln2", "du2", None, D, D)
         self.norm([self._t(f"{ns}.x2"), self._t("dn2", scale=1.0 / N)], "g", scale=N)
         self.linmap([(f"{ns}.n2", "g", -N)])
-        self.lin_backward(f"{layer}.o", "g", "do", D, D)
-        self.lin_update(f"{layer}.o", "g", f"{ns}.o", D, D, self.has_bias(layer, "o"))
-        # dv_t = sum_s P[s, t] do_s per head (probabilities detached)
+        self.lin_backward(f"{layer}.o", "g", "do", Dq, D)
+        self.lin_update(f"{layer}.o", "g", f"{ns}.o", Dq, D, self.has_bias(layer, "o"))
+        # dv_t = sum over the group's query heads h of sum_s P_h[s, t] do_s (probabilities detached)
         self._op(("attnT", ns), self._attn(H, T, dh, False),
                  self._fill(q=[self._t("pos", off=h * T) for h in range(H)],
                             k=[self._t(f"{ns}.A", start=h * T, n=T, off=h * T) for h in range(H)],
                             v=[self._t("do", start=h * dh, n=dh, off=h * dh) for h in range(H)],
-                            o=[self._t("dqkv", start=2 * D + h * dh, n=dh, off=h * dh) for h in range(H)]),
+                            o=[self._t("dqkv", start=Dq + Dkv + h // rep * dh, n=dh, off=h * dh)
+                               for h in range(H)]),
                  "tok->tok", "tok")
-        self.lin_backward(f"{layer}.qkv", "dqkv", "du1", D, 3 * D)
-        self.lin_update(f"{layer}.qkv", "dqkv", f"{ns}.u1", D, 3 * D, self.has_bias(layer, "qkv"))
+        self.lin_backward(f"{layer}.qkv", "dqkv", "du1", D, Dq + 2 * Dkv)
+        self.lin_update(f"{layer}.qkv", "dqkv", f"{ns}.u1", D, Dq + 2 * Dkv, self.has_bias(layer, "qkv"))
         self.lin_backward(f"{layer}.ln1", "du1", "dn1", D, D)
         if self.has_bias(layer, "ln1"):
             self.lin_update(f"{layer}.ln1", "du1", None, D, D)

@@ -41,16 +41,6 @@ class ExplicitLlamaTinT(ExplicitTinT):
     MEMBERS = {"ln1": ("ln1",), "qkv": ("q", "k", "v"), "o": ("o",), "ln2": ("ln2",), "gu": ("gate", "up"),
                "down": ("down",)}
 
-    @property
-    def dq(self) -> int:
-        """Width of all query heads."""
-        return self.spec.n_heads * self.spec.head_dim
-
-    @property
-    def dkv(self) -> int:
-        """Width of all key (or value) heads."""
-        return self.spec.n_kv_heads * self.spec.head_dim
-
     # ------------------------------------------------------------------ layouts
     def _layer_groups(self) -> list[tuple[str, int, int]]:
         D, Fd, Dq, Dkv = self.spec.d_model, self.spec.d_ff, self.dq, self.dkv
@@ -165,11 +155,9 @@ class ExplicitLlamaTinT(ExplicitTinT):
         self.lin_forward(f"{layer}.down", f"{ns}.a", "x", Fd, D)
         self.clear(["S.qkv", "S.r"] + ([] if keep else [f"S.{r}" for r in self.SCRATCH]))
 
-    def block_backward(self, layer: int, ns: str) -> None:
-        """Reference-rule backward and SGD update of one block; g holds d loss / d (block output)."""
-        s, T = self.spec, self.config.max_len
-        D, Fd, Dq, Dkv, H, dh = s.d_model, s.d_ff, self.dq, self.dkv, s.n_heads, s.head_dim
-        rep, N = s.n_heads // s.n_kv_heads, self.config.fd_scale
+    def mlp_backward(self, layer: int, ns: str) -> None:
+        """Backward and update of the SwiGLU MLP; leaves d loss / d (MLP input) in du2."""
+        D, Fd, N = self.spec.d_model, self.spec.d_ff, self.config.fd_scale
         self.lin_backward(f"{layer}.down", "g", "da", Fd, D)
         self.lin_update(f"{layer}.down", "g", f"{ns}.a", Fd, D, self.has_bias(layer, "down"))
         # d up = da * silu(g), d silu(g) = da * up
@@ -179,29 +167,6 @@ class ExplicitLlamaTinT(ExplicitTinT):
         self.linmap([(f"{ns}.s", "dg", -N)])
         self.lin_backward(f"{layer}.gu", "dh", "du2", D, 2 * Fd)
         self.lin_update(f"{layer}.gu", "dh", f"{ns}.u2", D, 2 * Fd, self.has_bias(layer, "gu"))
-        self.lin_backward(f"{layer}.ln2", "du2", "dn2", D, D)
-        if self.has_bias(layer, "ln2"):
-            self.lin_update(f"{layer}.ln2", "du2", None, D, D)
-        self.norm([self._t(f"{ns}.x2"), self._t("dn2", scale=1.0 / N)], "g", scale=N)
-        self.linmap([(f"{ns}.n2", "g", -N)])
-        self.lin_backward(f"{layer}.o", "g", "do", Dq, D)
-        self.lin_update(f"{layer}.o", "g", f"{ns}.o", Dq, D, self.has_bias(layer, "o"))
-        # dv_t = sum over the group's query heads h of sum_s P_h[s, t] do_s (probabilities detached)
-        self._op(("attnT", ns), self._attn(H, T, dh, False),
-                 self._fill(q=[self._t("pos", off=h * T) for h in range(H)],
-                            k=[self._t(f"{ns}.A", start=h * T, n=T, off=h * T) for h in range(H)],
-                            v=[self._t("do", start=h * dh, n=dh, off=h * dh) for h in range(H)],
-                            o=[self._t("dqkv", start=Dq + Dkv + h // rep * dh, n=dh, off=h * dh)
-                               for h in range(H)]),
-                 "tok->tok", "tok")
-        self.lin_backward(f"{layer}.qkv", "dqkv", "du1", D, Dq + 2 * Dkv)
-        self.lin_update(f"{layer}.qkv", "dqkv", f"{ns}.u1", D, Dq + 2 * Dkv, self.has_bias(layer, "qkv"))
-        self.lin_backward(f"{layer}.ln1", "du1", "dn1", D, D)
-        if self.has_bias(layer, "ln1"):
-            self.lin_update(f"{layer}.ln1", "du1", None, D, D)
-        self.norm([self._t(f"{ns}.x"), self._t("dn1", scale=1.0 / N)], "g", scale=N)
-        self.linmap([(f"{ns}.n1", "g", -N)])
-        self.clear(list(self.BACKWARD))
 
     # ------------------------------------------------------------------ inputs
     def _prefix_entries(self):
