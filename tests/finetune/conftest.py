@@ -54,20 +54,24 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
+def _write_task(folder: Path, name: str, rows: list[dict], n_train: int, spec: str) -> Path:
+    """train.jsonl (the first ``n_train`` rows), eval.jsonl (the rest) and ``name.yaml`` (``spec`` follows the
+    name and data lines); returns the yaml path."""
+    _write_rows(folder / "train.jsonl", rows[:n_train])
+    _write_rows(folder / "eval.jsonl", rows[n_train:])
+    path = folder / f"{name}.yaml"
+    path.write_text(f"name: {name}\ndata: {{train: train.jsonl, eval: eval.jsonl}}\n{spec}", encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="session")
 def task_file(tmp_path_factory) -> Path:
     """``toy``: "good ..." texts are labelled ' yes', "bad ..." texts ' no' (learnable from one token)."""
     folder = tmp_path_factory.mktemp("toy")
     words = ["cat", "dog", "sun", "map", "cup", "pen", "box", "hat"]
     rows = [{"text": f"{'good' if i % 2 else 'bad'} {words[i % 8]}", "label": str(i % 2)} for i in range(64)]
-    _write_rows(folder / "train.jsonl", rows[:48])
-    _write_rows(folder / "eval.jsonl", rows[48:])
-    (folder / "toy.yaml").write_text(
-        "name: toy\ndata: {train: train.jsonl, eval: eval.jsonl}\ntemplate: '{text}:'\n"
-        "label_column: label\nlabel_words: {'0': ' no', '1': ' yes'}\n",
-        encoding="utf-8",
-    )
-    return folder / "toy.yaml"
+    return _write_task(folder, "toy", rows, 48,
+                       "template: '{text}:'\nlabel_column: label\nlabel_words: {'0': ' no', '1': ' yes'}\n")
 
 
 @pytest.fixture(scope="session")
@@ -75,14 +79,7 @@ def qa_task(tmp_path_factory) -> Path:
     """``qa``: a generation task (question "say ab", answer "ab"), scored by F1 / exact match."""
     folder = tmp_path_factory.mktemp("qa")
     rows = [{"q": f"say {w}", "a": w} for w in ["ab", "cd", "ef", "gh"] * 6]
-    _write_rows(folder / "train.jsonl", rows[:16])
-    _write_rows(folder / "eval.jsonl", rows[16:])
-    (folder / "qa.yaml").write_text(
-        "name: qa\ndata: {train: train.jsonl, eval: eval.jsonl}\ntemplate: 'Q: {q}\\nA:'\n"
-        "target_column: a\nmetric: f1\n",
-        encoding="utf-8",
-    )
-    return folder / "qa.yaml"
+    return _write_task(folder, "qa", rows, 16, "template: 'Q: {q}\\nA:'\ntarget_column: a\nmetric: f1\n")
 
 
 @pytest.fixture(scope="session")
@@ -96,14 +93,8 @@ def choice_task(tmp_path_factory) -> Path:
     for i in range(48):
         options = [" yes", distractors[i % 4]] if i % 2 else [distractors[i % 4], " yes"]
         rows.append({"text": f"is {words[i % 8]} ok? so", "options": options, "label": 1 - i % 2})
-    _write_rows(folder / "train.jsonl", rows[:32])
-    _write_rows(folder / "eval.jsonl", rows[32:])
-    (folder / "choice.yaml").write_text(
-        "name: choice\ndata: {train: train.jsonl, eval: eval.jsonl}\ntemplate: '{text}'\n"
-        "options_column: options\nlabel_column: label\n",
-        encoding="utf-8",
-    )
-    return folder / "choice.yaml"
+    return _write_task(folder, "choice", rows, 32,
+                       "template: '{text}'\noptions_column: options\nlabel_column: label\n")
 
 
 def toy_config(task_file: Path, out: Path, method: str, **overrides) -> RunConfig:
