@@ -83,6 +83,8 @@ class MethodConfig:
     lora_targets: list[str] | None = None  # None: peft's default for the family (q and v projections)
     prefix_tokens: int = 5
     prefix_init: str = "activations"  # activations (of random vocabulary tokens) | random
+    lp_init: bool = False  # one-token label words: start from a linear probe written into the LM head
+    lp_c: float | None = None  # the probe's inverse L2 strength (lp, --lp-init); None: picked on dev
 
     def __post_init__(self) -> None:
         _check(
@@ -95,6 +97,7 @@ class MethodConfig:
         _check(self.prefix_init in ("activations", "random"), "prefix_init must be activations or random")
         _positive(self, "q", "lora_r", "prefix_tokens")
         _check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        _check(self.lp_c is None or self.lp_c > 0, f"lp_c must be > 0, got {self.lp_c}")
 
 
 @dataclass

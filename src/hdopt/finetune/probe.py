@@ -1,8 +1,11 @@
 """Linear probing (``lp``): logistic regression on frozen last-prompt-token features (MeZO's LP baseline).
 
 The feature of an example is the final hidden state at the last prompt token (before any option), from
-the frozen body. A standardised logistic regression (scikit-learn, L2, C = 1) is fit on the train
-features and scored on dev and test. This covers tasks with fixed label words; on multiple-choice and
+the frozen body. A logistic regression (scikit-learn, L2, features divided by their train standard
+deviation, no intercept: :func:`hdopt.finetune.label_head.fit_probe`) is fit on the train features, its
+C picked on dev from a grid (or ``--lp-c``), and scored on dev and test. Without an intercept the probe is
+exactly a set of LM-head rows for one-token label words, which ``--lp-init`` starts other methods from.
+This covers tasks with fixed label words; on multiple-choice and
 generation tasks ``lp`` is MeZO's head tuning instead (:mod:`hdopt.finetune.head`, trained by the backprop
 loop of :mod:`hdopt.finetune.trainer`; see :meth:`hdopt.finetune.methods.Method.for_task`).
 """
@@ -18,11 +21,12 @@ import torch
 
 from hdopt.finetune import rundir
 from hdopt.finetune.checkpoint import save_checkpoint
+from hdopt.finetune.label_head import fit_probe
 
 
 @torch.no_grad()
 def last_token_features(model, tokenizer, examples, max_length: int, batch_size: int) -> np.ndarray:
-    """``[N, hidden]`` float32 features: the body's output at each prompt's last token."""
+    """``[N, hidden]`` float64 features: the body's output at each prompt's last token."""
     device = model.get_input_embeddings().weight.device
     body = model.base_model
     out = []
@@ -35,16 +39,12 @@ def last_token_features(model, tokenizer, examples, max_length: int, batch_size:
             ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
         hidden = body(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)[0]
         last = mask.sum(1).to(device) - 1
-        out.append(hidden[torch.arange(len(rows), device=device), last].float().cpu().numpy())
+        out.append(hidden[torch.arange(len(rows), device=device), last].double().cpu().numpy())
     return np.concatenate(out)
 
 
 def linear_probe(s) -> tuple[dict, Path]:
     """Fit and evaluate the probe for a trainer ``Setup``; writes the run folder."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     if not s.task.label_words:
         raise ValueError(
             f"the logistic-regression probe needs fixed label words and {s.task.name!r} has none: run lp "
@@ -60,23 +60,22 @@ def linear_probe(s) -> tuple[dict, Path]:
         size = cfg.train.eval_batch_size
         return last_token_features(s.model, s.tokenizer, examples, cfg.data.max_length, size)
 
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=cfg.train.seed))
-    probe.fit(feats(s.splits.train), [e.label for e in s.splits.train])
+    def labels(examples) -> np.ndarray:
+        return np.array([e.label for e in examples])
 
-    def accuracy(examples) -> float:
-        return round(100.0 * float(np.mean(probe.predict(feats(examples)) == [e.label for e in examples])), 2)
-
-    dev = accuracy(s.splits.dev) if s.splits.dev else None
-    test = accuracy(s.splits.eval)
-    linear = probe[-1]
-    weights = [("coef", torch.tensor(linear.coef_)), ("intercept", torch.tensor(linear.intercept_))]
-    save_checkpoint(folder / rundir.BEST, weights, meta={"dev": dev})
+    dev_x = feats(s.splits.dev) if s.splits.dev else None
+    dev_y = labels(s.splits.dev) if s.splits.dev else None
+    coef, c, _, dev = fit_probe(feats(s.splits.train), labels(s.splits.train), dev_x, dev_y,
+                                len(s.task.label_words), cfg.method.lp_c, cfg.train.seed)  # fmt: skip
+    predicted = np.argmax(feats(s.splits.eval) @ coef.T, axis=1)
+    test = round(100.0 * float(np.mean(predicted == labels(s.splits.eval))), 2)
+    save_checkpoint(folder / rundir.BEST, [("coef", torch.from_numpy(coef))], meta={"dev": dev, "c": c})
     results = {
         "status": "completed", "method": "lp", "model": cfg.model.model, "task": s.task.name,
         "metric": "accuracy", "steps": 0, "forwards": len(s.splits.train) + len(s.splits.dev),
         "backwards": 0, "wall_seconds": round(time.perf_counter() - start, 2), "best_dev": dev,
         "best_step": 0, "test_accuracy": test, "test": test,
-        "trainable_parameters": int(linear.coef_.size + linear.intercept_.size),
+        "trainable_parameters": int(coef.size), "lp_c": c,
         "peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }  # fmt: skip
     rundir.write_jsonl(folder / rundir.METRICS, [{"step": 0, "dev_accuracy": dev}])

@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 
 from hdopt.finetune import rundir
-from hdopt.finetune.adapters import prepare_model, trainable_parameters
+from hdopt.finetune.adapters import trainable_parameters
 from hdopt.finetune.checkpoint import load_checkpoint, load_weights
 from hdopt.finetune.methods import get_method
-from hdopt.finetune.trained import run_config
+from hdopt.finetune.trained import run_config, starting_model
 from hdopt.lm.models import load_model
 from hdopt.zo import Trajectory, replay
 
@@ -38,8 +38,7 @@ def rebuild(folder: str | Path, model=None, tokenizer=None, upto: int | None = N
     if model is None:
         m = cfg.model
         model, tokenizer = load_model(m.model, m.dtype, m.device, m.cache_dir)
-    torch.manual_seed(cfg.train.seed)  # as the trainer's setup does before attaching the adapter
-    model = prepare_model(model, method.adapter, cfg.method, cfg.train.seed)
+    model = starting_model(model, cfg, method, folder)
     params = trainable_parameters(model)
     if (folder / rundir.INITIAL).is_file():  # the run's own starting prefix, not a recomputed one
         load_weights(params, load_checkpoint(folder / rundir.INITIAL)[0])

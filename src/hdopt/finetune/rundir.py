@@ -7,6 +7,7 @@
     best.safetensors   the trainable weights with the best dev metric (full weights or adapters)
     trajectory.bin     ZO runs: seeds + projected gradients (``hdopt replay`` rebuilds the weights)
     initial.safetensors  prefix runs: the initial prefix, which replay starts from
+    lp_head.safetensors  --lp-init runs: the linear probe's label-word rows of the LM head
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from hdopt.lm.rundir import default_run_dir, write_json, write_jsonl
 CONFIG, METRICS, RESULTS = "config.json", "metrics.jsonl", "results.json"
 CHECKPOINT, BEST, TRAJECTORY = "checkpoint.safetensors", "best.safetensors", "trajectory.bin"
 INITIAL = "initial.safetensors"  # prefix runs: the starting prefix (its init depends on float op order)
+LP_HEAD = "lp_head.safetensors"  # --lp-init runs: the probe's rows of the LM head (part of the start)
 
 
 def new_run_dir(output_dir: str | None, task: str, method: str, model: str) -> Path:

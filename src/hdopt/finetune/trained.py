@@ -19,6 +19,7 @@ from hdopt.finetune import rundir
 from hdopt.finetune.adapters import prepare_model, trainable_parameters
 from hdopt.finetune.checkpoint import load_checkpoint, load_weights
 from hdopt.finetune.config import RunConfig
+from hdopt.finetune.label_head import apply_label_head, load_label_head
 from hdopt.finetune.methods import Method, get_method
 from hdopt.lm.models import load_model
 from hdopt.lm.tasks import resolve_task
@@ -47,6 +48,16 @@ def selected_checkpoint(folder: str | Path, cfg: RunConfig) -> Path:
     raise FileNotFoundError(f"{folder} holds no {rundir.BEST} or {rundir.CHECKPOINT}: has the run saved yet?")
 
 
+def starting_model(model: nn.Module, cfg: RunConfig, method: Method, folder: str | Path) -> nn.Module:
+    """The model a run started training from: its adapter attached as the trainer attached it (same
+    seed) and, for ``--lp-init`` runs, the saved linear-probe rows written into the LM head."""
+    torch.manual_seed(cfg.train.seed)  # as the trainer's setup does before attaching the adapter
+    model = prepare_model(model, method.adapter, cfg.method, cfg.train.seed)
+    if cfg.method.lp_init:
+        apply_label_head(model, load_label_head(Path(folder) / rundir.LP_HEAD))
+    return model
+
+
 def load_trained(folder: str | Path, model: nn.Module | None = None,
                  tokenizer=None) -> tuple[nn.Module, object]:  # fmt: skip
     """``(model, tokenizer)``: the run's starting model with its adapter and its selected trained weights.
@@ -54,7 +65,8 @@ def load_trained(folder: str | Path, model: nn.Module | None = None,
     Args:
         folder: a finished (or checkpointed) run folder of a ``zo`` or ``fo`` method.
         model, tokenizer: the starting model, if already loaded (else loaded as the run did). It is
-            modified: adapters are attached (LoRA, prefix), a tied LM head is untied (head tuning).
+            modified: adapters are attached (LoRA, prefix), a tied LM head is untied (head tuning,
+            ``--lp-init``).
 
     Raises:
         ValueError: for the logistic-regression ``lp`` (its best.safetensors holds the probe, not model
@@ -72,8 +84,7 @@ def load_trained(folder: str | Path, model: nn.Module | None = None,
     if model is None:
         m = cfg.model
         model, tokenizer = load_model(m.model, m.dtype, m.device, m.cache_dir)
-    torch.manual_seed(cfg.train.seed)  # as the trainer's setup does before attaching the adapter
-    model = prepare_model(model, method.adapter, cfg.method, cfg.train.seed)
+    model = starting_model(model, cfg, method, folder)
     load_weights(trainable_parameters(model), load_checkpoint(path)[0])
     model.eval()
     return model, tokenizer

@@ -44,6 +44,13 @@ from hdopt.finetune.data_parallel import (
     shard_weight,
     world_size_message,
 )
+from hdopt.finetune.label_head import (
+    LabelHead,
+    apply_label_head,
+    fit_label_head,
+    load_label_head,
+    save_label_head,
+)
 from hdopt.finetune.methods import Method, get_method
 from hdopt.finetune.optimizers import (
     DivergenceError,
@@ -91,6 +98,7 @@ class Setup:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
     comm: Communicator = field(default_factory=Communicator.single)  # torchrun: the data-parallel group
+    label_head: LabelHead | None = None  # --lp-init: the probe written into the LM head
 
     @property
     def writer(self) -> bool:
@@ -119,11 +127,14 @@ def load_data(cfg: RunConfig, task: Task) -> Splits:
     return sample_protocol(train_pool, eval_pool, d.data_seed, d.num_train, d.num_dev, d.num_eval)
 
 
-def setup(cfg: RunConfig, model=None, tokenizer=None, comm: Communicator | None = None) -> Setup:
+def setup(cfg: RunConfig, model=None, tokenizer=None, comm: Communicator | None = None,
+          label_head: LabelHead | None = None) -> Setup:  # fmt: skip
     """Resolve the config, load data and model, attach the adapter, build optimizer and schedule.
 
-    With a communicator of several ranks (torchrun), the ZO optimizer is made data-parallel after every
-    rank checked that it runs the same config from the same weights.
+    With ``--lp-init`` the linear probe is fit on the adapted model's features and written into its LM
+    head (or ``label_head``, a resumed run's saved probe, is written). With a communicator of several ranks
+    (torchrun), the ZO optimizer is made data-parallel after every rank checked that it runs the same
+    config from the same weights.
     """
     comm = comm if comm is not None else Communicator.single()
     task = resolve_task(cfg.data.task)
@@ -139,6 +150,9 @@ def setup(cfg: RunConfig, model=None, tokenizer=None, comm: Communicator | None 
         m = cfg.model
         model, tokenizer = load_model(m.model, m.dtype, m.device, m.cache_dir)
     model = prepare_model(model, method.adapter, cfg.method, cfg.train.seed)
+    if cfg.method.lp_init:
+        label_head = label_head or _fit_label_head(cfg, method, task, splits, model, tokenizer, comm)
+        apply_label_head(model, label_head)
     params = trainable_parameters(model)
     if method.trainer == "lp":
         return Setup(cfg, method, task, splits, model, tokenizer, params, None, None, _device(model))
@@ -147,7 +161,18 @@ def setup(cfg: RunConfig, model=None, tokenizer=None, comm: Communicator | None 
         make_data_parallel(optimizer, model, params, cfg, method, comm)
     scheduler = build_scheduler(optimizer, cfg.optim.schedule, cfg.train.steps)
     return Setup(cfg, method, task, splits, model, tokenizer, params, optimizer, scheduler, _device(model),
-                 comm)
+                 comm, label_head)
+
+
+def _fit_label_head(cfg: RunConfig, method: Method, task: Task, splits: Splits, model, tokenizer,
+                    comm: Communicator) -> LabelHead:  # fmt: skip
+    """--lp-init: fit the probe on the train features (C on dev); under torchrun rank 0's rows win."""
+    if method.trainer == "lp":
+        raise ConfigError("--lp-init starts a trained method from the linear probe; lp is the probe itself")
+    head = fit_label_head(model, tokenizer, task, splits.train, splits.dev, cfg.data.max_length,
+                          cfg.method.lp_c, cfg.train.seed, cfg.train.eval_batch_size)  # fmt: skip
+    comm.broadcast_(head.rows, 0, "broadcast of the linear probe's head rows")
+    return head
 
 
 def _device(model) -> torch.device:
@@ -376,6 +401,8 @@ def finish(s: Setup, state: LoopState, folder: Path, status: str = "completed", 
         "best_dev": state.best_metric, "best_step": state.best_step,
         "trainable_parameters": sum(p.numel() for _, p in s.params),
     }  # fmt: skip
+    if s.label_head is not None:
+        results["lp_init"] = s.label_head.meta()
     if error:
         results["error"] = error
     if s.comm.active:
@@ -439,6 +466,8 @@ def finetune(cfg: RunConfig, model=None, tokenizer=None, *,
             rundir.write_json(folder / rundir.CONFIG, {**s.cfg.to_dict(), "method_record": record})
             if s.method.adapter == "prefix":  # computed by the model: bitwise for the same threads/hardware
                 save_checkpoint(folder / rundir.INITIAL, s.params, meta={"step": 0})
+            if s.label_head is not None:  # resume, replay and load_trained start from these rows
+                save_label_head(folder / rundir.LP_HEAD, s.label_head)
         board = rundir.open_tensorboard(folder, s.cfg.train.tensorboard and s.writer)
         log = rundir.MetricsLog(folder, tensorboard=board, write=s.writer)
         return _run(s, LoopState(), folder, log, on_step), folder
@@ -446,24 +475,50 @@ def finetune(cfg: RunConfig, model=None, tokenizer=None, *,
 
 def resume(folder: str | Path, model=None, tokenizer=None, *,
            on_step: Callable[[int], None] | None = None, **overrides) -> tuple[dict, Path]:  # fmt: skip
-    """Continue the run in ``folder`` from its last checkpoint (same config; ``overrides`` e.g. progress)."""
+    """Continue the run in ``folder`` from its last checkpoint (same config; ``overrides`` e.g. progress).
+
+    ``steps`` may be changed, to extend a finished run or end an interrupted one sooner, when the lr
+    schedule does not depend on the number of steps (``constant``); the run then ends bitwise where a run
+    started with that many steps ends. The new number is written to the folder's config.json.
+    """
     folder = Path(folder)
     doc = rundir.read_json(folder / rundir.CONFIG)
     record = doc.pop("method_record", None) or {}
     cfg = RunConfig.from_dict(doc, str(folder / rundir.CONFIG))
+    steps = overrides.pop("steps", None)
     cfg = cfg.replace(**overrides) if overrides else cfg
     if not (folder / rundir.CHECKPOINT).is_file():
         raise FileNotFoundError(f"{folder} has no {rundir.CHECKPOINT} to resume from (none saved yet)")
+    if steps is not None and steps != cfg.train.steps:
+        cfg = _change_steps(folder, cfg, record, steps)
     saved, world = record.get("world_size", 1), launched_world()[1]
     if saved != world:
         raise ConfigError(world_size_message(folder, saved, world))
+    label_head = load_label_head(folder / rundir.LP_HEAD) if cfg.method.lp_init else None
     with process_group(cfg) as comm:
-        s = setup(cfg, model, tokenizer, comm)
+        s = setup(cfg, model, tokenizer, comm, label_head)
         board = rundir.open_tensorboard(folder, s.cfg.train.tensorboard and s.writer)
         rows = rundir.read_metrics(folder) if s.writer else []
         log = rundir.MetricsLog(folder, rows, board, write=s.writer)
         state = restore(s, folder, log)
         return _run(s, state, folder, log, on_step), folder
+
+
+def _change_steps(folder: Path, cfg: RunConfig, record: dict, steps: int) -> RunConfig:
+    """``cfg`` with ``steps`` for a resumed run; refuses a schedule that depends on the number of steps."""
+    at = _checkpoint_step(folder)
+    if cfg.optim.schedule != "constant":
+        raise ConfigError(
+            f"{folder} uses the {cfg.optim.schedule!r} lr schedule, which is set by the number of steps "
+            f"({cfg.train.steps}): changing it would change the lr of the steps already run. Resume without "
+            "--steps, or start a new run"
+        )
+    if steps < at:
+        raise ConfigError(f"{folder} is at step {at}: --steps must be at least that, got {steps}")
+    cfg = cfg.replace(steps=steps)
+    if launched_world()[0] == 0:
+        rundir.write_json(folder / rundir.CONFIG, {**cfg.to_dict(), "method_record": record})
+    return cfg
 
 
 def _checkpoint_step(folder: Path):
