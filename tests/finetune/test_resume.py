@@ -10,6 +10,7 @@ import torch
 
 from hdopt.finetune import finetune, resume, rundir
 from hdopt.finetune.checkpoint import load_checkpoint
+from hdopt.finetune.config import ConfigError
 from hdopt.finetune.replay import compare_with_checkpoint, rebuild
 from tests.finetune.conftest import make_model, toy_config
 
@@ -118,3 +119,27 @@ def test_prefix_replay_starts_from_the_saved_initial_prefix(task_file, tokenizer
     monkeypatch.setattr(prefix, "activation_prefix", lambda *a: tuple(t + 1e-4 for t in real(*a)))
     _, params, _ = rebuild(tmp_path, make_model("llama"), tokenizer)
     assert compare_with_checkpoint(params, tmp_path / rundir.CHECKPOINT) == (True, 0.0)
+
+
+def test_resume_with_more_steps_equals_the_longer_run(task_file, tokenizer, tmp_path):
+    method, family, overrides = "mezo", "llama", dict(steps=10, eval_every=2)
+    long, _ = _run(task_file, tmp_path / "long", method, overrides, family, tokenizer)
+    _run(task_file, tmp_path / "short", method, dict(overrides, steps=6), family, tokenizer)
+    extended, _ = resume(tmp_path / "short", make_model(family), tokenizer, steps=10)
+    assert json.loads((tmp_path / "short" / rundir.CONFIG).read_text())["train"]["steps"] == 10
+    for name in (rundir.CHECKPOINT, rundir.BEST):
+        assert _same_weights(tmp_path / "long" / name, tmp_path / "short" / name)
+    dev = [[r for r in _metrics(tmp_path / name) if "dev_accuracy" in r] for name in ("long", "short")]
+    assert dev[0] == dev[1] and len(dev[0]) == 6  # steps 0, 2, ..., 10 (short also logged a loss at 6)
+    assert extended["steps"] == 10 and extended["test"] == long["test"]
+    traj = rundir.TRAJECTORY
+    assert (tmp_path / "long" / traj).read_bytes() == (tmp_path / "short" / traj).read_bytes()
+    with pytest.raises(ConfigError, match="at step 10"):
+        resume(tmp_path / "short", make_model(family), tokenizer, steps=8)
+
+
+def test_steps_of_a_linear_schedule_cannot_change(task_file, tokenizer, tmp_path):
+    _run(task_file, tmp_path, "mezo", dict(steps=4, schedule="linear"), "llama", tokenizer)
+    with pytest.raises(ConfigError, match="'linear' lr schedule"):
+        resume(tmp_path, make_model("llama"), tokenizer, steps=8)
+    assert json.loads((tmp_path / rundir.CONFIG).read_text())["train"]["steps"] == 4

@@ -1,7 +1,8 @@
 """``hdopt finetune``: fine-tune a language model with MeZO (full / LoRA / prefix) or a backprop baseline.
 
 Every config field is a flag (``--num-train`` sets ``DataConfig.num_train``); ``--config run.yaml`` sets
-sections first and flags override it. ``--resume RUN_DIR`` continues an interrupted run with its own config.
+sections first and flags override it. ``--resume RUN_DIR`` continues an interrupted run with its own config
+(``--steps`` may extend a run with a constant lr).
 
     hdopt finetune --model smollm2-135m --task sst2 --method mezo --steps 2000 --lr 1e-6 --eps 1e-3 \\
         --num-train 1000
@@ -21,7 +22,7 @@ from hdopt.finetune.config import SECTIONS, ConfigError, RunConfig
 from hdopt.finetune.methods import MethodError, get_method, list_methods
 from hdopt.finetune.optimizers import DivergenceError
 
-RESUME_FLAGS = ("progress", "tensorboard", "dist_timeout")  # the only fields a resumed run may change
+RESUME_FLAGS = ("progress", "tensorboard", "dist_timeout", "steps")  # the fields a resumed run may change
 EXIT_DIVERGED, EXIT_RANK_FAILURE, EXIT_INTERRUPTED = 3, 4, 130
 AGREED = (ConfigError, ConfigMismatchError, DivergenceError, MethodError)  # every torchrun rank raises these
 
@@ -93,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
             if args.resume:
                 fixed = sorted(set(overrides) - set(RESUME_FLAGS))
                 if fixed or args.config:
-                    raise ConfigError(f"a resumed run keeps its config; drop {fixed or ['--config']}")
+                    allowed = ", ".join("--" + f.replace("_", "-") for f in RESUME_FLAGS)
+                    drop = fixed or ["--config"]
+                    message = f"a resumed run keeps its config (only {allowed} may change)"
+                    raise ConfigError(f"{message}: drop {drop}")
                 results, folder = resume(args.resume, **overrides)
             else:
                 cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
