@@ -3,6 +3,7 @@
     python benchmarks/finetune.py memory      # peak RSS: inference / MeZO / MeZO-LoRA / FT-prefix / FT
     python benchmarks/finetune.py accuracy    # SST-2: zero-shot, ICL, LP, FT, FT-LoRA, MeZO (+LoRA, prefix)
     python benchmarks/finetune.py report      # Markdown tables + plot from the saved results
+    python benchmarks/finetune.py curves RUN_DIR... --out PNG   # dev accuracy vs forward passes of runs
 
 Every measurement runs in a fresh subprocess (memory is per process; one failure does not stop the rest).
 Results: benchmarks/results/finetune_memory.json, benchmarks/results/finetune_accuracy.json, the run folders
@@ -221,6 +222,53 @@ def plot(rows: list[dict]) -> None:
     fig.savefig(PLOT, dpi=120)
 
 
+def run_label(folder: Path) -> str:
+    """``method [lp-init] lr ... steps N`` from a run folder's config."""
+    from hdopt.finetune.trained import run_config
+
+    cfg = run_config(folder)
+    lp = " (LP init)" if cfg.method.lp_init else ""
+    return f"{cfg.method.method}{lp}, lr {cfg.optim.lr:g}, {cfg.optim.schedule}"
+
+
+def curves(args) -> None:
+    """Dev accuracy against training compute for finished run folders: forward passes over single
+    examples, a backward pass counted as two (so FT's batches of 8 and MeZO's of 16 share one scale).
+
+    An ``--lp-init`` run's curve starts after the probe's one forward pass per train and dev example.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hdopt.finetune.rundir import read_json as read_run_json
+    from hdopt.finetune.rundir import read_metrics
+    from hdopt.finetune.trained import run_config
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for folder in map(Path, args.runs):
+        cfg = run_config(folder)
+        start = cfg.data.num_train + cfg.data.num_dev if cfg.method.lp_init else 0
+        size = cfg.train.batch_size // cfg.train.grad_accum  # examples per counted pass
+        pts = [(start + size * (m["forwards"] + 2 * m["backwards"]), m["dev_accuracy"])
+               for m in read_metrics(folder) if "dev_accuracy" in m]  # fmt: skip
+        test = read_run_json(folder / "results.json").get("test")
+        label = f"{run_label(folder)} (test {test:.1f})" if test is not None else run_label(folder)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, label=label)
+    if args.zero_shot is not None:
+        label = f"zero-shot (test {args.zero_shot:.1f})"
+        ax.axhline(args.zero_shot, color="grey", linestyle=":", label=label)
+    ax.set_xlabel("example forward passes (a backward pass counted as 2)")
+    ax.set_ylabel("dev accuracy (%)")
+    ax.set_title(args.title)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
 def report(args) -> None:
     mem = read_json(RESULTS / "finetune_memory.json", {"rows": []})
     acc = read_json(RESULTS / "finetune_accuracy.json", {"rows": [], "budget": {}})
@@ -275,6 +323,11 @@ def main() -> None:
         e.add_argument(flag, type=int, required=True)
     sub.add_parser("finetune-one", add_help=False)
     sub.add_parser("report")
+    c = sub.add_parser("curves")
+    c.add_argument("runs", nargs="+", help="finished run folders")
+    c.add_argument("--out", default=str(PLOT.with_name("finetune_long_runs.png")))
+    c.add_argument("--zero-shot", type=float, default=None, help="draw the zero-shot test accuracy")
+    c.add_argument("--title", default="SmolLM2-135M, SST-2 (1000 train, 100 dev examples)")
     if len(sys.argv) > 1 and sys.argv[1] == "finetune-one":
         print(json.dumps(finetune_one(sys.argv[2:])))
         return
@@ -284,7 +337,7 @@ def main() -> None:
     elif args.part == "eval-one":
         print(json.dumps(eval_one(args)))
     else:
-        {"memory": memory, "accuracy": accuracy, "report": report}[args.part](args)
+        {"memory": memory, "accuracy": accuracy, "report": report, "curves": curves}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from hdopt.finetune import finetune, resume, rundir
+from hdopt.finetune import finetune, get_method, resume, rundir
 from hdopt.finetune.adapters import prepare_model
 from hdopt.finetune.checkpoint import load_checkpoint
 from hdopt.finetune.config import ConfigError, MethodConfig
+from hdopt.finetune.data_parallel import check_data_parallel
 from hdopt.finetune.label_head import (
     apply_label_head,
     fit_label_head,
@@ -173,3 +174,6 @@ def test_lp_init_is_refused_where_it_cannot_apply(task_file, letter_task, tokeni
         finetune(toy_config(task_file, tmp_path / "b", "mezo", lp_init=True), make_model("llama"), tokenizer)
     with pytest.raises(ConfigError, match="lp_c must be > 0"):
         MethodConfig(lp_c=0.0)
+    cfg = toy_config(letter_task, tmp_path / "c", "mezo", lp_init=True, batch_size=8)
+    with pytest.raises(ConfigError, match="not supported on 2 processes"):
+        check_data_parallel(cfg, get_method("mezo"), world_size=2)

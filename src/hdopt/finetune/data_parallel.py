@@ -113,6 +113,12 @@ def check_data_parallel(cfg: RunConfig, method: Method, world_size: int) -> None
             "process (`hdopt finetune ...` without torchrun), or wrap the model in "
             "torch.nn.parallel.DistributedDataParallel in a loop of your own"
         )
+    if cfg.method.lp_init:
+        raise ConfigError(
+            f"--lp-init is not supported on {world_size} processes (each would fit the probe on all the "
+            "data): run it in one process, or fit the probe once with `hdopt finetune --method lp` and start "
+            "the torchrun job from a model whose head holds it"
+        )
     t = cfg.train
     unit = world_size * t.grad_accum
     if t.batch_size % unit:

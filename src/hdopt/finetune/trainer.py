@@ -151,7 +151,7 @@ def setup(cfg: RunConfig, model=None, tokenizer=None, comm: Communicator | None 
         model, tokenizer = load_model(m.model, m.dtype, m.device, m.cache_dir)
     model = prepare_model(model, method.adapter, cfg.method, cfg.train.seed)
     if cfg.method.lp_init:
-        label_head = label_head or _fit_label_head(cfg, method, task, splits, model, tokenizer, comm)
+        label_head = label_head or _fit_label_head(cfg, method, task, splits, model, tokenizer)
         apply_label_head(model, label_head)
     params = trainable_parameters(model)
     if method.trainer == "lp":
@@ -164,15 +164,13 @@ def setup(cfg: RunConfig, model=None, tokenizer=None, comm: Communicator | None 
                  comm, label_head)
 
 
-def _fit_label_head(cfg: RunConfig, method: Method, task: Task, splits: Splits, model, tokenizer,
-                    comm: Communicator) -> LabelHead:  # fmt: skip
-    """--lp-init: fit the probe on the train features (C on dev); under torchrun rank 0's rows win."""
+def _fit_label_head(cfg: RunConfig, method: Method, task: Task, splits: Splits, model,
+                    tokenizer) -> LabelHead:  # fmt: skip
+    """--lp-init: fit the probe on the train features (C on dev, or --lp-c)."""
     if method.trainer == "lp":
         raise ConfigError("--lp-init starts a trained method from the linear probe; lp is the probe itself")
-    head = fit_label_head(model, tokenizer, task, splits.train, splits.dev, cfg.data.max_length,
+    return fit_label_head(model, tokenizer, task, splits.train, splits.dev, cfg.data.max_length,
                           cfg.method.lp_c, cfg.train.seed, cfg.train.eval_batch_size)  # fmt: skip
-    comm.broadcast_(head.rows, 0, "broadcast of the linear probe's head rows")
-    return head
 
 
 def _device(model) -> torch.device:
