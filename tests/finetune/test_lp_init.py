@@ -11,6 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from hdopt.finetune import finetune, get_method, resume, rundir
 from hdopt.finetune.adapters import prepare_model
 from hdopt.finetune.checkpoint import load_checkpoint
+from hdopt.finetune.cli_compare import row
 from hdopt.finetune.config import ConfigError, MethodConfig
 from hdopt.finetune.data_parallel import check_data_parallel
 from hdopt.finetune.label_head import (
@@ -146,6 +147,7 @@ def test_an_lp_init_run_resumes_replays_and_reloads(method, letter_task, tokeniz
     full, folder = run(tmp_path / "full")
     saved = load_label_head(folder / rundir.LP_HEAD)
     assert full["lp_init"] == saved.meta()
+    assert row(folder)["method"] == f"{method} (LP init)"  # hdopt compare names the start
     first_dev = [r for r in rundir.read_metrics(folder) if "dev_accuracy" in r][0]
     assert first_dev["step"] == 0 and first_dev["dev_accuracy"] == saved.dev_accuracy  # starts at the probe
 

@@ -33,8 +33,9 @@ def row(folder: Path) -> dict:
     metric = r.get("metric", "accuracy")
     test = r.get("test", r.get(metric))  # eval runs store the metric under its own name
     memory = r.get("peak_memory_mib")
+    method = r.get("method", "-") + (" (LP init)" if r.get("lp_init") else "")
     return {
-        "run": folder.name, "method": r.get("method", "-"), "model": r.get("model", "-"),
+        "run": folder.name, "method": method, "model": r.get("model", "-"),
         "task": r.get("task", "-"), "metric": metric, "dev": _fmt(r.get("best_dev")), "test": _fmt(test),
         "steps": _fmt(r.get("steps")), "forwards": _fmt(r.get("forwards")),
         "wall time": _duration(r.get("wall_seconds", r.get("seconds"))),
