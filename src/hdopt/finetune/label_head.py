@@ -31,7 +31,7 @@ from hdopt.finetune.head import untie_head
 from hdopt.lm.scoring import _unwrap, encode_examples, token_logprobs
 from hdopt.lm.tasks import Example, Task
 
-C_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # inverse L2 strength, on standardised features
+C_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # inverse L2 strength, on features divided by their std
 
 
 @dataclass
