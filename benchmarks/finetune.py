@@ -222,11 +222,8 @@ def plot(rows: list[dict]) -> None:
     fig.savefig(PLOT, dpi=120)
 
 
-def run_label(folder: Path) -> str:
-    """``method [lp-init] lr ... steps N`` from a run folder's config."""
-    from hdopt.finetune.trained import run_config
-
-    cfg = run_config(folder)
+def run_label(cfg) -> str:
+    """``method [(LP init)], lr ..., schedule`` from a run's config."""
     lp = " (LP init)" if cfg.method.lp_init else ""
     return f"{cfg.method.method}{lp}, lr {cfg.optim.lr:g}, {cfg.optim.schedule}"
 
@@ -242,7 +239,6 @@ def curves(args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hdopt.finetune.rundir import read_json as read_run_json
     from hdopt.finetune.rundir import read_metrics
     from hdopt.finetune.trained import run_config
 
@@ -253,8 +249,8 @@ def curves(args) -> None:
         size = cfg.train.batch_size // cfg.train.grad_accum  # examples per counted pass
         pts = [(start + size * (m["forwards"] + 2 * m["backwards"]), m["dev_accuracy"])
                for m in read_metrics(folder) if "dev_accuracy" in m]  # fmt: skip
-        test = read_run_json(folder / "results.json").get("test")
-        label = f"{run_label(folder)} (test {test:.1f})" if test is not None else run_label(folder)
+        test = read_json(folder / "results.json", {}).get("test")
+        label = run_label(cfg) + (f" (test {test:.1f})" if test is not None else "")
         ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, label=label)
     if args.zero_shot is not None:
         label = f"zero-shot (test {args.zero_shot:.1f})"

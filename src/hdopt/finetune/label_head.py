@@ -182,7 +182,7 @@ def fit_label_head(
     head = (_unwrap(model) or model).get_output_embeddings()
     old = head.weight.detach()[ids].double().cpu()
     target = torch.from_numpy(weights)
-    rows = old + (target - old) - (target - old).mean(dim=0, keepdim=True)
+    rows = target - (target - old).mean(dim=0, keepdim=True)  # nearest to ``old`` with target's differences
     return LabelHead(ids, rows.to(head.weight.dtype), c, train_acc, dev_acc)
 
 
