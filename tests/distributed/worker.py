@@ -79,8 +79,23 @@ def fault(comm: Communicator, out: Path, kind: str) -> None:
         (out / f"{kind}.rank{comm.rank}.seconds").write_text(f"{time.perf_counter() - start:.3f}")
 
 
+def model_import(comm: Communicator, out: Path) -> None:
+    """Import transformers' model code with the group alive, as loading a model under torchrun does: it
+    imports torch.distributed.nn.functional, whose default arguments capture the default group."""
+    import transformers.modeling_utils  # noqa: F401
+
+
+def native_threads() -> list[str]:
+    """The names of this process's threads, native ones included (gloo's are ``gloo_tcp_loop`` and
+    ``pt_gloo_runloop``); empty where /proc is not available."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return []
+    return sorted((t / "comm").read_text().strip() for t in tasks.iterdir())
+
+
 SCENARIOS = {"local_sgd": local_sgd, "zo": zo, "checkpoint": checkpoint, "resume": resume,
-             "mismatch": mismatch}
+             "mismatch": mismatch, "model_import": model_import}
 
 
 def main() -> None:
@@ -99,6 +114,7 @@ def main() -> None:
         # without an active exception") when its peer's connection closes first, as seen under heavy load.
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        (out / f"threads.rank{comm.rank}.txt").write_text("\n".join(native_threads()))
 
 
 if __name__ == "__main__":

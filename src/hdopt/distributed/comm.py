@@ -216,11 +216,26 @@ def init_from_env(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = No
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Communicator.single()
     if not dist.is_initialized():
+        _import_group_capturing_modules()
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return Communicator(timeout_s=timeout_s)
+
+
+def _import_group_capturing_modules() -> None:
+    """Import, before the default group exists, the torch modules that capture it at import time.
+
+    ``torch.distributed.nn.functional`` binds ``group.WORLD`` as a default argument when it is imported;
+    transformers imports it (through ``torch.distributed._shard``) when a model class is first loaded. If
+    that happens after ``init_process_group``, the default group stays referenced after
+    ``destroy_process_group``: its gloo threads live on and are torn down during interpreter shutdown,
+    which now and then ends the process with ``terminate called without an active exception`` (SIGABRT)
+    after a run that succeeded. Imported first, the default argument is None (the default group at call
+    time) and destroying the group frees it.
+    """
+    import torch.distributed.nn  # noqa: F401
 
 
 @contextlib.contextmanager
