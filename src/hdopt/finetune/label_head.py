@@ -139,8 +139,10 @@ def fit_probe(
         else:
             from sklearn.linear_model import LogisticRegressionCV
 
-            cv = LogisticRegressionCV(Cs=list(C_GRID), fit_intercept=False, cv=5, max_iter=5000)
-            c = float(cv.fit(xs, train_y).C_[0])
+            # scoring fixed: scikit-learn 1.11 changes its default to the log loss
+            cv = LogisticRegressionCV(Cs=list(C_GRID), fit_intercept=False, cv=5, max_iter=5000,
+                                      scoring="accuracy")
+            c = float(np.ravel(cv.fit(xs, train_y).C_)[0])  # C_ is per class today, one value in 1.10+
     probe = _fit(xs, train_y, c, seed)
     coef = probe.coef_ / scale  # raw-feature units
     weights = np.zeros((num_classes, train_x.shape[1]))
