@@ -40,7 +40,7 @@ def probe(model_name: str, mode: str, batch: int, length: int, repeats: int = 1,
     if mode == "ft-prefix":
         model = add_prefix(model)
     params = [(n, p) for n, p in model.named_parameters() if mode in ("mezo", "ft") or p.requires_grad]
-    cuda = model.device.type == "cuda"
+    cuda = ids.device.type == "cuda"  # a prefix wrapper has no .device
     loaded = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mib() or 0.0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -63,7 +63,7 @@ def probe(model_name: str, mode: str, batch: int, length: int, repeats: int = 1,
             adam.step()
     seconds = (time.perf_counter() - start) / repeats
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_mib()
-    return {"model": model_name, "mode": mode, "batch": batch, "length": length, "device": str(model.device),
+    return {"model": model_name, "mode": mode, "batch": batch, "length": length, "device": str(ids.device),
             "loaded_mib": round(loaded, 1), "peak_mib": round(peak, 1), "peak_excludes_loading": bool(exact),
             "seconds_per_step": round(seconds, 3),
             "trainable": sum(p.numel() for _, p in params)}  # fmt: skip
