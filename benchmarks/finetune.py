@@ -5,6 +5,11 @@
     python benchmarks/finetune.py report      # Markdown tables + plot from the saved results
     python benchmarks/finetune.py curves RUN_DIR... --out PNG   # dev accuracy vs forward passes of runs
 
+On a GPU, ``--device cuda --tag NAME`` (memory, accuracy, report) measures with torch.cuda's allocator
+and keeps the figures apart: benchmarks/results/finetune_{memory,accuracy}_NAME.json, run folders
+NAME-TASK-METHOD, benchmarks/results/finetune_NAME.md and docs/img/finetune_dev_vs_forwards_NAME.png
+(docs/finetune.md, "Benchmark 3 on a GPU", has the commands).
+
 Every measurement runs in a fresh subprocess (memory is per process; one failure does not stop the rest).
 Results: benchmarks/results/finetune_memory.json, benchmarks/results/finetune_accuracy.json, the run folders
 under benchmarks/results/finetune_runs/, the tables in benchmarks/results/finetune.md and the plot
@@ -39,14 +44,29 @@ def write_json(path: Path, obj) -> None:
     atomic(path, obj)
 
 
+def tagged(name: str, tag: str | None, suffix: str = ".json") -> Path:
+    """``RESULTS/name.json``, or ``RESULTS/name_TAG.json`` for a tagged (e.g. GPU) measurement."""
+    return RESULTS / (f"{name}_{tag}{suffix}" if tag else f"{name}{suffix}")
+
+
+def run_folder(tag: str | None, task: str, method: str) -> Path:
+    return RUNS / (f"{tag}-{task}-{method}" if tag else f"{task}-{method}")
+
+
 def read_json(path: Path, default):
     return json.loads(path.read_text()) if path.is_file() else default
 
 
-def _env() -> dict:
-    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "load_average": os.getloadavg(), "threads": THREADS,
-            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}  # fmt: skip
+def _env(device: str = "cpu") -> dict:
+    env = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+           "load_average": os.getloadavg(), "threads": THREADS,
+           "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}  # fmt: skip
+    if device.startswith("cuda"):
+        import torch
+
+        env |= {"device": device, "gpu": torch.cuda.get_device_name(torch.device(device)),
+                "torch": torch.__version__}  # fmt: skip
+    return env
 
 
 def _child(argv: list[str], timeout: float) -> dict | None:
@@ -71,23 +91,24 @@ def memory_one(args) -> dict:
     positions of a random batch, as in references/mezo.md; the peak counter is reset after loading)."""
     from hdopt.finetune.peak_memory import probe
 
-    row = probe(args.model, args.mode, args.batch, args.length, args.repeats)
+    row = probe(args.model, args.mode, args.batch, args.length, args.repeats, device=args.device)
     return {**row, "peak_rss_mib": row["peak_mib"], "loaded_rss_mib": row["loaded_mib"]}
 
 
 def memory(args) -> None:
-    out = RESULTS / "finetune_memory.json"
+    out = tagged("finetune_memory", args.tag)
     rows = []
     for model in args.models:
         for mode in MEMORY_MODES:
             print(f"memory: {model} {mode}", flush=True)
             argv = ["memory-one", "--model", model, "--mode", mode, "--batch", str(args.batch),
-                    "--length", str(args.length), "--repeats", str(args.repeats)]  # fmt: skip
+                    "--length", str(args.length), "--repeats", str(args.repeats),
+                    "--device", args.device]  # fmt: skip
             row = _child(argv, args.timeout)
             if row:
                 rows.append(row)
                 print(f"  peak {row['peak_rss_mib']:.0f} MiB, {row['seconds_per_step']} s/step", flush=True)
-                write_json(out, {"env": _env(), "rows": rows})
+                write_json(out, {"env": _env(args.device), "rows": rows})
     print(memory_table(rows))
 
 
@@ -114,15 +135,16 @@ def eval_one(args) -> dict:
     """zero-shot / ICL on the test sample, through hdopt.lm."""
     from hdopt.lm.evaluation import EvalConfig, run_eval
 
+    folder = run_folder(args.tag, args.task, args.method)
     cfg = EvalConfig(model=args.model, task=args.task, method=args.method, num_eval=args.num_eval,
                      num_train=args.num_train, num_dev=args.num_dev, num_demos=args.num_demos,
-                     output_dir=str(RUNS / f"{args.task}-{args.method}"), progress=False)  # fmt: skip
+                     output_dir=str(folder), progress=False, device=args.device)  # fmt: skip
     start = time.perf_counter()
     results, _ = run_eval(cfg)
     return {"method": args.method, "test": results[results["metric"]], "best_dev": None, "steps": 0,
             "forwards": 0, "wall_seconds": round(time.perf_counter() - start, 1),
             "peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "run": str(RUNS / f"{args.task}-{args.method}")}  # fmt: skip
+            "run": str(folder)}  # fmt: skip
 
 
 def _finetune_flags(args, method: str) -> list[str]:
@@ -130,10 +152,13 @@ def _finetune_flags(args, method: str) -> list[str]:
     flags = ["--model", args.model, "--task", args.task, "--method", method,
              "--num-train", str(args.num_train), "--num-dev", str(args.num_dev),
              "--num-eval", str(args.num_eval), "--max-length", str(args.max_length),
-             "--output-dir", str(RUNS / f"{args.task}-{method}"), "--no-progress"]  # fmt: skip
+             "--output-dir", str(run_folder(args.tag, args.task, method)), "--no-progress",
+             "--device", args.device]  # fmt: skip
     if method != "lp":
         flags += ["--steps", str(args.zo_steps if zo else args.fo_steps),
                   "--eval-every", str(args.zo_eval_every if zo else args.fo_eval_every)]  # fmt: skip
+    if args.dtype:
+        flags += ["--dtype", args.dtype]
     if zo and args.noise:
         flags += ["--noise", args.noise]
     if method in args.lr:
@@ -142,19 +167,20 @@ def _finetune_flags(args, method: str) -> list[str]:
 
 
 def accuracy(args) -> None:
-    out = RESULTS / "finetune_accuracy.json"
+    out = tagged("finetune_accuracy", args.tag)
     saved = read_json(out, {"rows": []})
     rows = [r for r in saved["rows"] if r["method"] not in args.methods]
     for method in args.methods:
         print(f"accuracy: {method}", flush=True)
         if method in ("zero-shot", "icl"):
-            row = _child(["eval-one", "--method", method, *_common(args)], args.timeout)
+            argv = ["eval-one", "--method", method, "--device", args.device, *_common(args)]
+            row = _child(argv + (["--tag", args.tag] if args.tag else []), args.timeout)
         else:
             row = _child(["finetune-one", *_finetune_flags(args, method)], args.timeout)
         if row:
             rows.append(row)
             print(f"  test {row['test']}, dev {row.get('best_dev')}, {row['wall_seconds']} s", flush=True)
-            write_json(out, {"env": _env(), "budget": vars(args) | {"lr": args.lr}, "rows": rows})
+            write_json(out, {"env": _env(args.device), "budget": vars(args) | {"lr": args.lr}, "rows": rows})
     print(accuracy_table(rows))
 
 
@@ -184,7 +210,7 @@ def accuracy_table(rows: list[dict]) -> str:
     order = {m: i for i, m in enumerate(("zero-shot", "icl", "lp", "ft", "ft-lora", "mezo", "mezo-lora",
                                          "mezo-prefix"))}  # fmt: skip
     lines = ["| method | test acc. | best dev acc. | steps | forward passes | backward passes | wall time "
-             "| peak RSS |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| peak memory |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(rows, key=lambda r: order.get(r["method"], 99)):
         dev = "-" if r.get("best_dev") is None else f"{r['best_dev']:.1f}"
         lines.append(f"| {r['method']} | {r['test']:.1f} | {dev} | {r['steps']} | {r.get('forwards', 0):,} | "
@@ -193,7 +219,7 @@ def accuracy_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict]) -> None:
+def plot(rows: list[dict], out: Path = PLOT) -> None:
     """Dev accuracy vs forward-pass equivalents (a backward pass counted as two forwards)."""
     import matplotlib
 
@@ -218,8 +244,8 @@ def plot(rows: list[dict]) -> None:
     ax.set_title("SmolLM2-135M, SST-2 (1000 train examples)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PLOT, dpi=120)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
 
 
 def run_label(cfg) -> str:
@@ -266,17 +292,19 @@ def curves(args) -> None:
 
 
 def report(args) -> None:
-    mem = read_json(RESULTS / "finetune_memory.json", {"rows": []})
-    acc = read_json(RESULTS / "finetune_accuracy.json", {"rows": [], "budget": {}})
-    text = ["# hdopt finetune benchmark (generated by `python benchmarks/finetune.py report`)", ""]
+    mem = read_json(tagged("finetune_memory", args.tag), {"rows": []})
+    acc = read_json(tagged("finetune_accuracy", args.tag), {"rows": [], "budget": {}})
+    command = "python benchmarks/finetune.py report" + (f" --tag {args.tag}" if args.tag else "")
+    text = [f"# hdopt finetune benchmark (generated by `{command}`)", ""]
     if mem["rows"]:
-        text += ["## Peak memory (RSS, fresh process per cell)", "", memory_table(mem["rows"]), "",
+        heading = "## Peak memory (RSS on CPU, CUDA max_memory_allocated on GPU; fresh process per cell)"
+        text += [heading, "", memory_table(mem["rows"]), "",
                  f"environment: {json.dumps(mem.get('env'))}", ""]  # fmt: skip
     if acc["rows"]:
-        plot(acc["rows"])
+        plot(acc["rows"], PLOT.with_name(f"{PLOT.stem}_{args.tag}.png") if args.tag else PLOT)
         text += ["## Accuracy", "", accuracy_table(acc["rows"]), "", f"budget: {json.dumps(acc['budget'])}",
                  f"environment: {json.dumps(acc.get('env'))}", ""]  # fmt: skip
-    (RESULTS / "finetune.md").write_text("\n".join(text))
+    tagged("finetune", args.tag, ".md").write_text("\n".join(text))
     print("\n".join(text))
 
 
@@ -290,12 +318,15 @@ def main() -> None:
     m.add_argument("--length", type=int, default=32)
     m.add_argument("--repeats", type=int, default=2)
     m.add_argument("--timeout", type=float, default=900)
+    m.add_argument("--device", default="cpu", help="cpu (peak RSS) or cuda (max_memory_allocated)")
+    m.add_argument("--tag", default=None, help="keep these figures apart, e.g. h100 (see the top)")
     one = sub.add_parser("memory-one")
     one.add_argument("--model", required=True)
     one.add_argument("--mode", choices=MEMORY_MODES, required=True)
     one.add_argument("--batch", type=int, default=16)
     one.add_argument("--length", type=int, default=32)
     one.add_argument("--repeats", type=int, default=2)
+    one.add_argument("--device", default="cpu")
     a = sub.add_parser("accuracy")
     a.add_argument("--model", default="smollm2-135m")
     a.add_argument("--task", default="sst2")
@@ -312,13 +343,19 @@ def main() -> None:
     a.add_argument("--noise", choices=("gaussian", "rademacher"), default=None)
     a.add_argument("--lr", type=json.loads, default={}, help='per-method lr, e.g. \'{"mezo": 1e-5}\'')
     a.add_argument("--timeout", type=float, default=3600)
+    a.add_argument("--device", default="cpu", help="cpu or cuda")
+    a.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    a.add_argument("--tag", default=None, help="keep these figures apart, e.g. h100 (see the top)")
     e = sub.add_parser("eval-one")
     for flag in ("--model", "--task", "--method"):
         e.add_argument(flag, required=True)
     for flag in ("--num-train", "--num-dev", "--num-eval", "--num-demos"):
         e.add_argument(flag, type=int, required=True)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--tag", default=None)
     sub.add_parser("finetune-one", add_help=False)
-    sub.add_parser("report")
+    r = sub.add_parser("report")
+    r.add_argument("--tag", default=None, help="report the figures measured with this --tag")
     c = sub.add_parser("curves")
     c.add_argument("runs", nargs="+", help="finished run folders")
     c.add_argument("--out", default=str(PLOT.with_name("finetune_long_runs.png")))
