@@ -232,8 +232,9 @@ def plot(rows: list[dict], out: Path = PLOT) -> None:
     for r in rows:
         if not r.get("run") or r["method"] in ("zero-shot", "icl", "lp"):
             continue
+        folder = RUNS / Path(r["run"]).name  # here, also for figures measured on another machine
         pts = [(m["forwards"] + 2 * m["backwards"], m["dev_accuracy"])
-               for m in read_metrics(Path(r["run"])) if "dev_accuracy" in m]  # fmt: skip
+               for m in read_metrics(folder) if "dev_accuracy" in m]  # fmt: skip
         if pts:
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=r["method"])
     zero = next((r["test"] for r in rows if r["method"] == "zero-shot"), None)
