@@ -110,8 +110,9 @@ def main() -> None:
                 fault(comm, out, name)
             else:
                 SCENARIOS[name](comm, out)
-        # An orderly shutdown: exiting with the process group alive can abort a rank ("terminate called
-        # without an active exception") when its peer's connection closes first, as seen under heavy load.
+        # An orderly shutdown: a group still alive when the interpreter exits is torn down during
+        # finalization, which now and then aborts a rank ("terminate called without an active exception").
+        # The thread list written below shows whether the destroy really freed it (see init_from_env).
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
         (out / f"threads.rank{comm.rank}.txt").write_text("\n".join(native_threads()))
