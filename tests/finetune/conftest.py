@@ -75,6 +75,15 @@ def task_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama saved as a local model folder (load_model accepts paths)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def qa_task(tmp_path_factory) -> Path:
     """``qa``: a generation task (question "say ab", answer "ab"), scored by F1 / exact match."""
     folder = tmp_path_factory.mktemp("qa")

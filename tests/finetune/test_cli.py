@@ -5,25 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-import pytest
-
 from hdopt.finetune import cli, cli_compare, cli_replay, rundir
-from tests.finetune.conftest import make_model
 
 
 def parse(module, argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     module.configure(parser)
     return parser.parse_args(argv)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    """A tiny Llama saved as a local model folder (load_model accepts paths)."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    make_model("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _toy_flags(task_file, model_dir, out) -> list[str]:

@@ -8,14 +8,6 @@ from hdopt.finetune.peak_memory import MODES, probe
 from tests.finetune.conftest import make_model
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    make_model("llama").save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_every_mode_runs_and_counts_its_trainable_parameters(model_dir):
     total = sum(p.numel() for p in make_model("llama").parameters())
     rows = {mode: probe(str(model_dir), mode, batch=2, length=8) for mode in MODES}
