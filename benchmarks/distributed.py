@@ -157,12 +157,12 @@ def run_local_sgd(comm) -> dict:
 
 
 def run_zo(comm, size: int) -> dict:
-    from hdopt.distributed import make_data_parallel_zo
+    from hdopt.distributed import data_parallel_zo
     from hdopt.zo import ZOSGD
 
     model = mlp()
-    opt = ZOSGD(model.named_parameters(), lr=1e-4, eps=1e-3, q=1, noise="rademacher", seed=0)
-    make_data_parallel_zo(opt, comm, model=model)
+    opt = data_parallel_zo(ZOSGD, model.named_parameters(), comm, model=model, lr=1e-4, eps=1e-3, q=1,
+                           noise="rademacher", seed=0)  # fmt: skip
 
     def step(t):
         x, y = batch(t, comm.rank, comm.world_size, size)
@@ -170,7 +170,7 @@ def run_zo(comm, size: int) -> dict:
             opt.step(lambda: F.cross_entropy(model(x), y))
 
     times, cpu = timed(step, STEPS, comm)
-    per_step = opt.reduce_grads.bytes / max(1, opt.reduce_grads.steps) if comm.active else 0
+    per_step = opt.reduce.bytes / max(1, opt.reduce.steps) if comm.active else 0
     return {"method": "data-parallel ZO", "times": times, "cpu": cpu, "bytes_per_step": per_step,
             "batch": size}
 

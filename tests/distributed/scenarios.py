@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hdopt.distributed import LocalSGD, LocalSGDConfig, make_data_parallel_zo, shard_batch, worker_seed
+from hdopt.distributed import LocalSGD, LocalSGDConfig, data_parallel_zo, shard_batch, worker_seed
 from hdopt.zo import ZOSGD, ZOAdam, ZOConservative
 
 LOCAL_SGD_CONFIG = LocalSGDConfig(
@@ -84,12 +84,14 @@ def zo_run(rank: int, world_size: int, comm, steps: int = ZO_STEPS, seed: int = 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()
     if rule == "sgd":
-        opt = ZOSGD(model.named_parameters(), lr=0.05, eps=1e-3, q=2, seed=seed, momentum=0.5)
+        opt = data_parallel_zo(ZOSGD, model.named_parameters(), comm, model=model, lr=0.05, eps=1e-3, q=2,
+                               seed=seed, momentum=0.5)  # fmt: skip
     elif rule == "conservative":
-        opt = ZOConservative(model.named_parameters(), lr=0.05, eps=1e-3, q=2, seed=seed)
+        opt = data_parallel_zo(ZOConservative, model.named_parameters(), comm, model=model, lr=0.05, eps=1e-3,
+                               q=2, seed=seed)  # fmt: skip
     else:
-        opt = ZOAdam(model.named_parameters(), lr=0.01, eps=1e-3, q=2, seed=seed)
-    make_data_parallel_zo(opt, comm, model=model)
+        opt = data_parallel_zo(ZOAdam, model.named_parameters(), comm, model=model, lr=0.01, eps=1e-3, q=2,
+                               seed=seed)  # fmt: skip
     gen = torch.Generator().manual_seed(3)
     losses = []
     for _ in range(steps):
@@ -105,4 +107,4 @@ def zo_run(rank: int, world_size: int, comm, steps: int = ZO_STEPS, seed: int = 
     params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     grads = [g for r in opt.trajectory for g in r.grads]
     return {"params": params, "grads": torch.tensor(grads, dtype=torch.float64), "losses": losses,
-            "bytes": opt.reduce_grads.bytes}
+            "bytes": opt.reduce.bytes}

@@ -17,9 +17,9 @@ from hdopt.distributed import (
     QSRPeriod,
     RankFailureError,
     check_consistent,
+    data_parallel_zo,
     fingerprint,
     load_checkpoint,
-    make_data_parallel_zo,
     save_checkpoint,
     shard_batch,
     shard_range,
@@ -150,19 +150,21 @@ def test_data_parallel_zo_in_one_process_is_the_plain_optimizer():
     runs = []
     for parallel in (False, True):
         m = _model(width=4)
-        opt = ZOSGD(m.named_parameters(), lr=1e-2, seed=5)
         if parallel:
-            assert make_data_parallel_zo(opt, Communicator.single(), model=m) is opt
+            opt = data_parallel_zo(ZOSGD, m.named_parameters(), Communicator.single(), model=m, lr=1e-2,
+                                   seed=5)  # fmt: skip
+        else:
+            opt = ZOSGD(m.named_parameters(), lr=1e-2, seed=5)
         for _ in range(3):
             opt.step(lambda m=m: nn.functional.cross_entropy(m(x), y))
         runs.append(m.weight.detach().clone())
     assert torch.equal(runs[0], runs[1])
-    assert opt.reduce_grads.steps == 3 and opt.reduce_grads.bytes == 0
-    with pytest.raises(ValueError, match="already data-parallel"):
-        make_data_parallel_zo(opt, Communicator.single())
+    assert opt.reduce.steps == 3 and opt.reduce.bytes == 0
+    with pytest.raises(ValueError, match="leave `reduce` out"):
+        data_parallel_zo(ZOSGD, m.named_parameters(), Communicator.single(), lr=1e-2, reduce=opt.reduce)
 
 
 def test_data_parallel_zo_refuses_what_it_cannot_run():
     m = _model()
     with pytest.raises(TypeError, match="DistributedDataParallel"):
-        make_data_parallel_zo(torch.optim.SGD(m.parameters(), lr=0.1), Communicator.single())
+        data_parallel_zo(torch.optim.SGD, m.parameters(), Communicator.single(), lr=0.1)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hdopt.zo import OPTIMIZERS, ZOSGD, NonFiniteLossError, ZOAdam, ZOConservative, ZOSign, replay
+from hdopt.zo import ZOSGD, NonFiniteLossError, ZOAdam, ZOConservative, ZOSign, replay
 
 from .models import TinyLM, batch, bitwise_equal, snapshot
 
@@ -178,7 +178,7 @@ def test_replay_in_bf16_with_stochastic_rounding_and_unnamed_params(tmp_path):
 def test_ten_thousand_steps_of_log_fit_in_one_megabyte(tmp_path):
     from hdopt.zo import Trajectory, UpdateRecord
 
-    log = Trajectory(UpdateRecord(t, t * 7919, (0.1,), (1e-6,)) for t in range(10_000))
+    log = Trajectory(UpdateRecord(t, t * 7919, (0.1,), (1e-6,), eps=(1e-3,)) for t in range(10_000))
     header = ZOSGD([torch.zeros(2)], lr=1e-6).trajectory_header()
     log.save(tmp_path / "t.zo", header)
     assert (tmp_path / "t.zo").stat().st_size < 1_000_000
@@ -328,10 +328,6 @@ def test_conservative_refuses_updates_that_raise_the_loss():
     opt.step(lambda: model.loss(ids))
     assert opt.trajectory.records[-1].scale == 0.0
     assert bitwise_equal(before, snapshot(model))
-
-
-def test_registry_names_every_rule():
-    assert set(OPTIMIZERS) == {"ZOSGD", "ZOAdam", "ZOSign", "ZOConservative"}
 
 
 def test_bare_tensors_and_parameters_outside_module_forward_are_perturbed():

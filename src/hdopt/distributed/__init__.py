@@ -21,12 +21,12 @@ from hdopt.distributed.consistency import broadcast_parameters, check_consistent
 from hdopt.distributed.data import shard_batch, shard_range, worker_seed
 from hdopt.distributed.local_sgd import LocalSGD, LocalSGDConfig, SyncRound, parameter_bytes
 from hdopt.distributed.schedules import ConstantPeriod, PhasePeriod, QSRPeriod
-from hdopt.distributed.zo import ProjectedGradAllReduce, make_data_parallel_zo
+from hdopt.distributed.zo import ScalarAllReduce, data_parallel_zo
 
 __all__ = [
     "Communicator", "ConfigMismatchError", "ConstantPeriod", "LocalSGD", "LocalSGDConfig", "PhasePeriod",
-    "ProjectedGradAllReduce", "QSRPeriod", "RankFailureError", "ReplicaAverager", "SyncRound",
-    "broadcast_parameters", "check_consistent", "exit_on_rank_failure", "fingerprint", "init_from_env",
-    "load_checkpoint", "make_data_parallel_zo", "parameter_bytes", "save_checkpoint", "shard_batch",
+    "QSRPeriod", "RankFailureError", "ReplicaAverager", "ScalarAllReduce", "SyncRound",
+    "broadcast_parameters", "check_consistent", "data_parallel_zo", "exit_on_rank_failure", "fingerprint",
+    "init_from_env", "load_checkpoint", "parameter_bytes", "save_checkpoint", "shard_batch",
     "shard_range", "worker_seed",
 ]

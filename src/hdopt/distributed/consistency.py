@@ -19,9 +19,10 @@ from torch import nn
 from torch.optim import Optimizer
 
 from hdopt.distributed.comm import Communicator, ConfigMismatchError
+from hdopt.zo import ZOOptimizer
+from hdopt.zo.base import IDENTITY
 
 _SKIP_GROUP_KEYS = ("params", "param_names")
-_ZO_FIELDS = ("seed", "eps", "q", "estimator", "noise")
 
 
 def _text(obj: Any) -> str:
@@ -42,13 +43,15 @@ def model_fingerprint(model: nn.Module) -> dict[str, str]:
 
 
 def optimizer_fingerprint(optimizer: Optimizer) -> dict[str, str]:
-    """The optimizer class, its per-group hyperparameters and (hdopt.zo optimizers) seed, eps, q, noise."""
-    groups = [{k: v for k, v in g.items() if k not in _SKIP_GROUP_KEYS} | {"size": len(g["params"])}
+    """The optimizer class, its per-group hyperparameters and, for hdopt.zo optimizers, what decides the
+    directions (seed, noise, q, estimator) as a field of its own."""
+    identity = IDENTITY if isinstance(optimizer, ZOOptimizer) else ()
+    skip = _SKIP_GROUP_KEYS + identity
+    groups = [{k: v for k, v in g.items() if k not in skip} | {"size": len(g["params"])}
               for g in optimizer.param_groups]
     record = {"optimizer": type(optimizer).__name__, "optimizer hyperparameters": _text(groups)}
-    zo = {f: getattr(optimizer, f) for f in _ZO_FIELDS if hasattr(optimizer, f)}
-    if zo:
-        record["zo seed and estimator"] = _text(zo)
+    if identity:
+        record["zo seed and estimator"] = _text({k: optimizer.param_groups[0][k] for k in identity})
     return record
 
 

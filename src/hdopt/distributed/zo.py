@@ -6,75 +6,88 @@ Every rank holds the same weights and the same seed, so it draws the same direct
 ``g_i = (1/N) sum_r g_i^r`` (8 q bytes), and apply the same update. Because the batch loss is the mean of the
 shard losses, this is the one-process step on the whole batch (equal shard sizes), up to rounding.
 
-The mechanism is the ``reduce_grads`` hook of :class:`hdopt.zo.ZOOptimizer`, which ``step()`` calls on the
-per-direction projected gradients before the update; :func:`make_data_parallel_zo` installs it.
+The mechanism is the ``reduce`` hook every :class:`hdopt.zo.ZOOptimizer` takes at construction:
+:class:`ScalarAllReduce` is that hook, and :func:`data_parallel_zo` builds an optimizer with it after the
+start-up check that every rank runs the same configuration from the same weights.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from hdopt.distributed.comm import Communicator
 from hdopt.distributed.consistency import check_consistent, fingerprint
-from hdopt.zo import ZOConservative, ZOOptimizer
+from hdopt.zo import ZOOptimizer
 
 
-class ProjectedGradAllReduce:
-    """``reduce_grads`` / ``reduce_losses`` hook: the mean of a few scalars over ranks (one all-reduce).
+class ScalarAllReduce:
+    """The ``reduce`` hook of data-parallel ZO: the mean over ranks of a step's few scalars (one all-reduce).
 
-    Used for the q projected gradients of every step and, for ``ZOConservative``, for its three candidate
-    losses (so every rank keeps the candidate that is best on the whole batch).
+    Used for the q projected gradients of every step and for any other scalars a rule reduces (the three
+    candidate losses of ``ZOConservative``, so every rank keeps the candidate that is best on the whole
+    batch). A rank whose own loss was not finite joins with NaN (the optimizer's contract), so every rank
+    sees NaN and raises at the same step.
 
     Attributes:
         comm: the communicator.
-        bytes: payload all-reduced so far (8 q per step when the world has more than one rank).
+        bytes: payload all-reduced so far (8 bytes a scalar when the world has more than one rank).
         steps: number of reductions.
     """
 
-    def __init__(self, comm: Communicator):
-        self.comm = comm
+    def __init__(self, comm: Communicator | None = None):
+        self.comm = comm if comm is not None else Communicator()
         self.bytes = 0
         self.steps = 0
 
-    def __call__(self, grads: list[float]) -> list[float]:
+    def __call__(self, values: Sequence[float], kind: str = "scalars") -> list[float]:
         self.steps += 1
         if not self.comm.active:
-            return list(grads)
-        t = torch.tensor(grads, dtype=torch.float64, device=self.comm.device)
+            return list(values)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.comm.device)
         self.bytes += t.numel() * t.element_size()
-        self.comm.all_reduce_sum_(t, f"ZO scalar all-reduce (call {self.steps - 1})")
+        self.comm.all_reduce_sum_(t, f"ZO {kind.replace('_', ' ')} all-reduce (call {self.steps - 1})")
         return (t / self.comm.world_size).tolist()
 
 
-def make_data_parallel_zo(optimizer: ZOOptimizer, comm: Communicator | None = None,
-                          model: nn.Module | None = None, config: object = None) -> ZOOptimizer:
-    """Make a :mod:`hdopt.zo` optimizer data-parallel over ``comm``'s ranks (in place; returns it).
+def data_parallel_zo(
+    optimizer_cls: type[ZOOptimizer],
+    params,
+    comm: Communicator | None = None,
+    *,
+    model: nn.Module | None = None,
+    config: Any = None,
+    **hyperparameters,
+) -> ZOOptimizer:
+    """An :mod:`hdopt.zo` optimizer that trains data-parallel over ``comm``'s ranks.
 
-    At start-up the ranks compare the optimizer (class, hyperparameters, seed, eps, q, noise), the model
-    layout and initial weights (when ``model`` is given) and ``config``; any difference raises
+    At start-up the ranks compare the optimizer (class and every hyperparameter, seed, eps, q, noise), the
+    model layout and initial weights (when ``model`` is given) and ``config``; any difference raises
     :class:`~hdopt.distributed.comm.ConfigMismatchError` on every rank.
 
     Args:
-        optimizer: any :mod:`hdopt.zo` optimizer (for ``ZOConservative`` the candidate losses are
-            averaged over ranks too: 24 more bytes per step).
+        optimizer_cls: any :mod:`hdopt.zo` optimizer class (e.g. ``ZOSGD``).
+        params: its parameters, as for the class.
         comm: the communicator (None: the default process group, or one process).
         model: the model being trained, to check that all ranks start from the same weights.
         config: the run's config (any dataclass or JSON-able object), checked for equality.
+        **hyperparameters: the optimizer's (lr, eps, q, seed, ...).
 
     Returns:
-        ``optimizer``, whose ``step()`` now averages the projected gradients over ranks. Each rank must
+        The optimizer; its ``reduce`` is a :class:`ScalarAllReduce` (``.bytes``, ``.steps``). Each rank must
         feed it its own shard of the batch (:func:`hdopt.distributed.shard_batch`).
     """
-    if not isinstance(optimizer, ZOOptimizer):
-        raise TypeError(f"expected an hdopt.zo optimizer, got {type(optimizer).__name__}; for "
-                        "backprop optimizers use torch.nn.parallel.DistributedDataParallel or "
-                        "hdopt.distributed.LocalSGD")
-    if isinstance(optimizer.__dict__.get("reduce_grads"), ProjectedGradAllReduce):
-        raise ValueError("this optimizer is already data-parallel")
-    comm = comm if comm is not None else Communicator()
-    check_consistent(fingerprint(config, model, optimizer), comm, "data-parallel ZO")
-    optimizer.reduce_grads = ProjectedGradAllReduce(comm)
-    if isinstance(optimizer, ZOConservative):
-        optimizer.reduce_losses = optimizer.reduce_grads
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, ZOOptimizer)):
+        raise TypeError(
+            f"expected an hdopt.zo optimizer class, got {optimizer_cls!r}; for backprop optimizers use "
+            "torch.nn.parallel.DistributedDataParallel or hdopt.distributed.LocalSGD"
+        )
+    if "reduce" in hyperparameters:
+        raise ValueError("data_parallel_zo supplies the reduce hook itself: leave `reduce` out")
+    reduce = ScalarAllReduce(comm)
+    optimizer = optimizer_cls(params, reduce=reduce, **hyperparameters)
+    check_consistent(fingerprint(config, model, optimizer), reduce.comm, "data-parallel ZO")
     return optimizer

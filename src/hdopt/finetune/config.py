@@ -15,8 +15,11 @@ from typing import Any
 
 import yaml
 
+from hdopt.zo import OPTIMIZERS as ZO_OPTIMIZERS
+
 DTYPES = ("float32", "bfloat16", "float16")
-OPTIMIZERS = ("zosgd", "zoadam", "zosign", "zoconservative", "adamw", "sgd")
+FO_OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = (*ZO_OPTIMIZERS, *FO_OPTIMIZERS)
 OBJECTIVES = ("loss", "accuracy", "f1")
 SCHEDULES = ("constant", "linear")
 
@@ -73,7 +76,7 @@ class MethodConfig:
     """The method (a registry name) and its method-specific knobs; ``None`` = the method's default."""
 
     method: str = "mezo"
-    optimizer: str | None = None  # zosgd | zoadam | zosign | zoconservative (ZO); adamw | sgd (backprop)
+    optimizer: str | None = None  # a name of hdopt.zo.OPTIMIZERS (ZO); adamw | sgd (backprop)
     objective: str = "loss"  # loss | accuracy (classification, ZO) | f1 (generation, ZO)
     q: int = 1  # ZO directions per step
     noise: str = "gaussian"  # gaussian | rademacher

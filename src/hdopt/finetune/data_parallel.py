@@ -9,7 +9,9 @@ What runs where (``torchrun --nproc_per_node N -m hdopt finetune --method mezo .
 * Each rank evaluates the loss on its contiguous shard of every micro-batch (weighted by
   :func:`shard_weight` for the answer loss), so the mean over ranks is the whole micro-batch's loss.
 * All-reduced per step, scalars only: the q projected gradients (and ``ZOConservative``'s 3 candidate
-  losses), checked finite by :class:`AgreedReduce`; then the batch loss and the stop flag (:func:`agree`).
+  losses) through the optimizer's ``reduce`` hook (:class:`hdopt.distributed.ScalarAllReduce`; a rank
+  whose loss is not finite joins with NaN, so every rank stops alike); then the batch loss and the stop
+  flag (:func:`agree`).
   Every rank applies the same update and logs, guards and stops on the same numbers. Evaluation (in the
   trainer) is sharded too: each rank scores 1/N of dev/test and the per-example records are gathered.
 * Rank 0 alone writes the run folder (the trainer's ``Setup.writer``); :func:`process_group` creates and
@@ -19,9 +21,8 @@ What runs where (``torchrun --nproc_per_node N -m hdopt finetune --method mezo .
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,15 +33,15 @@ from hdopt.distributed import (
     Communicator,
     ConfigMismatchError,
     RankFailureError,
+    check_consistent,
+    fingerprint,
     init_from_env,
-    make_data_parallel_zo,
     shard_range,
 )
 from hdopt.finetune.batches import encode, uses_answer_loss
 from hdopt.finetune.config import ConfigError, RunConfig
 from hdopt.finetune.methods import Method, MethodError, get_method, list_methods
 from hdopt.finetune.optimizers import DivergenceError
-from hdopt.zo import NonFiniteLossError, ZOConservative
 
 if TYPE_CHECKING:
     from hdopt.finetune.trainer import Setup
@@ -131,60 +132,14 @@ def check_data_parallel(cfg: RunConfig, method: Method, world_size: int) -> None
         )
 
 
-class AgreedReduce:
-    """A data-parallel reduce hook that stops every rank alike when the reduced scalars are not finite.
-
-    A rank whose own shard loss is not finite raises before its all-reduce; :func:`join_skipped_reductions`
-    makes it join that all-reduce with NaN, so every rank sees NaN here and raises
-    :class:`NonFiniteLossError` at the same step, before any update, instead of waiting for the deadline.
-    """
-
-    def __init__(self, inner: Callable[[list[float]], list[float]], what: str, step_count: Callable[[], int]):
-        self.inner, self.what, self.step_count = inner, what, step_count
-        self.calls = 0
-
-    def __call__(self, values: list[float]) -> list[float]:
-        self.calls += 1
-        out = self.inner(values)
-        if not all(math.isfinite(v) for v in out):
-            raise NonFiniteLossError(
-                f"the {self.what} averaged over the processes are not finite at step {self.step_count()}: "
-                "a process's loss on its shard was not finite (its own message names the pass); the "
-                "weights are unchanged"
-            )
-        return out
-
-
 def make_data_parallel(optimizer, model: torch.nn.Module, params, cfg: RunConfig, method: Method,
                        comm: Communicator) -> None:  # fmt: skip
-    """Check the config and weights agree on every rank, then average the ZO scalars over ranks."""
+    """Check that every rank runs the same config and optimizer from the same weights (the optimizer was
+    built with the all-reduce hook)."""
     if method.adapter == "prefix":  # its activation init depends on float op order (threads): rank 0's wins
         for name, p in params:
             comm.broadcast_(p.data, 0, f"broadcast of the initial prefix {name}")
-    make_data_parallel_zo(optimizer, comm, model=model, config=cfg)
-    steps = lambda: optimizer.step_count  # noqa: E731
-    optimizer.reduce_grads = AgreedReduce(optimizer.reduce_grads, "projected gradients", steps)
-    if isinstance(optimizer, ZOConservative):
-        optimizer.reduce_losses = AgreedReduce(optimizer.reduce_losses, "candidate losses", steps)
-
-
-def reduction_counts(optimizer) -> tuple[int, int]:
-    """How many times this rank's gradient / candidate-loss all-reduces ran (-1: not data-parallel)."""
-    grads, losses = optimizer.__dict__.get("reduce_grads"), optimizer.__dict__.get("reduce_losses")
-    return (grads.calls if isinstance(grads, AgreedReduce) else -1,
-            losses.calls if isinstance(losses, AgreedReduce) else -1)  # fmt: skip
-
-
-def join_skipped_reductions(optimizer, before: tuple[int, int]) -> None:
-    """After this rank's loss was not finite: join the all-reduce(s) of this step it skipped, with NaN."""
-    grads, losses = reduction_counts(optimizer)
-    try:
-        if grads == before[0]:
-            optimizer.reduce_grads([math.nan] * optimizer.q)
-        elif losses == before[1]:  # ZOConservative: it failed on a candidate, after the gradients
-            optimizer.reduce_losses([math.nan] * 3)
-    except NonFiniteLossError:
-        pass  # expected: the NaN comes back
+    check_consistent(fingerprint(cfg, model, optimizer), comm, "data-parallel ZO")
 
 
 def shard_weight(s: Setup, examples: Sequence) -> float:

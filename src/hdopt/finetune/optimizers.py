@@ -2,33 +2,35 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from hdopt.finetune.config import RunConfig
-from hdopt.zo import ZOSGD, ZOAdam, ZOConservative, ZOSign
-
-ZO_OPTIMIZERS = {"zosgd": ZOSGD, "zoadam": ZOAdam, "zosign": ZOSign, "zoconservative": ZOConservative}
-FO_OPTIMIZERS = ("adamw", "sgd")
+from hdopt.finetune.config import FO_OPTIMIZERS, RunConfig
+from hdopt.zo import OPTIMIZERS as ZO_OPTIMIZERS
+from hdopt.zo import Reduce
 
 
 class DivergenceError(RuntimeError):
     """Training diverged (non-finite loss, or a loss far above the first one)."""
 
 
-def build_optimizer(cfg: RunConfig, trainer: str, params: list[tuple[str, torch.nn.Parameter]]):
-    """The run's optimizer over the named trainable parameters."""
+def build_optimizer(cfg: RunConfig, trainer: str, params: list[tuple[str, torch.nn.Parameter]],
+                    reduce: Reduce | None = None):  # fmt: skip
+    """The run's optimizer over the named trainable parameters (``reduce``: the data-parallel ZO hook)."""
     name, o = cfg.method.optimizer, cfg.optim
     if trainer == "zo":
         if name not in ZO_OPTIMIZERS:
             raise ValueError(f"ZO methods take a ZO optimizer ({', '.join(ZO_OPTIMIZERS)}), got {name!r}")
-        extra = {"momentum": o.momentum} if name in ("zosgd", "zoconservative") else {}
-        return ZO_OPTIMIZERS[name](
+        cls = ZO_OPTIMIZERS[name]
+        extra = {"momentum": o.momentum} if "momentum" in inspect.signature(cls).parameters else {}
+        return cls(
             params, lr=o.lr, eps=o.eps, weight_decay=o.weight_decay, q=cfg.method.q,
-            estimator=cfg.method.estimator, noise=cfg.method.noise, seed=cfg.train.seed, **extra,
+            estimator=cfg.method.estimator, noise=cfg.method.noise, seed=cfg.train.seed, reduce=reduce,
+            **extra,
         )  # fmt: skip
     if name not in FO_OPTIMIZERS:
         raise ValueError(f"backprop methods take {' or '.join(FO_OPTIMIZERS)}, got {name!r}")
@@ -49,27 +51,21 @@ def build_scheduler(optimizer, schedule: str, steps: int) -> LambdaLR:
     return LambdaLR(optimizer, lr_multiplier(schedule, steps))
 
 
-def forwards_per_step(cfg: RunConfig, trainer: str) -> tuple[int, int]:
-    """``(forward passes, backward passes)`` over the training batch per optimizer step."""
+def forwards_per_step(cfg: RunConfig, trainer: str, optimizer=None) -> tuple[int, int]:
+    """``(forward passes, backward passes)`` over a micro-batch per optimizer step (ZO: the optimizer's
+    count, e.g. 2q for the central estimator)."""
     accum = cfg.train.grad_accum
     if trainer == "fo":
         return accum, accum
-    q = cfg.method.q
-    per_micro = 2 * q if cfg.method.estimator == "central" else q + 1
-    extra = 3 if cfg.method.optimizer == "zoconservative" else 0
-    return per_micro * accum + extra, 0
+    return optimizer.forwards_per_step(accum), 0
 
 
 def zo_step(optimizer, closures: Sequence[Callable[[], torch.Tensor]]) -> float:
-    """One ZO step: the projected gradients of every micro-batch, averaged, then one update."""
-    if len(closures) == 1:
-        return float(optimizer.step(closures[0]))
+    """One ZO step: the projected gradients of every micro-batch, averaged, then one update (a rule that
+    evaluates candidate updates does so on the last micro-batch)."""
     for closure in closures[:-1]:
         optimizer.estimate(closure)
-    if isinstance(optimizer, ZOConservative):  # evaluates its candidates on the last micro-batch
-        return float(optimizer.step(closures[-1]))
-    optimizer.estimate(closures[-1])
-    return float(optimizer.step())
+    return float(optimizer.step(closures[-1]))
 
 
 def fo_step(optimizer, closures: Sequence[Callable[[], torch.Tensor]]) -> float:

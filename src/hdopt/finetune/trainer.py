@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from hdopt.distributed import Communicator, shard_range
+from hdopt.distributed import Communicator, ScalarAllReduce, shard_range
 from hdopt.finetune import rundir
 from hdopt.finetune.adapters import prepare_model, trainable_parameters
 from hdopt.finetune.batches import MAX_NEW_TOKENS, check_objective, make_closure, micro_batches, step_indices
@@ -36,11 +36,9 @@ from hdopt.finetune.config import ConfigError, RunConfig
 from hdopt.finetune.data_parallel import (
     agree,
     check_data_parallel,
-    join_skipped_reductions,
     launched_world,
     make_data_parallel,
     process_group,
-    reduction_counts,
     shard_weight,
     world_size_message,
 )
@@ -63,7 +61,7 @@ from hdopt.finetune.optimizers import (
 from hdopt.lm.evaluation import EvalConfig, EvalResult, context_length, evaluate
 from hdopt.lm.models import load_model
 from hdopt.lm.tasks import Splits, Task, load_split, resolve_task, sample_protocol
-from hdopt.zo import NonFiniteLossError, Trajectory
+from hdopt.zo import NonFiniteLossError
 
 GUARD_WINDOW = 5  # losses averaged by the divergence guard
 
@@ -156,7 +154,8 @@ def setup(cfg: RunConfig, model=None, tokenizer=None, comm: Communicator | None 
     params = trainable_parameters(model)
     if method.trainer == "lp":
         return Setup(cfg, method, task, splits, model, tokenizer, params, None, None, _device(model))
-    optimizer = build_optimizer(cfg, method.trainer, params)
+    reduce = ScalarAllReduce(comm) if comm.active and method.trainer == "zo" else None
+    optimizer = build_optimizer(cfg, method.trainer, params, reduce)
     if comm.active:
         make_data_parallel(optimizer, model, params, cfg, method, comm)
     scheduler = build_scheduler(optimizer, cfg.optim.schedule, cfg.train.steps)
@@ -250,10 +249,6 @@ def restore(s: Setup, folder: Path, log: rundir.MetricsLog) -> LoopState:
     s.scheduler.load_state_dict(training["scheduler"])
     torch.set_rng_state(training["rng"])
     state = LoopState(**training["loop"])
-    if s.method.trainer == "zo":
-        _, trajectory = Trajectory.load(folder / rundir.TRAJECTORY)
-        trajectory.truncate(state.step)
-        s.optimizer.trajectory = trajectory
     log.truncate(state.step)
     return state
 
@@ -304,12 +299,9 @@ def train_step(s: Setup, step: int) -> float:
     closures = [_closure(s, [s.splits.train[i] for i in micro])
                 for micro in micro_batches(indices, cfg.train.grad_accum)]  # fmt: skip
     if s.method.trainer == "zo":
-        before = reduction_counts(s.optimizer)
         try:
             return zo_step(s.optimizer, closures)
-        except NonFiniteLossError as err:
-            if s.comm.active:
-                join_skipped_reductions(s.optimizer, before)
+        except NonFiniteLossError as err:  # every rank raises it at the same step (the reduce contract)
             raise DivergenceError(str(err)) from None
     return fo_step(s.optimizer, closures)
 
@@ -344,7 +336,7 @@ def train_loop(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog,
                on_step: Callable[[int], None] | None = None) -> str:  # fmt: skip
     """Run steps ``state.step .. steps-1``; returns ``completed`` or ``interrupted``."""
     t = s.cfg.train
-    fwd, bwd = forwards_per_step(s.cfg, s.method.trainer)
+    fwd, bwd = forwards_per_step(s.cfg, s.method.trainer, s.optimizer)
     guarded = s.cfg.method.objective == "loss"
     # dropout only for backprop (ZO compares two forwards); head tuning reads frozen features, as a probe does
     s.model.train(s.method.trainer == "fo" and s.method.adapter != "head")

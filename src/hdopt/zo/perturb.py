@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hdopt.zo.directions import Directions, as_directions
 from hdopt.zo.noise import NoiseGenerator, chunks, derive_key
 from hdopt.zo.rounding import HALF_DTYPES
 
@@ -46,7 +47,7 @@ class ParamSlot:
 def perturbed_copy(
     slot: ParamSlot,
     terms: Terms,
-    generator: NoiseGenerator,
+    directions: Directions,
     scale: float = 1.0,
     shrink: float = 1.0,
     start: int = 0,
@@ -64,7 +65,7 @@ def perturbed_copy(
     flat_src = src.reshape(-1)[start : start + length]
     out = torch.empty(length, dtype=src.dtype, device=src.device)
     keys = [(slot.key(direction), coef * scale) for direction, coef in terms]
-    for offset, size in chunks(length, generator.chunk):
+    for offset, size in chunks(length, directions.chunk):
         piece = out[offset : offset + size]
         acc = torch.empty(size, device=src.device) if src.dtype in HALF_DTYPES else piece
         source = flat_src[offset : offset + size]
@@ -72,7 +73,7 @@ def perturbed_copy(
             torch.mul(source, shrink, out=acc)
             source = acc
         for key, coef in keys:  # the first term reads the source, later ones accumulate
-            for at, z in generator.pieces(key, start + offset, size):  # noise used while still in the cache
+            for at, z in directions.pieces(slot, key, start + offset, size):  # used while still in the cache
                 part = slice(at, at + z.numel())
                 torch.add(source[part], z, alpha=coef, out=acc[part])
             source = acc
@@ -102,7 +103,8 @@ class Perturbation:
     Args:
         slots: the trainable tensors, keyed by ``id(tensor)``.
         terms: ``(direction_key, coefficient)`` pairs; empty means the unperturbed weights.
-        generator: the noise generator (distribution, chunk size, device).
+        directions: where directions come from (:class:`~hdopt.zo.directions.Directions`); a bare
+            :class:`~hdopt.zo.noise.NoiseGenerator` means i.i.d. noise.
         inplace_ids: ids of slots perturbed in place (backed up, restored exactly) instead of at forward time.
         factors: optional per-slot ``(scale, shrink)``: slot ``p`` sees ``shrink*theta + sum_i scale*c_i*z_i``
             (used to evaluate candidate updates with per-group learning rates and weight decay).
@@ -114,7 +116,7 @@ class Perturbation:
         self,
         slots: dict[int, ParamSlot],
         terms: Terms,
-        generator: NoiseGenerator,
+        directions: Directions | NoiseGenerator,
         inplace_ids: frozenset[int] = frozenset(),
         factors: dict[int, tuple[float, float]] | None = None,
     ):
@@ -122,7 +124,7 @@ class Perturbation:
         self.factors = factors or {}
         self.terms = [(int(k), float(c)) for k, c in terms if c != 0.0]
         self.active = bool(self.terms) or any(shrink != 1.0 for _, shrink in self.factors.values())
-        self.generator = generator
+        self.directions = as_directions(directions)
         self.inplace_ids = inplace_ids
         self.seen: set[int] = set()
         # id(module) -> (module, stack of frames); a frame lists the (name, original) swapped by one call
@@ -160,7 +162,7 @@ class Perturbation:
             slot is None
             or id(weight) in self.inplace_ids
             or not _is_plain_linear(module)
-            or weight.numel() <= self.generator.chunk
+            or weight.numel() <= self.directions.chunk
             or not args
             or args[0].numel() // max(1, args[0].shape[-1]) * weight.shape[0] >= weight.numel()
         ):
@@ -187,13 +189,13 @@ class Perturbation:
         scale, shrink = self.factors.get(id(weight), (1.0, 1.0))
         out = x.new_empty((*x.shape[:-1], out_features))
         flat_x, flat_out = x.reshape(-1, in_features), out.view(-1, out_features)
-        rows = max(1, self.generator.chunk // in_features)
+        rows = max(1, self.directions.chunk // in_features)
         for first in range(0, out_features, rows):
             last = min(out_features, first + rows)
             block = perturbed_copy(
                 slot,
                 self.terms,
-                self.generator,
+                self.directions,
                 scale,
                 shrink,
                 first * in_features,
@@ -227,7 +229,7 @@ class Perturbation:
 
     def _copy(self, slot: ParamSlot) -> torch.Tensor:
         scale, shrink = self.factors.get(id(slot.tensor), (1.0, 1.0))
-        return perturbed_copy(slot, self.terms, self.generator, scale, shrink)
+        return perturbed_copy(slot, self.terms, self.directions, scale, shrink)
 
     def _add_row_noise(self, slot: ParamSlot, ids: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         scale, shrink = self.factors.get(id(slot.tensor), (1.0, 1.0))
@@ -237,7 +239,7 @@ class Perturbation:
             acc.mul_(shrink)
         offsets = ids.reshape(-1).to(torch.int64) * width
         for direction, coef in self.terms:
-            rows = self.generator.rows(slot.key(direction), offsets, width).view_as(acc)
+            rows = self.directions.rows(slot, slot.key(direction), offsets, width).view_as(acc)
             acc.add_(rows, alpha=coef * scale)
         return acc.to(output.dtype)
 

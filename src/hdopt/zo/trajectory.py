@@ -1,12 +1,15 @@
 """The trajectory of a zeroth-order run: a few bytes per step, from which the weights are rebuilt bitwise.
 
-A ZO update is determined by the step's seed, its projected gradients (one float per direction) and the
-learning rates; with the initial weights they reproduce the whole run (MeZO, section 2). The file format is
-a JSON header line followed by fixed-size little-endian binary records::
+A ZO update is determined by the step's seed, its projected gradients (one float per direction), the
+learning rates and perturbation scales; with the initial weights they reproduce the whole run (MeZO,
+section 2). The file format is a JSON header line followed by fixed-size little-endian binary records::
 
-    step: u64 | step_key: u64 | scale: f64 | grads: q x f64 | lrs: n_groups x f64
+    step: u64 | step_key: u64 | scale: f64 | grads: q x f64 | lrs: n_groups x f64 | eps: n_groups x f64
+    | extras: k x f64
 
-10k steps with q = 1 and one group take 320 kB.
+``k`` (rule-specific scalars, e.g. a curvature estimate) is given by the header's ``record_extras``. 10k
+steps with q = 1 and one group take 480 kB. Files of the first format (no ``eps``/``extras``: every group
+used the header's ``eps``) are still read.
 """
 
 from __future__ import annotations
@@ -21,26 +24,42 @@ from pathlib import Path
 
 import torch
 
-MAGIC = "hdopt-zo-trajectory/1"
+MAGIC = "hdopt-zo-trajectory/2"
+MAGIC_V1 = "hdopt-zo-trajectory/1"
 
 
 @dataclass(frozen=True)
 class UpdateRecord:
-    """One applied update: ``theta <- rule(theta, ghat)`` with ``ghat = scale/q * sum_i grads[i] z_i``."""
+    """One applied update: ``theta_g <- rule(theta_g, ghat_g)`` for every param group ``g``.
+
+    ``ghat_g = scale/q * sum_i grads[i] * (eps[0]/eps[g]) * z_i``: ``grads`` are the projected gradients
+    in units of the first group's perturbation scale (with one eps for all groups, the usual SPSA
+    ``(L(theta + eps z) - L(theta - eps z)) / (2 eps)``). ``extras`` holds a rule's own per-step scalars.
+    """
 
     step: int
     step_key: int
     grads: tuple[float, ...]
     lrs: tuple[float, ...]
     scale: float = 1.0
+    eps: tuple[float, ...] = ()
+    extras: tuple[float, ...] = ()
+
+    def group_coefficients(self, q: int) -> list[list[float]]:
+        """``coefs[g][i]``: the factor of direction ``i`` in group ``g``'s ``ghat`` (``scale/q * grad_i``,
+        times the eps ratio; bitwise ``scale * grad_i / q`` when the groups share eps)."""
+        eps = self.eps or (1.0,) * len(self.lrs)
+        return [[self.scale * g * (eps[0] / e) / q for g in self.grads] for e in eps]
 
 
-def _record_format(q: int, n_groups: int) -> struct.Struct:
-    return struct.Struct(f"<QQd{q}d{n_groups}d")
+def _record_format(q: int, n_groups: int, extras: int = 0, version: int = 2) -> struct.Struct:
+    if version == 1:
+        return struct.Struct(f"<QQd{q}d{n_groups}d")
+    return struct.Struct(f"<QQd{q}d{n_groups}d{n_groups}d{extras}d")
 
 
 class Trajectory:
-    """In-memory list of :class:`UpdateRecord` with atomic save / load."""
+    """In-memory list of :class:`UpdateRecord` with atomic save / load and a compact binary form."""
 
     def __init__(self, records: Iterable[UpdateRecord] = ()):
         self.records: list[UpdateRecord] = list(records)
@@ -58,18 +77,42 @@ class Trajectory:
         """Keep the first ``steps`` records (e.g. to match a checkpoint when resuming)."""
         del self.records[steps:]
 
+    def pack(self, q: int, n_groups: int, extras: int = 0) -> bytes:
+        """The records as the file's binary body."""
+        fmt = _record_format(q, n_groups, extras)
+        blob = bytearray()
+        for r in self.records:
+            shape = (len(r.grads), len(r.lrs), len(r.eps), len(r.extras))
+            if shape != (q, n_groups, n_groups, extras):
+                raise ValueError(
+                    f"record of step {r.step} does not match q={q}, groups={n_groups}, extras={extras}"
+                )
+            blob += fmt.pack(r.step, r.step_key, r.scale, *r.grads, *r.lrs, *r.eps, *r.extras)
+        return bytes(blob)
+
+    @staticmethod
+    def unpack(body: bytes, q: int, n_groups: int, extras: int = 0, *, where: str = "trajectory",
+               version: int = 2, eps: tuple[float, ...] = ()) -> Trajectory:  # fmt: skip
+        """Inverse of :meth:`pack` (``version=1`` reads the first format, filling ``eps``)."""
+        fmt = _record_format(q, n_groups, extras, version)
+        if len(body) % fmt.size:
+            raise ValueError(f"{where} is truncated: {len(body)} bytes is not a whole number of records")
+        records = []
+        for fields in fmt.iter_unpack(body):
+            step, key, scale = fields[:3]
+            grads, lrs = fields[3 : 3 + q], fields[3 + q : 3 + q + n_groups]
+            rest = fields[3 + q + n_groups :]
+            rec_eps = tuple(rest[:n_groups]) if version == 2 else tuple(eps)
+            records.append(UpdateRecord(step, key, tuple(grads), tuple(lrs), scale, rec_eps,
+                                        tuple(rest[n_groups:]) if version == 2 else ()))  # fmt: skip
+        return Trajectory(records)
+
     def save(self, path: str | os.PathLike, header: dict) -> None:
         """Write header + records to ``path`` atomically (a crash leaves the previous file intact)."""
-        path = Path(path)
-        q = header["config"]["q"]
-        n_groups = len(header["groups"])
-        fmt = _record_format(q, n_groups)
-        blob = bytearray(json.dumps({"format": MAGIC, **header}).encode() + b"\n")
-        for r in self.records:
-            if len(r.grads) != q or len(r.lrs) != n_groups:
-                raise ValueError(f"record of step {r.step} does not match q={q}, groups={n_groups}")
-            blob += fmt.pack(r.step, r.step_key, r.scale, *r.grads, *r.lrs)
-        atomic_write_bytes(path, bytes(blob))
+        q, n_groups = header["config"]["q"], len(header["groups"])
+        body = self.pack(q, n_groups, header.get("record_extras", 0))
+        head = json.dumps({"format": MAGIC, **{k: v for k, v in header.items() if k != "format"}})
+        atomic_write_bytes(Path(path), head.encode() + b"\n" + body)
 
     @staticmethod
     def load(path: str | os.PathLike) -> tuple[dict, Trajectory]:
@@ -80,19 +123,15 @@ class Trajectory:
             header = json.loads(data[:newline])
         except (ValueError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not an hdopt trajectory file (bad header: {err})") from None
-        if header.get("format") != MAGIC:
-            raise ValueError(f"{path} is not an hdopt trajectory file (format {header.get('format')!r})")
+        if not isinstance(header, dict) or header.get("format") not in (MAGIC, MAGIC_V1):
+            found = header.get("format") if isinstance(header, dict) else None
+            raise ValueError(f"{path} is not an hdopt trajectory file (format {found!r})")
         q, n_groups = header["config"]["q"], len(header["groups"])
-        fmt = _record_format(q, n_groups)
-        body = data[newline + 1 :]
-        if len(body) % fmt.size:
-            raise ValueError(f"{path} is truncated: {len(body)} bytes is not a whole number of records")
-        records = []
-        for fields in fmt.iter_unpack(body):
-            step, key, scale = fields[:3]
-            grads, lrs = fields[3 : 3 + q], fields[3 + q :]
-            records.append(UpdateRecord(step, key, tuple(grads), tuple(lrs), scale))
-        return header, Trajectory(records)
+        version = 2 if header["format"] == MAGIC else 1
+        eps = tuple(g["settings"].get("eps", header["config"].get("eps")) for g in header["groups"])
+        trajectory = Trajectory.unpack(data[newline + 1 :], q, n_groups, header.get("record_extras", 0),
+                                       where=str(path), version=version, eps=eps)  # fmt: skip
+        return header, trajectory
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -122,14 +161,10 @@ def replay(params, trajectory: str | os.PathLike | tuple[dict, Trajectory], upto
     Returns:
         The optimizer after the replayed steps (its state holds any momentum / Adam buffers).
     """
-    from hdopt.zo.optim import OPTIMIZERS
+    from hdopt.zo.registry import optimizer_class
 
     header, log = Trajectory.load(trajectory) if isinstance(trajectory, (str, os.PathLike)) else trajectory
-    cls = OPTIMIZERS.get(header["optimizer"])
-    if cls is None:
-        raise ValueError(
-            f"unknown optimizer {header['optimizer']!r} in trajectory; known: {sorted(OPTIMIZERS)}"
-        )
+    cls = optimizer_class(header["optimizer"])
     groups = _rebuild_groups(list(params), header["groups"])
     opt = cls(groups, **header["config"])
     for record in list(log)[:upto]:
@@ -143,8 +178,9 @@ def _rebuild_groups(params: list, groups: list[dict]) -> list[dict]:
     rebuilt, position = [], 0
     for group in groups:
         settings = dict(group["settings"], lr=0.0)
-        if "betas" in settings:
-            settings["betas"] = tuple(settings["betas"])
+        for key, value in settings.items():  # JSON turns tuples (betas) into lists
+            if isinstance(value, list):
+                settings[key] = tuple(value)
         if group["names"]:
             if lookup is None:
                 raise ValueError("the run used named parameters: pass model.named_parameters() to replay")
