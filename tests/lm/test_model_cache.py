@@ -283,7 +283,7 @@ def test_unwritable_cache_still_loads(fake_alias, monkeypatch, capsys, refused):
         raise PermissionError("read-only file system")
 
     if refused == "file":
-        monkeypatch.setattr(model_cache.tempfile, "mkstemp", refuse)
+        monkeypatch.setattr(model_cache, "atomic_path", refuse)
     else:
         monkeypatch.setattr(models, "_file_lock", refuse)
     _, tokenizer = load_model("tiny-gemma", cache_dir=fake_alias.parent)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from hdopt.io import atomic_write_json
+
 CACHE_ENV = "HDOPT_CACHE_DIR"
 FAST_TOKENIZER_ENV = "HDOPT_FAST_TOKENIZER"  # "0": read cached tokenizers with AutoTokenizer (slow)
 READY_MARKER = "hdopt-cache.json"  # written last into a converted folder: its presence means "complete"
@@ -347,9 +349,7 @@ def _mark_format(folder: Path) -> None:
         content = json.loads(marker.read_text())
         if not isinstance(content, dict) or content.get("format") == CACHE_FORMAT:
             return
-        tmp = marker.with_name(f".{READY_MARKER}.{os.getpid()}")
-        tmp.write_text(json.dumps({**content, "format": CACHE_FORMAT}, indent=1) + "\n")
-        os.replace(tmp, marker)
+        atomic_write_json(marker, {**content, "format": CACHE_FORMAT}, indent=1)
     except (OSError, ValueError):
         pass
 

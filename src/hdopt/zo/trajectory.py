@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from hdopt.io import atomic_write_bytes
 
 MAGIC = "hdopt-zo-trajectory/1"
 
@@ -93,21 +94,6 @@ class Trajectory:
             grads, lrs = fields[3 : 3 + q], fields[3 + q :]
             records.append(UpdateRecord(step, key, tuple(grads), tuple(lrs), scale))
         return header, Trajectory(records)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def replay(params, trajectory: str | os.PathLike | tuple[dict, Trajectory], upto: int | None = None):
