@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hdopt.io import atomic_write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 LAB_DIR = RESULTS / "distributed_localsgd"
@@ -69,9 +71,7 @@ def comm() -> None:
     payload = {"hardware": "2-core CPU, no GPU (gloo, 1 thread per process), shared with other jobs",
                "model": f"MLP {'-'.join(map(str, DIMS))}", "global_batch": GLOBAL_BATCH,
                "torch": torch.__version__, "rows": rows, "zo_scaling": zo_scaling(rows)}
-    tmp = COMM_JSON.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, COMM_JSON)
+    atomic_write_json(COMM_JSON, payload)
     print(comm_table(payload))
 
 

@@ -23,8 +23,8 @@ import torch
 from hdopt.dynamics.data import load_digits
 from hdopt.dynamics.experiments.eos import half_mse
 from hdopt.dynamics.hessian import HessianOperator, lanczos, power_iteration
-from hdopt.dynamics.io import write_json
 from hdopt.dynamics.models import tanh_mlp
+from hdopt.io import atomic_write_json
 
 
 def hvps_to_accuracy(history: list[float], reference: float, rel: float) -> int | None:
@@ -117,7 +117,7 @@ def main() -> None:
                "hardware": f"2-core CPU ({platform.machine()}), no GPU, torch {torch.__version__}, 1 thread",
                "seconds_total": round(time.perf_counter() - t0, 1),
                "command": "PYTHONPATH=src python benchmarks/dynamics.py"}
-    write_json(args.out, payload)
+    atomic_write_json(args.out, payload)
     print(f"wrote {args.out} in {payload['seconds_total']} s")
 
 

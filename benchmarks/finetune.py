@@ -29,6 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+from hdopt.io import atomic_write_json, atomic_write_text, save_figure
+from hdopt.plotting import pyplot
+
 RESULTS = Path(__file__).parent / "results"
 RUNS = RESULTS / "finetune_runs"
 PLOT = Path(__file__).parents[1] / "docs" / "img" / "finetune_dev_vs_forwards.png"
@@ -36,12 +39,6 @@ MEMORY_MODES = ("inference", "mezo", "mezo-lora", "ft-prefix", "ft")
 THREADS = os.environ.get("HDOPT_BENCH_THREADS", "1")  # torch threads per child (the CPU is shared)
 DATA_DIR = os.environ.get("HDOPT_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
 ACCURACY_METHODS = ("zero-shot", "mezo", "ft", "mezo-lora", "mezo-prefix", "ft-lora", "lp", "icl")
-
-
-def write_json(path: Path, obj) -> None:
-    from hdopt.lm.rundir import write_json as atomic
-
-    atomic(path, obj)
 
 
 def tagged(name: str, tag: str | None, suffix: str = ".json") -> Path:
@@ -108,7 +105,7 @@ def memory(args) -> None:
             if row:
                 rows.append(row)
                 print(f"  peak {row['peak_rss_mib']:.0f} MiB, {row['seconds_per_step']} s/step", flush=True)
-                write_json(out, {"env": _env(args.device), "rows": rows})
+                atomic_write_json(out, {"env": _env(args.device), "rows": rows}, default=str)
     print(memory_table(rows))
 
 
@@ -180,7 +177,8 @@ def accuracy(args) -> None:
         if row:
             rows.append(row)
             print(f"  test {row['test']}, dev {row.get('best_dev')}, {row['wall_seconds']} s", flush=True)
-            write_json(out, {"env": _env(args.device), "budget": vars(args) | {"lr": args.lr}, "rows": rows})
+            budget = vars(args) | {"lr": args.lr}
+            atomic_write_json(out, {"env": _env(args.device), "budget": budget, "rows": rows}, default=str)
     print(accuracy_table(rows))
 
 
@@ -221,14 +219,9 @@ def accuracy_table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], out: Path = PLOT) -> None:
     """Dev accuracy vs forward-pass equivalents (a backward pass counted as two forwards)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from hdopt.finetune.rundir import read_metrics
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for r in rows:
         if not r.get("run") or r["method"] in ("zero-shot", "icl", "lp"):
             continue
@@ -245,8 +238,7 @@ def plot(rows: list[dict], out: Path = PLOT) -> None:
     ax.set_title("SmolLM2-135M, SST-2 (1000 train examples)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    save_figure(fig, out, dpi=120)
 
 
 def run_label(cfg) -> str:
@@ -261,15 +253,10 @@ def curves(args) -> None:
 
     An ``--lp-init`` run's curve starts after the probe's one forward pass per train and dev example.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from hdopt.finetune.rundir import read_metrics
     from hdopt.finetune.trained import run_config
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for folder in map(Path, args.runs):
         cfg = run_config(folder)
         start = cfg.data.num_train + cfg.data.num_dev if cfg.method.lp_init else 0
@@ -287,8 +274,7 @@ def curves(args) -> None:
     ax.set_title(args.title)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=120)
+    save_figure(fig, args.out, dpi=120)
     print(f"wrote {args.out}")
 
 
@@ -305,7 +291,7 @@ def report(args) -> None:
         plot(acc["rows"], PLOT.with_name(f"{PLOT.stem}_{args.tag}.png") if args.tag else PLOT)
         text += ["## Accuracy", "", accuracy_table(acc["rows"]), "", f"budget: {json.dumps(acc['budget'])}",
                  f"environment: {json.dumps(acc.get('env'))}", ""]  # fmt: skip
-    tagged("finetune", args.tag, ".md").write_text("\n".join(text))
+    atomic_write_text(tagged("finetune", args.tag, ".md"), "\n".join(text))
     print("\n".join(text))
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from hdopt.io import atomic_write_json, atomic_write_text
 from hdopt.lm.evaluation import EvalConfig, run_eval
 from hdopt.lm.models import load_model
-from hdopt.lm.rundir import write_json, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ["sst2", "rte", "cb", "boolq", "copa", "wic", "squad"]
@@ -154,8 +154,8 @@ def merge(paths: list[str], out: str) -> dict:
     merged["load_start"] = min(r["load_start"] for r in reports)
     merged["load_end"] = max(r["load_end"] for r in reports)
     merged["wall_minutes"] = max(r["wall_minutes"] for r in reports)
-    write_json(out + ".json", merged)
-    write_text(out + ".md", markdown(merged))
+    atomic_write_json(out + ".json", merged, default=str)
+    atomic_write_text(out + ".md", markdown(merged))
     return merged
 
 
@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     report["load_end"] = round(os.getloadavg()[0], 1)
                     report["wall_minutes"] = round((time.time() - start) / 60, 1)
-                    write_json(args.out + ".json", report)
-                    write_text(args.out + ".md", markdown(report))
+                    atomic_write_json(args.out + ".json", report, default=str)
+                    atomic_write_text(args.out + ".md", markdown(report))
             del model
     print(markdown(report))
     return 0

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from hdopt.zo.trajectory import atomic_write_bytes
+    from hdopt.io import atomic_write_bytes
 
     args = parse_args(argv)
     if args.runs < 1:

@@ -39,11 +39,11 @@ from pathlib import Path
 
 import torch
 
+from hdopt.io import atomic_write_bytes
 from hdopt.lm.models import load_model
 from hdopt.memory import peak_mib, reset_peak
 from hdopt.zo import ZOSGD
 from hdopt.zo.noise import NoiseGenerator, chunks
-from hdopt.zo.trajectory import atomic_write_bytes
 
 RESULTS = Path(__file__).parent / "results"
 MODES = ("forward", "zosgd-gaussian", "zosgd-rademacher", "reference")

@@ -9,7 +9,7 @@ gguf=$("$PY" - <<'PY'
 import importlib.util
 from pathlib import Path
 from hdopt.lm.models import PACKAGED
-spec = PACKAGED["smollm2-135m"]
+spec = PACKAGED.get("smollm2-135m")
 found = importlib.util.find_spec(spec.module)
 if found is None:
     raise SystemExit(f"install the model package first: {spec.install}")

@@ -25,7 +25,7 @@ def test_duplicates_and_unknown_names_are_rejected():
         get("nope")
     with pytest.raises(ValueError, match="lacks presets"):
         register(Experiment("partial", "", object, {"smoke": None}, print))
-    assert "partial" not in registry._REGISTRY
+    assert "partial" not in registry.EXPERIMENTS
 
 
 def test_config_overrides_and_bad_scale():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 
 import pytest
 import torch
@@ -63,7 +65,10 @@ def test_resume_after_kill_is_bitwise_identical(method, family, overrides, task_
         _run(task_file, tmp_path / "killed", method, overrides, family, tokenizer, on_step=_kill_at(5))
     assert json.loads((tmp_path / "killed" / rundir.CONFIG).read_text())["train"]["steps"] == 6
     assert not (tmp_path / "killed" / rundir.RESULTS).exists()
+    leftover = tmp_path / "killed" / f".{rundir.CHECKPOINT}.0123456789ab.tmp"  # what kill -9 mid-save leaves
+    leftover.write_bytes(b"half a checkpoint")
     resumed, _ = resume(tmp_path / "killed", make_model(family), tokenizer)
+    assert not leftover.exists()
     for name in (rundir.CHECKPOINT, rundir.BEST):
         assert _same_weights(tmp_path / "full" / name, tmp_path / "killed" / name)
     assert _metrics(tmp_path / "full") == _metrics(tmp_path / "killed")
@@ -71,6 +76,18 @@ def test_resume_after_kill_is_bitwise_identical(method, family, overrides, task_
     if method.startswith("mezo"):
         traj = rundir.TRAJECTORY
         assert (tmp_path / "full" / traj).read_bytes() == (tmp_path / "killed" / traj).read_bytes()
+
+
+def test_every_run_file_has_the_mode_of_a_normal_new_file(task_file, tokenizer, tmp_path):
+    """Checkpoints, trajectory, JSON alike: 0666 minus the umask (0644 under the usual 022), not 0600."""
+    mask = os.umask(0o022)
+    try:
+        _run(task_file, tmp_path, "mezo-prefix", dict(steps=2, eval_every=1), "llama", tokenizer)
+    finally:
+        os.umask(mask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir() if p.is_file()}
+    assert {rundir.CHECKPOINT, rundir.BEST, rundir.TRAJECTORY, rundir.INITIAL, rundir.RESULTS} <= set(modes)
+    assert set(modes.values()) == {0o644}, modes
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes_the_run(task_file, tokenizer, tmp_path):

@@ -70,7 +70,7 @@ def float64_losses() -> Iterator[None]:
 
     def token_logprobs(model, batch, prefix=None):  # scoring.token_logprobs without the float32 cast
         seq, pos = batch.target_seq, batch.target_pos
-        inner = scoring._unwrap(model)
+        inner = scoring.unwrap_peft(model)
         if inner is not None and scoring._can_split(inner) and scoring._check_head(inner):
             hidden = inner.base_model(**scoring._model_inputs(inner.base_model, batch, prefix))[0]
             logits = scoring._head_logits(inner, hidden[seq, pos])

@@ -35,6 +35,22 @@ def data_dir() -> Path:
     return require_data_dir()
 
 
+@pytest.fixture
+def packaged_alias():
+    """``packaged_alias(spec)`` registers a packaged model alias for one test; it is removed afterwards."""
+    from hdopt.lm import models
+
+    added = []
+
+    def register(spec):
+        added.append(models.register_packaged(spec))
+        return spec
+
+    yield register
+    for spec in added:
+        models.PACKAGED.unregister(spec.alias)
+
+
 def byte_tokenizer(add_bos: bool):
     """A real ``PreTrainedTokenizerFast`` with one token per byte (GPT-2 style byte-level pre-tokenizer).
 

@@ -202,10 +202,10 @@ def test_stale_damaged_and_foreign_files_are_refused(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def fake_alias(tmp_path, monkeypatch) -> Path:
+def fake_alias(tmp_path, monkeypatch, packaged_alias) -> Path:
     """A converted cache in the old format (no fast tokenizer file) of a packaged alias ``tiny-gemma``."""
     spec = PackagedModel("tiny-gemma", "tiny", "0.1", "hdopt_no_such_module", "t.gguf", "x/y", "pip x")
-    monkeypatch.setitem(models.PACKAGED, spec.alias, spec)
+    packaged_alias(spec)
     monkeypatch.delenv(models.FAST_TOKENIZER_ENV, raising=False)
     folder = tmp_path / spec.alias
     tiny_model("gemma3").save_pretrained(folder)
@@ -283,7 +283,7 @@ def test_unwritable_cache_still_loads(fake_alias, monkeypatch, capsys, refused):
         raise PermissionError("read-only file system")
 
     if refused == "file":
-        monkeypatch.setattr(model_cache.tempfile, "mkstemp", refuse)
+        monkeypatch.setattr(model_cache, "atomic_path", refuse)
     else:
         monkeypatch.setattr(models, "_file_lock", refuse)
     _, tokenizer = load_model("tiny-gemma", cache_dir=fake_alias.parent)

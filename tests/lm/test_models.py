@@ -32,10 +32,10 @@ def test_offline_hub_name_is_refused_without_a_download(monkeypatch):
     )
 
 
-def test_missing_package_says_what_to_install(monkeypatch, tmp_path):
+def test_missing_package_says_what_to_install(packaged_alias, tmp_path):
     fake = PackagedModel("fake-1m", "fake-gguf", "0.0.1", "hdopt_no_such_module", "f.gguf", "x/y",
                          "pip install fake-gguf==0.0.1")  # fmt: skip
-    monkeypatch.setitem(models.PACKAGED, "fake-1m", fake)
+    packaged_alias(fake)
     with pytest.raises(ModelLoadError) as info:
         prepare("fake-1m", tmp_path)
     assert str(info.value) == (

@@ -294,6 +294,8 @@ def test_a_direction_source_is_used_by_the_perturbation_and_the_update(momentum)
 def test_registry_names_every_rule_once():
     assert set(OPTIMIZERS) >= {"zosgd", "zoadam", "zosign", "zoconservative"}
     assert len(set(OPTIMIZERS.values())) == len(OPTIMIZERS)
+    with pytest.raises(ValueError, match="already registered"):
+        OPTIMIZERS.register("zosgd", ZOSGD)
     assert optimizer_class("ZOAdam") is ZOAdam and optimizer_class("zoadam") is ZOAdam
     with pytest.raises(ValueError, match="unknown zeroth-order optimizer 'adam'; known: zosgd"):
         optimizer_class("adam")

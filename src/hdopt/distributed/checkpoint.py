@@ -11,13 +11,13 @@ because the per-rank states (and the data each rank would see) do not map onto a
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hdopt.distributed.comm import Communicator
+from hdopt.io import atomic_path
 
 FORMAT = "hdopt-distributed-checkpoint/1"
 
@@ -37,16 +37,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], comm: Commun
     path = Path(path)
     states = comm.gather_object(state, f"checkpoint gather for {path.name}")
     if comm.rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             torch.save({"format": FORMAT, "world_size": comm.world_size, "states": states}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
     comm.barrier(f"checkpoint barrier for {path.name}")
     return path
 

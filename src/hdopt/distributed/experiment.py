@@ -28,12 +28,13 @@ from hdopt.distributed.comm import Communicator
 from hdopt.distributed.data import worker_seed
 from hdopt.distributed.local_sgd import LocalSGD, LocalSGDConfig, parameter_bytes
 from hdopt.dynamics.data import TensorData, load_data
-from hdopt.dynamics.experiments.common import accuracy, full_loss, pyplot
+from hdopt.dynamics.experiments.common import accuracy, full_loss
 from hdopt.dynamics.hessian import HessianOperator, hutchinson_trace, lanczos
-from hdopt.dynamics.io import save_figure
 from hdopt.dynamics.models import relu_mlp
 from hdopt.dynamics.registry import Experiment, register
 from hdopt.dynamics.results import Check, LabResult, Timer
+from hdopt.io import save_figure
+from hdopt.plotting import pyplot
 
 CE = nn.functional.cross_entropy
 

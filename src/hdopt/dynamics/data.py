@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hdopt.io import atomic_write_bytes
+
 DATASETS = ("digits", "fashion-mnist")
 
 # Where the Debian package dataset-fashion-mnist installs its gzipped IDX files (checked in order).
@@ -135,8 +137,7 @@ def write_idx(path: str | os.PathLike, array: np.ndarray, compress: bool | None 
     raw = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + body
     if compress or (compress is None and path.suffix == ".gz"):
         raw = gzip.compress(raw)
-    path.write_bytes(raw)
-    return path
+    return atomic_write_bytes(path, raw)
 
 
 def find_fashion_mnist(dirs: tuple[str, ...] | None = None) -> Path | None:

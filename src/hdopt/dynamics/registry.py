@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from hdopt.registry import Registry
+
 SCALES = ("smoke", "default", "full")
 
 
@@ -39,32 +41,27 @@ class Experiment:
         return dataclasses.replace(self.presets[scale], **overrides)
 
 
-_REGISTRY: dict[str, Experiment] = {}
+EXPERIMENTS: Registry[Experiment] = Registry("experiment", sort=False)
 
 
 def register(experiment: Experiment) -> Experiment:
-    """Add ``experiment``; a second experiment with the same name raises ValueError."""
-    if experiment.name in _REGISTRY:
-        raise ValueError(f"experiment {experiment.name!r} is already registered")
+    """Add ``experiment``; a second experiment with the same name, or missing presets, raise ValueError."""
     missing = set(SCALES) - set(experiment.presets)
     if missing:
         raise ValueError(f"experiment {experiment.name!r} lacks presets for {sorted(missing)}")
-    _REGISTRY[experiment.name] = experiment
-    return experiment
+    return EXPERIMENTS.register(experiment.name, experiment)
 
 
 def get(name: str) -> Experiment:
     """The experiment called ``name`` (importing the built-in ones first)."""
     _load_builtin()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown experiment {name!r}; choose one of {', '.join(names())}")
-    return _REGISTRY[name]
+    return EXPERIMENTS.get(name)
 
 
 def names() -> list[str]:
     """Registered experiment names, in registration order."""
     _load_builtin()
-    return list(_REGISTRY)
+    return EXPERIMENTS.names()
 
 
 def _load_builtin() -> None:

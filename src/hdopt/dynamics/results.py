@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hdopt.dynamics.io import write_json
+from hdopt.io import atomic_write_json
 
 
 @dataclass
@@ -83,8 +83,8 @@ class LabResult:
     def write(self, out_dir: str | Path) -> Path:
         """Write ``results.json`` (and config.json) atomically into ``out_dir``; returns the results path."""
         out_dir = Path(out_dir)
-        write_json(out_dir / "config.json", dataclasses.asdict(self.config))
-        return write_json(out_dir / "results.json", self.to_json())
+        atomic_write_json(out_dir / "config.json", dataclasses.asdict(self.config))
+        return atomic_write_json(out_dir / "results.json", self.to_json())
 
 
 def within(measured: float, predicted: float, rel: float) -> bool:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save_file
+
+from hdopt.io import atomic_path
 
 WEIGHTS, STATE = "weights/", "state/"
 
@@ -60,18 +61,8 @@ def save_checkpoint(path: str | os.PathLike, params: list[tuple[str, torch.Tenso
     tensors = {WEIGHTS + name: t for name, t in weights_of(params).items()}
     skeleton = flatten(state, tensors) if state is not None else None
     metadata = {"state": json.dumps(skeleton), "meta": json.dumps(meta or {})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:  # streamed to a temporary file (no second in-memory copy of the weights), then renamed
+    with atomic_path(path) as tmp:  # streamed to the file (no second in-memory copy of the weights)
         save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _header(data: bytes) -> dict:

@@ -28,7 +28,7 @@ from torch import nn
 
 from hdopt.finetune.checkpoint import load_checkpoint, save_checkpoint
 from hdopt.finetune.head import untie_head
-from hdopt.lm.scoring import _unwrap, encode_examples, token_logprobs
+from hdopt.lm.scoring import encode_examples, token_logprobs, unwrap_peft
 from hdopt.lm.tasks import Example, Task
 
 C_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)  # inverse L2 strength, on features divided by their std
@@ -79,7 +79,7 @@ def head_inputs(model: nn.Module, tokenizer, examples: Sequence[Example], max_le
     Runs the scoring path of the training loss (:func:`hdopt.lm.scoring.token_logprobs`, adapters
     included) and records what the head receives.
     """
-    inner = _unwrap(model) or model
+    inner = unwrap_peft(model) or model
     head = inner.get_output_embeddings()
     device = head.weight.device
     seen: list[torch.Tensor] = []
@@ -181,7 +181,7 @@ def fit_label_head(
     train_y = np.array([e.label for e in train])
     dev_y = np.array([e.label for e in dev]) if dev else None
     weights, c, train_acc, dev_acc = fit_probe(train_x, train_y, dev_x, dev_y, len(ids), c, seed)
-    head = (_unwrap(model) or model).get_output_embeddings()
+    head = (unwrap_peft(model) or model).get_output_embeddings()
     old = head.weight.detach()[ids].double().cpu()
     target = torch.from_numpy(weights)
     rows = target - (target - old).mean(dim=0, keepdim=True)  # nearest to ``old`` with target's differences
@@ -190,7 +190,7 @@ def fit_label_head(
 
 def apply_label_head(model: nn.Module, label_head: LabelHead) -> None:
     """Untie the LM head (if tied) and write the probe's rows into it; the rest of the model is unchanged."""
-    head = untie_head(_unwrap(model) or model)
+    head = untie_head(unwrap_peft(model) or model)
     with torch.no_grad():
         rows = label_head.rows.to(device=head.weight.device, dtype=head.weight.dtype)
         head.weight[label_head.token_ids] = rows

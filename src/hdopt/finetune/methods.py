@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hdopt.registry import Registry
+
 TRAINERS = ("zo", "fo", "lp")
 ADAPTERS = ("full", "lora", "prefix", "head", "none")
 
@@ -55,25 +57,21 @@ class Method:
         return self
 
 
-_REGISTRY: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("method", error=MethodError)
 
 
 def register_method(method: Method) -> Method:
     """Add a method; a name can be registered once."""
-    if method.name in _REGISTRY:
-        raise MethodError(f"method {method.name!r} is already registered")
-    _REGISTRY[method.name] = method
-    return method
+    return METHODS.register(method.name, method)
 
 
 def get_method(name: str) -> Method:
-    if name not in _REGISTRY:
-        raise MethodError(f"unknown method {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    """The method called ``name``; an unknown name raises :class:`MethodError` listing the known ones."""
+    return METHODS.get(name)
 
 
 def list_methods() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(METHODS)
 
 
 # ZO: batch 16, constant lr, 20k steps (OPT, Table 16); evaluation every 500 steps.

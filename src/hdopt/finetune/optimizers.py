@@ -25,7 +25,7 @@ def build_optimizer(cfg: RunConfig, trainer: str, params: list[tuple[str, torch.
     if trainer == "zo":
         if name not in ZO_OPTIMIZERS:
             raise ValueError(f"ZO methods take a ZO optimizer ({', '.join(ZO_OPTIMIZERS)}), got {name!r}")
-        cls = ZO_OPTIMIZERS[name]
+        cls = ZO_OPTIMIZERS.get(name)
         extra = {"momentum": o.momentum} if "momentum" in inspect.signature(cls).parameters else {}
         return cls(
             params, lr=o.lr, eps=o.eps, weight_decay=o.weight_decay, q=cfg.method.q,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 
-def _cache_kwarg(module: nn.Module) -> str:
+def cache_kwarg(module: nn.Module) -> str:
     """``cache`` (transformers >= 5) or ``past_key_values`` (older), whichever ``forward`` takes."""
     params = inspect.signature(module.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -76,7 +76,7 @@ class PrefixKV(nn.Module):
             attention_mask = torch.ones(batch, length, dtype=torch.long, device=input_ids.device)
         ones = torch.ones(batch, self.num_tokens, dtype=attention_mask.dtype, device=attention_mask.device)
         kwargs.pop("use_cache", None)
-        kwargs[_cache_kwarg(run)] = self.cache(batch)
+        kwargs[cache_kwarg(run)] = self.cache(batch)
         mask = torch.cat([ones, attention_mask], dim=1)  # [B, n + T]
         return run(input_ids=input_ids, attention_mask=mask, use_cache=True, **kwargs)
 

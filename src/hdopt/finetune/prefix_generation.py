@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hdopt.finetune.prefix import _cache_kwarg
+from hdopt.finetune.prefix import cache_kwarg
 
 UNSUPPORTED = {"do_sample": False, "num_beams": 1, "num_return_sequences": 1}  # field -> its only value
 KNOWN = {"max_new_tokens", "eos_token_id", "pad_token_id", "stop_strings", *UNSUPPORTED}
@@ -148,7 +148,7 @@ def greedy_with_prefix(
     if _accepts(lm, "logits_to_keep"):
         extra["logits_to_keep"] = 1  # only the last position's logits (the vocabulary can be large)
     out = prefix(lm, input_ids, attention_mask, **extra)
-    cache, cache_kw = _output_cache(out), _cache_kwarg(lm)
+    cache, cache_kw = _output_cache(out), cache_kwarg(lm)
     next_pos = pos[:, -1:] + 1
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     generated: list[torch.Tensor] = []

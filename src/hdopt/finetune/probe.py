@@ -22,6 +22,7 @@ import torch
 from hdopt.finetune import rundir
 from hdopt.finetune.checkpoint import save_checkpoint
 from hdopt.finetune.label_head import fit_probe
+from hdopt.io import atomic_write_json
 
 
 @torch.no_grad()
@@ -52,7 +53,7 @@ def linear_probe(s) -> tuple[dict, Path]:
         )
     cfg = s.cfg
     folder = rundir.new_run_dir(cfg.train.output_dir, s.task.name, s.method.name, cfg.model.model)
-    rundir.write_json(folder / rundir.CONFIG, cfg.to_dict())
+    atomic_write_json(folder / rundir.CONFIG, cfg.to_dict(), default=str)
     start = time.perf_counter()
     s.model.eval()
 
@@ -79,5 +80,5 @@ def linear_probe(s) -> tuple[dict, Path]:
         "peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }  # fmt: skip
     rundir.write_jsonl(folder / rundir.METRICS, [{"step": 0, "dev_accuracy": dev}])
-    rundir.write_json(folder / rundir.RESULTS, results)
+    atomic_write_json(folder / rundir.RESULTS, results, default=str)
     return results, folder

@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hdopt.lm.rundir import default_run_dir, write_json, write_jsonl
+from hdopt.lm.rundir import default_run_dir, write_jsonl
 
 CONFIG, METRICS, RESULTS = "config.json", "metrics.jsonl", "results.json"
 CHECKPOINT, BEST, TRAJECTORY = "checkpoint.safetensors", "best.safetensors", "trajectory.bin"
@@ -93,6 +93,5 @@ __all__ = [
     "open_tensorboard",
     "read_json",
     "read_metrics",
-    "write_json",
     "write_jsonl",
 ]

@@ -58,6 +58,7 @@ from hdopt.finetune.optimizers import (
     forwards_per_step,
     zo_step,
 )
+from hdopt.io import atomic_write_json, remove_stale_temp_files
 from hdopt.lm.evaluation import EvalConfig, EvalResult, context_length, evaluate
 from hdopt.lm.models import load_model
 from hdopt.lm.tasks import Splits, Task, load_split, resolve_task, sample_protocol
@@ -409,7 +410,7 @@ def finish(s: Setup, state: LoopState, folder: Path, status: str = "completed", 
     if s.comm.active:
         results["communicated_bytes"] = s.comm.stats.bytes  # all-reduce/broadcast payload (this session)
     if s.writer:
-        rundir.write_json(folder / rundir.RESULTS, results)
+        atomic_write_json(folder / rundir.RESULTS, results, default=str)
     return results
 
 
@@ -453,7 +454,8 @@ def finetune(cfg: RunConfig, model=None, tokenizer=None, *,
             raise FileExistsError(f"{folder} already holds a run: resume it with --resume {folder}")
         if s.writer:
             record = _method_record(s.method, comm.world_size)
-            rundir.write_json(folder / rundir.CONFIG, {**s.cfg.to_dict(), "method_record": record})
+            config = {**s.cfg.to_dict(), "method_record": record}
+            atomic_write_json(folder / rundir.CONFIG, config, default=str)
             if s.method.adapter == "prefix":  # computed by the model: bitwise for the same threads/hardware
                 save_checkpoint(folder / rundir.INITIAL, s.params, meta={"step": 0})
             if s.label_head is not None:  # resume, replay and load_trained start from these rows
@@ -487,6 +489,8 @@ def resume(folder: str | Path, model=None, tokenizer=None, *,
     label_head = load_label_head(folder / rundir.LP_HEAD) if cfg.method.lp_init else None
     with process_group(cfg) as comm:
         s = setup(cfg, model, tokenizer, comm, label_head)
+        if s.writer:  # a hard kill may have left temporary files of half-written checkpoints
+            remove_stale_temp_files(folder)
         board = rundir.open_tensorboard(folder, s.cfg.train.tensorboard and s.writer)
         rows = rundir.read_metrics(folder) if s.writer else []
         log = rundir.MetricsLog(folder, rows, board, write=s.writer)
@@ -507,7 +511,7 @@ def _change_steps(folder: Path, cfg: RunConfig, record: dict, steps: int) -> Run
         raise ConfigError(f"{folder} is at step {at}: --steps must be at least that, got {steps}")
     cfg = cfg.replace(steps=steps)
     if launched_world()[0] == 0:
-        rundir.write_json(folder / rundir.CONFIG, {**cfg.to_dict(), "method_record": record})
+        atomic_write_json(folder / rundir.CONFIG, {**cfg.to_dict(), "method_record": record}, default=str)
     return cfg
 
 

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from hdopt.io import atomic_write_json
 from hdopt.lm.generation import greedy_generate
 from hdopt.lm.metrics import exact_match, f1_score
 from hdopt.lm.models import load_model
-from hdopt.lm.rundir import default_run_dir, write_json, write_jsonl
+from hdopt.lm.rundir import default_run_dir, write_jsonl
 from hdopt.lm.scoring import Prefix, encode_options, encode_prefix, predict, starts_with_bos, truncate_left
 from hdopt.lm.tasks import Example, Task, load_split, resolve_task, sample_protocol
 
@@ -231,7 +232,8 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> tuple[dict, Path]:
     out = (
         Path(cfg.output_dir) if cfg.output_dir else default_run_dir("eval", task.name, cfg.method, cfg.model)
     )
-    write_json(out / "config.json", {**asdict(cfg), "effective_max_length": run_cfg.max_length})
+    config = {**asdict(cfg), "effective_max_length": run_cfg.max_length}
+    atomic_write_json(out / "config.json", config, default=str)
     write_jsonl(out / "predictions.jsonl", result.predictions)
-    write_json(out / "results.json", results)  # last: its presence marks a finished run
+    atomic_write_json(out / "results.json", results, default=str)  # last: its presence marks a finished run
     return results, out

@@ -30,10 +30,11 @@ import importlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from hdopt.io import atomic_path
 
 FAST_TOKENIZER_FILE = "hdopt-tokenizer.bin"
 # files AutoTokenizer may read: the fast file is stale once one of them changes (size or modification time)
@@ -271,17 +272,10 @@ def _qualified(cls: type) -> str:
 
 def _write(target: Path, meta: dict, body: bytes) -> None:
     header = json.dumps(meta).encode("ascii")
-    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(_HEADER.pack(MAGIC, FORMAT, len(header)))
-            out.write(header)
-            out.write(body)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(target) as tmp, open(tmp, "wb") as out:
+        out.write(_HEADER.pack(MAGIC, FORMAT, len(header)))
+        out.write(header)
+        out.write(body)
 
 
 def save_fast_tokenizer(tokenizer, folder: str | os.PathLike) -> Path:

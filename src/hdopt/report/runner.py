@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from hdopt.lm.rundir import write_json, write_text
+from hdopt.io import atomic_write_json, atomic_write_text
 from hdopt.report import finetune, lab, tint
 from hdopt.report.claims import Section
 from hdopt.report.context import Context
@@ -71,12 +71,12 @@ def build_report(ctx: Context, only: tuple[str, ...] = SECTION_KEYS, fresh: bool
         t0 = time.perf_counter()
         section = fn(ctx, bar.set_description_str)
         section.seconds = round(time.perf_counter() - t0, 1)
-        write_json(cache_path(ctx, key), section.to_json())
+        atomic_write_json(cache_path(ctx, key), section.to_json(), default=str)
         sections.append(section)
         bar.update(1)
     bar.close()
     meta = {"scale": ctx.scale, "model": ctx.model, "seconds": round(time.perf_counter() - start, 1)}
     index = ctx.folder / "index.html"
-    write_text(index, render_html(sections, meta, ctx.folder))
-    write_text(ctx.folder / "summary.md", render_markdown(sections, meta))
+    atomic_write_text(index, render_html(sections, meta, ctx.folder))
+    atomic_write_text(ctx.folder / "summary.md", render_markdown(sections, meta))
     return index, sections

@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from hdopt.io import atomic_write_bytes
 
 MAGIC = "hdopt-zo-trajectory/2"
 MAGIC_V1 = "hdopt-zo-trajectory/1"
@@ -132,21 +133,6 @@ class Trajectory:
         trajectory = Trajectory.unpack(data[newline + 1 :], q, n_groups, header.get("record_extras", 0),
                                        where=str(path), version=version, eps=eps)  # fmt: skip
         return header, trajectory
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def replay(params, trajectory: str | os.PathLike | tuple[dict, Trajectory], upto: int | None = None):

@@ -1,4 +1,4 @@
-"""Small helpers shared by the experiment recipes (loss evaluation, curve thinning, plotting setup)."""
+"""Small helpers shared by the experiment recipes (loss evaluation, curve thinning, verdict titles)."""
 
 from __future__ import annotations
 
@@ -48,13 +48,3 @@ def verdict_title(fig, verdict: str, width: int = 190) -> None:
 
     fig.suptitle("\n".join(textwrap.wrap(verdict, width)), fontsize=8)
     fig.subplots_adjust(top=0.8)
-
-
-def pyplot():
-    """matplotlib's pyplot on the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

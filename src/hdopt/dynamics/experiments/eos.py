@@ -25,13 +25,14 @@ import torch
 from tqdm import tqdm
 
 from hdopt.dynamics.data import TensorData, load_data
-from hdopt.dynamics.experiments.common import pyplot, verdict_title
+from hdopt.dynamics.experiments.common import verdict_title
 from hdopt.dynamics.hessian import HessianOperator, lanczos
-from hdopt.dynamics.io import save_figure
 from hdopt.dynamics.models import tanh_mlp
 from hdopt.dynamics.optim import NormalizedGD, SqrtLossGD
 from hdopt.dynamics.registry import Experiment, register
 from hdopt.dynamics.results import Check, LabResult, Timer, within
+from hdopt.io import save_figure
+from hdopt.plotting import pyplot
 
 
 def half_mse(output: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:

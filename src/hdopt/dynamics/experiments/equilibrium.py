@@ -24,12 +24,13 @@ import torch
 from tqdm import tqdm
 
 from hdopt.dynamics.data import TensorData, batches, load_data
-from hdopt.dynamics.experiments.common import full_loss, moving_average, pyplot, thin, verdict_title
-from hdopt.dynamics.io import save_figure
+from hdopt.dynamics.experiments.common import full_loss, moving_average, thin, verdict_title
 from hdopt.dynamics.models import scale_invariant_mlp
 from hdopt.dynamics.norms import NormMonitor, equilibrium_angular_update
 from hdopt.dynamics.registry import Experiment, register
 from hdopt.dynamics.results import Check, LabResult, Timer, within
+from hdopt.io import save_figure
+from hdopt.plotting import pyplot
 
 
 @dataclass

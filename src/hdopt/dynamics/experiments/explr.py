@@ -20,13 +20,14 @@ import torch
 from tqdm import tqdm
 
 from hdopt.dynamics.data import TensorData, batches, load_data
-from hdopt.dynamics.experiments.common import pyplot, thin, verdict_title
+from hdopt.dynamics.experiments.common import thin, verdict_title
 from hdopt.dynamics.explr import explr_alpha, make_explr_sgd
-from hdopt.dynamics.io import save_figure
 from hdopt.dynamics.models import scale_invariant_mlp
 from hdopt.dynamics.norms import weight_norm
 from hdopt.dynamics.registry import Experiment, register
 from hdopt.dynamics.results import Check, LabResult, Timer
+from hdopt.io import save_figure
+from hdopt.plotting import pyplot
 
 
 @dataclass

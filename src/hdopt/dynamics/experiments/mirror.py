@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from hdopt.dynamics.experiments.common import pyplot, verdict_title
-from hdopt.dynamics.io import save_figure
+from hdopt.dynamics.experiments.common import verdict_title
 from hdopt.dynamics.mirror import gd_reparam, min_l1_interpolant, min_l2_interpolant, mirror_descent
 from hdopt.dynamics.registry import Experiment, register
 from hdopt.dynamics.results import Check, LabResult, Timer
+from hdopt.io import save_figure
+from hdopt.plotting import pyplot
 
 
 @dataclass

@@ -25,14 +25,15 @@ import torch
 from tqdm import tqdm
 
 from hdopt.dynamics.data import TensorData, batches, load_data
-from hdopt.dynamics.experiments.common import full_loss, pyplot, verdict_title
+from hdopt.dynamics.experiments.common import full_loss, verdict_title
 from hdopt.dynamics.hparams import scale_hparams, steps_for_batch
-from hdopt.dynamics.io import save_figure
 from hdopt.dynamics.models import relu_mlp
 from hdopt.dynamics.noise_scale import gradient_noise_scale
 from hdopt.dynamics.registry import Experiment, register
 from hdopt.dynamics.results import Check, LabResult, Timer
 from hdopt.dynamics.svag import SVAG
+from hdopt.io import save_figure
+from hdopt.plotting import pyplot
 
 CE = torch.nn.functional.cross_entropy
 

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hdopt.registry import Registry
+
 METRICS = ("accuracy", "f1")
 
 
@@ -153,34 +155,26 @@ class Example:
         return self.prompt + self.target
 
 
-_REGISTRY: dict[str, Task] = {}
+TASKS: Registry[Task] = Registry("task", error=TaskError, listing="built-in tasks:", case_sensitive=False,
+                                 hint=" (or pass a task file: path/to/task.yaml or .json)",
+                                 origin=lambda task: task.source)  # fmt: skip
 
 
 def register_task(task: Task) -> Task:
-    """Add a task to the registry; a name can be registered only once."""
-    key = task.name.lower()
-    if key in _REGISTRY:
-        raise TaskError(f"task {task.name!r} is already registered (by {_REGISTRY[key].source})")
-    _REGISTRY[key] = task
-    return task
+    """Add a task to the registry; a name (case-insensitive) can be registered only once."""
+    return TASKS.register(task.name, task)
 
 
 def unregister_task(name: str) -> None:
     """Remove a task (tests and interactive use)."""
-    _REGISTRY.pop(name.lower(), None)
+    TASKS.unregister(name)
 
 
 def get_task(name: str) -> Task:
     """The registered task called ``name`` (case-insensitive)."""
-    key = name.lower()
-    if key not in _REGISTRY:
-        raise TaskError(
-            f"unknown task {name!r}; built-in tasks: {', '.join(sorted(_REGISTRY))} "
-            "(or pass a task file: path/to/task.yaml or .json)"
-        )
-    return _REGISTRY[key]
+    return TASKS.get(name)
 
 
 def list_tasks() -> list[str]:
     """Names of the registered tasks, sorted."""
-    return sorted(_REGISTRY)
+    return sorted(TASKS)

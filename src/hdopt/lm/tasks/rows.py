@@ -10,23 +10,20 @@ from collections.abc import Callable
 from typing import Any
 
 from hdopt.lm.tasks.base import TaskError
+from hdopt.registry import Registry
 
 Row = dict[str, Any]
-ROW_FUNCTIONS: dict[str, Callable[[Row], Row]] = {}
+ROW_FUNCTIONS: Registry[Callable[[Row], Row]] = Registry("row function", error=TaskError, listing="known:")
 
 
 def row_function(fn: Callable[[Row], Row]) -> Callable[[Row], Row]:
     """Register ``fn`` under its name; names are unique."""
-    if fn.__name__ in ROW_FUNCTIONS:
-        raise TaskError(f"row function {fn.__name__!r} is already registered")
-    ROW_FUNCTIONS[fn.__name__] = fn
-    return fn
+    return ROW_FUNCTIONS.register(fn.__name__, fn)
 
 
 def get_row_function(name: str) -> Callable[[Row], Row]:
-    if name not in ROW_FUNCTIONS:
-        raise TaskError(f"unknown row function {name!r}; known: {', '.join(sorted(ROW_FUNCTIONS))}")
-    return ROW_FUNCTIONS[name]
+    """The row function called ``name``; an unknown name raises :class:`TaskError` listing the known ones."""
+    return ROW_FUNCTIONS.get(name)
 
 
 def lower_first_word(text: str) -> str:
