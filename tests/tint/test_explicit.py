@@ -93,3 +93,38 @@ def test_explicit_class_must_match_the_family():
         ExplicitTinT(from_hf(small_model("llama")), cfg)
     with pytest.raises(ValueError):
         ExplicitLlamaTinT(from_hf(small_model("gpt2")), cfg)
+
+
+def test_register_group_and_route_names_are_checked_when_declared():
+    from hdopt.tint.explicit_layout import Act, At, Group, Keys, Map, Route
+
+    with pytest.raises(TypeError):
+        At("n1")  # a string is not an activation name
+    with pytest.raises(ValueError):
+        At(Act.N1, -1)
+    with pytest.raises(ValueError):
+        Group(Map.QKV)  # a block's map needs its block
+    with pytest.raises(ValueError):
+        Group(Map.VOCAB, 0)  # the vocabulary belongs to no block
+    with pytest.raises(ValueError):
+        Route(rows=Group(Map.O, 0), keys=Keys.CAUSAL)  # prefix rows only attend to the tokens
+    with pytest.raises(TypeError):
+        Route(keys="causal")
+    assert Route(rows=Group(Map.O, 1), keys=Keys.TOKENS) == Route(Group(Map.O, 1), Keys.TOKENS)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_forward_only_blocks_add_applications_not_modules(arch):
+    """Modules are shared by pattern: a deeper auxiliary with the same simulated top block needs no new
+    module (its extra blocks reuse the scratch forward), only more applications."""
+    from hdopt.tint.aux import from_hf
+    from hdopt.tint.explicit import explicit_tint
+
+    extra = {"heads": 2, "kv_heads": 1, "tied": False} if arch == "llama" else {}
+    cfg = TinTConfig(n_layers=1, backward="reference", max_len=10)
+    sizes = [explicit_tint(from_hf(tiny_model(arch, layers=n, width=8, vocab=23, **extra)), cfg,
+                           device="meta").size_report() for n in (2, 3)]
+    assert sizes[0]["modules"] == sizes[1]["modules"]
+    assert sizes[0]["params_reused"] == sizes[1]["params_reused"]
+    assert sizes[1]["module_applications"] > sizes[0]["module_applications"]
+    assert sizes[1]["params_no_reuse"] > sizes[0]["params_no_reuse"]
