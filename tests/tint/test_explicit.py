@@ -32,6 +32,24 @@ def test_explicit_matches_structured_fp64(arch, steps, reduction):
     assert torch.allclose(got.inner_losses, want.inner_losses, rtol=1e-9)
 
 
+def test_explicit_label_only_targets_match_structured():
+    """The per-position loss weight register (label tokens only, mean over each sequence's own labels)."""
+    model = small_model("gpt2")
+    ids = random_ids(2, 9, seed=4) % 23
+    targets = torch.zeros_like(ids, dtype=torch.bool)
+    targets[0, [2, 4, 5]], targets[1, [3]] = True, True
+    cfg = {"n_layers": 2, "n_steps": 1, "inner_lr": 0.05, "backward": "reference", "reduction": "mean",
+           "max_len": 10}
+    structured = build(model, TinTConfig(**cfg))
+    want = structured(ids, context_len=6, targets=targets)
+    got = build(model, TinTConfig(**cfg, realization="explicit"))(ids, context_len=6, targets=targets)
+    untargeted = structured(ids, context_len=6)
+    before = structured.run(ids, structured.blocks_with(None), logits_from=5)[0]
+    assert rel(untargeted.query_logits - before, want.query_logits - before) > 1e-2  # the labels matter
+    assert rel(got.query_logits - before, want.query_logits - before) <= 1e-6
+    assert torch.allclose(got.inner_losses, want.inner_losses, rtol=1e-9)
+
+
 def test_explicit_llama_with_shared_heads_and_tied_embeddings():
     """4 query heads in 2 key/value groups, one simulated block of two, tied output head."""
     model = tiny_model("llama", layers=2, width=16, vocab=23, heads=4, kv_heads=2)
