@@ -94,7 +94,8 @@ def run_fewshot(n_eval: int = 100, n_dev: int = 16, seeds=(0, 1, 2), tasks=TASKS
     for shots in shots_list:  # 32 shots first: the main comparison
         for task in tasks:
             path = RESULTS / f"tint_fewshot_{task}.json"
-            saved = read_json(path, {"protocol": PROTOCOL, "cells": {}})
+            saved = read_json(path, {"cells": {}})
+            saved["protocol"] = PROTOCOL  # the current protocol, also in a file begun by an older run
             cells = saved["cells"]
             pool, reported = load_sentiment(task)
             rng = random.Random(1234)

@@ -7,12 +7,41 @@ import json
 import pytest
 
 from hdopt.cli import main
+from hdopt.tint import TinTConfig
 
 
 def test_size_prints_both_realizations_and_the_reference(capsys):
+    """Each printed count is the count of the thing it names: the auxiliary's and its top blocks' from the
+    Hugging Face GPT-2 built on the meta device, the explicit TinT's from building it there, the reference's
+    from references/tint.md."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hdopt.tint.explicit import explicit_tint
+    from hdopt.tint.size import REFERENCE_COUNTS, SHAPES, meta_spec
+
     assert main(["tint", "size", "--aux", "gpt2-shape", "--layers", "12", "--steps", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "1,476,796,914" in out and "explicit" in out and "structured" in out
+    rows = dict(line.strip().rsplit("  ", 1) for line in capsys.readouterr().out.splitlines()[1:])
+    printed = {label.strip(): value.strip() for label, value in rows.items()}
+
+    def count(prefix: str) -> int:
+        (value,) = [v for k, v in printed.items() if k.startswith(prefix)]
+        return int(value.replace(",", ""))
+
+    with torch.device("meta"):
+        gpt2 = GPT2LMHeadModel(GPT2Config())  # GPT-2 124M
+    assert count("auxiliary parameters") == gpt2.num_parameters()
+    assert count("structured: stored") == gpt2.num_parameters()
+    assert count("structured: extra per sequence") == sum(p.numel() for p in gpt2.transformer.h.parameters())
+    cfg = TinTConfig(n_layers=12, n_steps=1, backward="reference", max_len=1024)
+    explicit = explicit_tint(meta_spec(SHAPES["gpt2-shape"]), cfg, device="meta")
+    assert count("explicit, blocks reused") == explicit.num_parameters()
+    assert count("explicit, without reuse") == explicit.num_parameters(reuse=False)
+    assert count("explicit: non-zero") == explicit.patterns.nonzeros
+    assert printed["explicit: state width W / prefix rows"] == f"{explicit.width:,} / {explicit.n_prefix:,}"
+    reused, unshared = REFERENCE_COUNTS[("gpt2-shape", 12, 1)]
+    assert count("reference TinT (tint.md), blocks reused") == reused == 1_476_796_914
+    assert count("reference TinT (tint.md), without reuse") == unshared
 
 
 def test_size_json_for_smollm2(capsys):

@@ -32,6 +32,24 @@ def test_explicit_matches_structured_fp64(arch, steps, reduction):
     assert torch.allclose(got.inner_losses, want.inner_losses, rtol=1e-9)
 
 
+def test_explicit_label_only_targets_match_structured():
+    """The per-position loss weight register (label tokens only, mean over each sequence's own labels)."""
+    model = small_model("gpt2")
+    ids = random_ids(2, 9, seed=4) % 23
+    targets = torch.zeros_like(ids, dtype=torch.bool)
+    targets[0, [2, 4, 5]], targets[1, [3]] = True, True
+    cfg = {"n_layers": 2, "n_steps": 1, "inner_lr": 0.05, "backward": "reference", "reduction": "mean",
+           "max_len": 10}
+    structured = build(model, TinTConfig(**cfg))
+    want = structured(ids, context_len=6, targets=targets)
+    got = build(model, TinTConfig(**cfg, realization="explicit"))(ids, context_len=6, targets=targets)
+    untargeted = structured(ids, context_len=6)
+    before = structured.run(ids, structured.blocks_with(None), logits_from=5)[0]
+    assert rel(untargeted.query_logits - before, want.query_logits - before) > 1e-2  # the labels matter
+    assert rel(got.query_logits - before, want.query_logits - before) <= 1e-6
+    assert torch.allclose(got.inner_losses, want.inner_losses, rtol=1e-9)
+
+
 def test_explicit_llama_with_shared_heads_and_tied_embeddings():
     """4 query heads in 2 key/value groups, one simulated block of two, tied output head."""
     model = tiny_model("llama", layers=2, width=16, vocab=23, heads=4, kv_heads=2)
@@ -93,3 +111,38 @@ def test_explicit_class_must_match_the_family():
         ExplicitTinT(from_hf(small_model("llama")), cfg)
     with pytest.raises(ValueError):
         ExplicitLlamaTinT(from_hf(small_model("gpt2")), cfg)
+
+
+def test_register_group_and_route_names_are_checked_when_declared():
+    from hdopt.tint.explicit_layout import Act, At, Group, Keys, Map, Route
+
+    with pytest.raises(TypeError):
+        At("n1")  # a string is not an activation name
+    with pytest.raises(ValueError):
+        At(Act.N1, -1)
+    with pytest.raises(ValueError):
+        Group(Map.QKV)  # a block's map needs its block
+    with pytest.raises(ValueError):
+        Group(Map.VOCAB, 0)  # the vocabulary belongs to no block
+    with pytest.raises(ValueError):
+        Route(rows=Group(Map.O, 0), keys=Keys.CAUSAL)  # prefix rows only attend to the tokens
+    with pytest.raises(TypeError):
+        Route(keys="causal")
+    assert Route(rows=Group(Map.O, 1), keys=Keys.TOKENS) == Route(Group(Map.O, 1), Keys.TOKENS)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_forward_only_blocks_add_applications_not_modules(arch):
+    """Modules are shared by pattern: a deeper auxiliary with the same simulated top block needs no new
+    module (its extra blocks reuse the scratch forward), only more applications."""
+    from hdopt.tint.aux import from_hf
+    from hdopt.tint.explicit import explicit_tint
+
+    extra = {"heads": 2, "kv_heads": 1, "tied": False} if arch == "llama" else {}
+    cfg = TinTConfig(n_layers=1, backward="reference", max_len=10)
+    sizes = [explicit_tint(from_hf(tiny_model(arch, layers=n, width=8, vocab=23, **extra)), cfg,
+                           device="meta").size_report() for n in (2, 3)]
+    assert sizes[0]["modules"] == sizes[1]["modules"]
+    assert sizes[0]["params_reused"] == sizes[1]["params_reused"]
+    assert sizes[1]["module_applications"] > sizes[0]["module_applications"]
+    assert sizes[1]["params_no_reuse"] > sizes[0]["params_no_reuse"]

@@ -25,6 +25,9 @@ class TinTConfig:
         update_norm_gain: update norm gains too (None: True for exact, False for reference, which updates
             LayerNorm biases only).
         fd_scale: N of the finite-difference backward of the reference rule (the reference uses 1000).
+        fd_float64: evaluate those finite differences in float64 (structured realization; the explicit one
+            computes in the model's dtype). False reproduces the reference code's model-dtype differences,
+            which in float32 lose most digits (docs/tint.md, "float32").
         realization: "structured" (index/einsum ops; every architecture) or "explicit" (a transformer with
             fixed-pattern weights and prefix tokens holding the auxiliary weights; GPT-2/OPT and Llama-family
             auxiliaries, reference backward rule).
@@ -39,6 +42,7 @@ class TinTConfig:
     attn_score_grad: bool | None = None
     update_norm_gain: bool | None = None
     fd_scale: float = 1000.0
+    fd_float64: bool = True
     realization: str = "structured"
     max_len: int = 64
 

@@ -14,9 +14,17 @@ their non-zeros (what the structured realization replaces by index ops).
   (``relu(z) - relu(-z) = z``) used for copies, clears and finite differences.
 * :class:`Norm`: ``write(LayerNorm(read X))`` without affine parameters; :class:`RMSNorm`: the same with
   ``z / rms(z)`` (Llama family).
+
+A module together with its fixed weights is described as data by :class:`AttentionPattern`,
+:class:`MLPPattern` or :class:`NormPattern` (frozen, hashable): a program builds each distinct pattern once
+and applies it wherever it recurs.
 """
 
 from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,26 +32,30 @@ from torch import nn
 
 from hdopt.tint.functional import activation
 
+K = TypeVar("K", bound=Hashable)
 
-class Registers:
-    """Named coordinate ranges of a row of the TinT state."""
+
+class Registers(Generic[K]):
+    """Named coordinate ranges of a row of the TinT state (names: strings or typed keys)."""
 
     def __init__(self) -> None:
-        self.slots: dict[str, tuple[int, int]] = {}
+        self.slots: dict[K, tuple[int, int]] = {}
         self.width = 0
 
-    def add(self, name: str, n: int) -> None:
+    def add(self, name: K, n: int) -> None:
         assert name not in self.slots, name
         self.slots[name] = (self.width, n)
         self.width += n
 
-    def __getitem__(self, name: str) -> tuple[int, int]:
+    def __getitem__(self, name: K) -> tuple[int, int]:
+        if name not in self.slots:
+            raise KeyError(f"register {name!r} is not part of this layout")
         return self.slots[name]
 
-    def has(self, name: str) -> bool:
+    def has(self, name: K) -> bool:
         return name in self.slots
 
-    def view(self, name: str, parent: str, start: int, n: int) -> None:
+    def view(self, name: K, parent: K, start: int, n: int) -> None:
         """Name coordinates ``start .. start + n`` of an existing register (no new width)."""
         assert name not in self.slots and start + n <= self.slots[parent][1], name
         self.slots[name] = (self.slots[parent][0] + start, n)
@@ -51,6 +63,19 @@ class Registers:
 
 # A read term: (register start, length, scale, offset in the module's input/output vector).
 Term = tuple[int, int, float, int]
+
+
+@dataclass(frozen=True)
+class Entries:
+    """Explicit non-zeros of a weight: ``weight[rows[i], cols[i]] += values[i]`` (1 when values is None)."""
+
+    rows: tuple[int, ...]
+    cols: tuple[int, ...]
+    values: tuple[float, ...] | None = None
+
+
+# How one weight is filled: read terms (input-side weights), write terms (the output weight), or entries.
+Fill = tuple[Term, ...] | Entries
 
 
 class Patterns:
@@ -81,6 +106,17 @@ class Patterns:
         if weight.device.type != "meta":
             weight[rows, cols] += scale
         self.nonzeros += len(rows)
+
+    def fill(self, weight: torch.Tensor, fill: Fill, write: bool) -> None:
+        """Apply ``fill`` to an input-side weight (like :meth:`read`) or, when ``write``, an output weight."""
+        if isinstance(fill, Entries):
+            values = None if fill.values is None else torch.tensor(fill.values, dtype=torch.float64)
+            self.entries(weight, torch.tensor(fill.rows, dtype=torch.long),
+                         torch.tensor(fill.cols, dtype=torch.long), values)
+        elif write:
+            self.write(weight, list(fill))
+        else:
+            self.read(weight, list(fill))
 
 
 class Attention(nn.Module):
@@ -145,3 +181,63 @@ class RMSNorm(Norm):
     def forward(self, X: torch.Tensor, allowed: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         z = self.read(X)
         return X + gate * self.write(z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+@dataclass(frozen=True)
+class AttentionPattern:
+    """An :class:`Attention` module (``heads`` heads of widths ``dqk``/``dv``) and its q, k, v, o fills."""
+
+    heads: int
+    dqk: int
+    dv: int
+    softmax: bool
+    q: Fill
+    k: Fill
+    v: Fill
+    o: Fill
+
+    def build(self, width: int, patterns: Patterns, device=None, dtype=None) -> Attention:
+        module = Attention(width, self.heads, self.dqk, self.dv, self.softmax, device, dtype)
+        with torch.no_grad():
+            for lin, fill in ((module.q, self.q), (module.k, self.k), (module.v, self.v)):
+                patterns.fill(lin.weight, fill, write=False)
+            patterns.fill(module.o.weight, self.o, write=True)
+        return module
+
+
+@dataclass(frozen=True)
+class MLPPattern:
+    """An :class:`MLP` module (``hidden`` units, activation ``act``) and its fc (read), proj (write) fills."""
+
+    hidden: int
+    act: str
+    fc: Fill
+    proj: Fill
+
+    def build(self, width: int, patterns: Patterns, device=None, dtype=None) -> MLP:
+        module = MLP(width, self.hidden, self.act, device, dtype)
+        with torch.no_grad():
+            patterns.fill(module.fc.weight, self.fc, write=False)
+            patterns.fill(module.proj.weight, self.proj, write=True)
+        return module
+
+
+@dataclass(frozen=True)
+class NormPattern:
+    """A :class:`Norm` or :class:`RMSNorm` (``kind``) over ``d`` coordinates and its read/write fills."""
+
+    kind: type[Norm]
+    d: int
+    eps: float
+    read: Fill
+    write: Fill
+
+    def build(self, width: int, patterns: Patterns, device=None, dtype=None) -> Norm:
+        module = self.kind(width, self.d, self.eps, device, dtype)
+        with torch.no_grad():
+            patterns.fill(module.read.weight, self.read, write=False)
+            patterns.fill(module.write.weight, self.write, write=True)
+        return module
+
+
+Pattern = AttentionPattern | MLPPattern | NormPattern
