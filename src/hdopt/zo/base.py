@@ -29,7 +29,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -127,6 +127,9 @@ class ZOOptimizer(Optimizer):
 
     data_parallel = True  # False in a rule whose state depends on more than the reduced scalars
     record_extras = 0  # rule-specific scalars logged per step (see UpdateRecord.extras)
+    # The paper's hyperparameters (constructor keywords: lr, eps, q, noise, estimator, the rule's own), which
+    # the fine-tuning layer uses for the fields a run leaves unset; empty: the method's defaults apply.
+    paper_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
