@@ -46,9 +46,9 @@ def sample_protocol(
     if shared:
         task = eval_pool[0].uid.split("/")[0]
         warnings.warn(
-            f"task {task!r}: {shared} of the {len(eval_pool)} eval prompts also appear in the train split, so "
-            "training and demonstrations may include test examples; if the train file is a pool that holds "
-            "the test rows, subtract them (task file: data: {train: {path: ..., minus: eval}})",
+            f"task {task!r}: {shared} of the {len(eval_pool)} eval prompts also appear in the train split, "
+            "so training and demonstrations may include test examples; if the train file is a pool that "
+            "holds the test rows, subtract them (task file: data: {train: {path: ..., minus: eval}})",
             TaskWarning,
             stacklevel=2,
         )
