@@ -274,3 +274,20 @@ def test_header_problems_name_columns(tmp_path):
         DataError, match=r"dup\.csv:1: the first line is read as the header but has the repeated"
     ):
         load_split(load_task_file(tmp_path / "t.yaml"), "eval")
+
+
+def test_unreadable_files_are_data_errors(tmp_path, monkeypatch):
+    from hdopt.lm.tasks import readers
+
+    (tmp_path / "d.json").write_text('[{"text": "très bien", "label": "1"}]', encoding="latin-1")
+    (tmp_path / "t.yaml").write_text(f"name: t\ndata: {{train: d.json, eval: d.json}}\nformat: json\n{BASIC}")
+    task = load_task_file(tmp_path / "t.yaml")
+    with pytest.raises(DataError, match=r"d\.json: cannot decode as utf-8 .*; set its encoding"):
+        load_split(task, "eval")
+
+    def denied(path, spec):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setitem(readers.READERS, "json", denied)
+    with pytest.raises(DataError, match=r"d\.json: cannot read the file \(Permission denied\)"):
+        load_split(task, "eval")

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from hdopt.cli import main
+from hdopt.lm import evaluation
 from hdopt.lm.evaluation import EvalConfig, _demonstrations, evaluate, run_eval
+from hdopt.lm.generation import greedy_generate
 from hdopt.lm.tasks import DataError, TaskError, get_task, load_split, load_task_file
 from tests.lm.conftest import DATA_DIR, byte_tokenizer, tiny_model
 
@@ -121,7 +123,7 @@ def test_multiple_choice_acc_is_the_summed_log_likelihood(tmp_path):
         assert row["prediction_index"] == max(range(3), key=lambda k: sums[k])
 
 
-def test_generation_stops_fewshot_split_and_num_fewshot(tmp_path):
+def test_generation_stops_fewshot_split_and_num_fewshot(tmp_path, monkeypatch):
     rows = [{"q": f"{i}+{i}", "a": str(2 * i)} for i in range(12)]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
     (tmp_path / "shots.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[4:8]))
@@ -145,10 +147,20 @@ def test_generation_stops_fewshot_split_and_num_fewshot(tmp_path):
     assert (cfg.num_demos, cfg.max_new_tokens) == (3, 7)  # the file's num_fewshot and max_gen_toks
     demos = _demonstrations(task, cfg, load_split(task, "train"))
     assert len(demos) == 3 and {d.answers[0] for d in demos} <= {"8", "10", "12", "14"}  # the shots file
+    calls = []
+
+    def recording(model, tokenizer, prompts, max_new_tokens, stop, max_length):
+        calls.append((prompts, max_new_tokens, stop))
+        return greedy_generate(model, tokenizer, prompts, max_new_tokens, stop, max_length)
+
+    monkeypatch.setattr(evaluation, "greedy_generate", recording)
     results, out = run_eval(EvalConfig(task=str(tmp_path / "gen.yaml"), method="icl", batch_size=2,
                                        output_dir=str(tmp_path / "run"), progress=False),
                             tiny_model("gpt2"), byte_tokenizer(add_bos=False))  # fmt: skip
     assert results["metric"] == "em" and results["num_demos"] == 3 and results["num_eval"] == 4
+    assert [(n, stop) for _, n, stop in calls] == [(7, ("\n", "Q:"))] * 2  # the file's until and max_gen_toks
+    context = "".join(f"Q: {d.fields['q']}\nA: {d.fields['a']}\n###\n" for d in demos)
+    assert all(p.startswith(context) for prompts, _, _ in calls for p in prompts)  # fewshot_delimiter
     for row in map(json.loads, (out / "predictions.jsonl").read_text().splitlines()):
         assert "\n" not in row["prediction"] and "Q:" not in row["prediction"]
 

@@ -237,4 +237,9 @@ def read_file(path: Path, spec: DataFile) -> list[Record]:
         )
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    return READERS[fmt](path, spec)
+    try:
+        return READERS[fmt](path, spec)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: cannot decode as {spec.encoding} ({error}); set its encoding") from error
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the file ({error.strerror or error})") from error

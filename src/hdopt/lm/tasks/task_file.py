@@ -88,6 +88,8 @@ def read_task_file(path: str | Path, allow_outside: bool = False) -> TaskFile:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise TaskError(f"{path}: a task file must be UTF-8 text ({error})") from error
+    except OSError as error:
+        raise TaskError(f"{path}: cannot read the task file ({error.strerror or error})") from error
     try:
         doc = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Loader)
     except json.JSONDecodeError as error:
