@@ -12,7 +12,7 @@ import torch
 
 from hdopt.cli import main
 from hdopt.lm import evaluation
-from hdopt.lm.evaluation import EvalConfig, _demonstrations, evaluate, run_eval
+from hdopt.lm.evaluation import EvalConfig, choose_demonstrations, evaluate, run_eval
 from hdopt.lm.generation import greedy_generate
 from hdopt.lm.tasks import DataError, TaskError, get_task, load_split, load_task_file
 from tests.lm.conftest import DATA_DIR, byte_tokenizer, tiny_model
@@ -145,7 +145,7 @@ def test_generation_stops_fewshot_split_and_num_fewshot(tmp_path, monkeypatch):
     cfg = EvalConfig(task=str(tmp_path / "gen.yaml"), method="icl", output_dir=str(tmp_path / "run"),
                      progress=False, batch_size=2).for_task(task)  # fmt: skip
     assert (cfg.num_demos, cfg.max_new_tokens) == (3, 7)  # the file's num_fewshot and max_gen_toks
-    demos = _demonstrations(task, cfg, load_split(task, "train"))
+    demos = choose_demonstrations(task, cfg, load_split(task, "train"))
     assert len(demos) == 3 and {d.answers[0] for d in demos} <= {"8", "10", "12", "14"}  # the shots file
     calls = []
 

@@ -293,7 +293,7 @@ def check_room(task: Task, examples: Sequence[Example], tokenizer, cfg: EvalConf
         )
 
 
-def _demonstrations(task: Task, cfg: EvalConfig, train: Sequence[Example]) -> list[Example]:
+def choose_demonstrations(task: Task, cfg: EvalConfig, train: Sequence[Example]) -> list[Example]:
     """The ICL demonstrations: from the task's fewshot split when it has one, else from the train sample."""
     if cfg.method != "icl" or not cfg.num_demos:
         return []
@@ -345,7 +345,7 @@ def run_eval(cfg: EvalConfig, model=None, tokenizer=None) -> tuple[dict, Path]:
     train_pool = load_split(task, "train", cfg.data_dir) if use_train else []
     num_dev = task.num_dev if cfg.num_dev is None else cfg.num_dev
     splits = sample_protocol(train_pool, eval_pool, cfg.seed, cfg.num_train, num_dev, cfg.num_eval)
-    demos = _demonstrations(task, cfg, splits.train)
+    demos = choose_demonstrations(task, cfg, splits.train)
     out = (
         Path(cfg.output_dir) if cfg.output_dir else default_run_dir("eval", task.name, cfg.method, cfg.model)
     )
