@@ -68,8 +68,24 @@ def test_the_top_block_loss_and_predictions_are_the_whole_models(options, family
     cache = TrunkCache(blocks)
     cache.add(batch)
     loss = top_classification_loss(blocks, cache, batch).item()
-    assert loss == pytest.approx(classification_loss(model, batch).item(), rel=1e-12)
+    # both paths round the logits to float32 (hdopt.lm.scoring's convention), hence 1e-6, not 1e-12
+    assert loss == pytest.approx(classification_loss(model, batch).item(), rel=1e-6)
     assert torch.equal(top_predictions(blocks, cache, batch), predict(model, batch)[0])
+    blocks.check()
+    assert blocks.fast == (family == "llama")  # gemma3's blocks (q/k norms) take the whole-top fallback
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_last_block_at_the_asked_positions_equals_the_whole_top(k, tokenizer_bos):
+    model = _model()
+    blocks = TopBlocks(model, k)
+    blocks.check()
+    assert blocks.fast
+    batch = encode_examples(tokenizer_bos, _examples(options=(" bad", " good")), 64)  # padded rows
+    bottom = blocks.bottom(batch.input_ids, batch.attention_mask)
+    whole = blocks.top(bottom, batch.attention_mask)[batch.target_seq, batch.target_pos]
+    fast = blocks.states_at(bottom, batch.attention_mask, batch.target_seq, batch.target_pos)
+    assert torch.allclose(fast, whole, rtol=0, atol=1e-12)
 
 
 def test_a_perturbed_top_block_loss_equals_the_perturbed_whole_model(tokenizer_bos):

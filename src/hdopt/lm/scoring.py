@@ -259,11 +259,16 @@ def _model_inputs(module, batch: OptionBatch, prefix: Prefix | None) -> dict:
     }
 
 
-def logprobs_from_hidden(model, batch: OptionBatch, hidden: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities of every option token [M] from the body's output ``hidden`` [S, T, H] (the LM head
-    is applied only at the positions that predict option tokens)."""
-    logits = _head_logits(model, hidden[batch.target_seq, batch.target_pos])  # [M, V]
+def logprobs_from_states(model, batch: OptionBatch, states: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of every option token [M] from the body's output at the positions that predict
+    them, ``states`` [M, H] (the LM head is applied there only)."""
+    logits = _head_logits(model, states)  # [M, V]
     return torch.log_softmax(logits.float(), dim=-1).gather(1, batch.target_token[:, None])[:, 0]
+
+
+def logprobs_from_hidden(model, batch: OptionBatch, hidden: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of every option token [M] from the body's output ``hidden`` [S, T, H]."""
+    return logprobs_from_states(model, batch, hidden[batch.target_seq, batch.target_pos])
 
 
 def token_logprobs(model, batch: OptionBatch, prefix: Prefix | None = None) -> torch.Tensor:
