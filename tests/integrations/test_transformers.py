@@ -151,6 +151,24 @@ def test_gradient_accumulation_is_micro_batches_of_one_zo_step(tmp_path, accepts
     assert runs[1] == pytest.approx(runs[0], abs=1e-4)
 
 
+def test_the_logged_loss_is_the_steps_reported_loss(tmp_path, monkeypatch):
+    """With 2 micro-batches the Trainer sums training_step's returns: their sum is what ZOSGD.step reports
+    (the mean over the window of L(theta + eps z)), up to float32 rounding of the Trainer's sum."""
+    reported = []
+    step = ZOSGD.step
+
+    def recording_step(self, closure=None):
+        reported.append(step(self, closure))
+        return reported[-1]
+
+    monkeypatch.setattr(ZOSGD, "step", recording_step)
+    t = trainer(tiny_model(), tmp_path, max_steps=3, per_device_train_batch_size=2,
+                gradient_accumulation_steps=2)
+    t.train()
+    logged = [h["loss"] for h in t.state.log_history if "loss" in h]
+    assert len(reported) == 3 and logged == pytest.approx(reported, rel=1e-6)
+
+
 # -- checkpoints -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("optimizer", "accumulation"), [("zosgd", 1), ("zosgd", 2), ("zoadam", 2)])
 def test_resume_from_checkpoint_continues_bitwise(tmp_path, optimizer, accumulation):
@@ -205,6 +223,7 @@ def test_the_trainers_lr_scheduler_drives_the_zo_lr(tmp_path):
 class Recorder(TrainerCallback):
     def __init__(self):
         self.events: list[str] = []
+        self.logged: list[dict] = []
 
     def on_step_end(self, args, state, control, **kwargs):
         self.events.append("step")
@@ -215,6 +234,9 @@ class Recorder(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         self.events.append("save")
 
+    def on_log(self, args, state, control, logs=None, **kwargs):  # what report_to integrations receive
+        self.logged.append(dict(logs))
+
 
 def test_evaluation_logging_and_callbacks_run(tmp_path):
     recorder = Recorder()
@@ -223,9 +245,11 @@ def test_evaluation_logging_and_callbacks_run(tmp_path):
     t.train()
     kinds = [e.split()[0] for e in recorder.events]
     assert kinds == ["step", "step", "eval", "step", "step", "eval", "save"]
-    logs = [h for h in t.state.log_history if "loss" in h]
-    assert [h["step"] for h in logs] == [1, 2, 3, 4]
+    logs = [h for h in recorder.logged if "loss" in h]
+    assert len(logs) == 4 and [h["step"] for h in t.state.log_history if "loss" in h] == [1, 2, 3, 4]
     assert all("learning_rate" in h and "grad_norm" not in h for h in logs)  # no gradient: no grad_norm
+    steps = t.zo_optimizer.trajectory.records
+    assert all(math.isfinite(h["loss"]) for h in logs) and len(steps) == 4
     evals = [h["eval_loss"] for h in t.state.log_history if "eval_loss" in h]
     assert len(evals) == 2 and all(math.isfinite(v) for v in evals)
 
