@@ -119,6 +119,18 @@ def test_backward_guard_catches_the_trainers_own_step(tmp_path, no_backward):
         backprop.train()
 
 
+@pytest.mark.parametrize("precision", ["bf16 autocast", "bfloat16 weights"])
+def test_half_precision_trains_without_a_gradient_scaler(tmp_path, precision):
+    model = tiny_model()
+    if precision == "bfloat16 weights":
+        model = model.to(torch.bfloat16)  # updated in float32, stochastically rounded (hdopt.zo)
+    before = weights(model)
+    t = trainer(model, tmp_path, max_steps=2, bf16=precision == "bf16 autocast")
+    t.train()
+    assert [math.isfinite(r.grads[0]) for r in t.zo_optimizer.trajectory] == [True, True]
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS.names())
 def test_every_registered_optimizer_trains(tmp_path, no_backward, name):
     model = tiny_model()
