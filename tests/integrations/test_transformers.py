@@ -182,17 +182,25 @@ def test_the_logged_loss_is_the_steps_reported_loss(tmp_path, monkeypatch):
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("optimizer", "accumulation"), [("zosgd", 1), ("zosgd", 2), ("zoadam", 2)])
-def test_resume_from_checkpoint_continues_bitwise(tmp_path, optimizer, accumulation):
+def lora_model():
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(tiny_model(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+
+
+@pytest.mark.parametrize(("optimizer", "accumulation", "build"),
+                         [("zosgd", 1, tiny_model), ("zosgd", 2, tiny_model), ("zoadam", 2, tiny_model),
+                          ("zosgd", 2, lora_model)])  # fmt: skip
+def test_resume_from_checkpoint_continues_bitwise(tmp_path, optimizer, accumulation, build):
     """6 steps straight (saving at 3) against 3 steps, a new trainer and model, resume, 3 more steps."""
     common = dict(max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=accumulation,
                   lr_scheduler_type="linear", warmup_steps=2, zo_optimizer=optimizer,
                   learning_rate=1e-3 if optimizer == "zoadam" else 1e-2)  # fmt: skip
-    straight = trainer(tiny_model(), tmp_path / "a", save_strategy="steps", save_steps=3, **common)
+    straight = trainer(build(), tmp_path / "a", save_strategy="steps", save_steps=3, **common)
     straight.train()
     checkpoint = tmp_path / "a" / "checkpoint-3"
     assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / TRAJECTORY_NAME).is_file()
-    resumed = trainer(tiny_model(), tmp_path / "b", **common)
+    resumed = trainer(build(), tmp_path / "b", **common)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 6 and resumed.zo_optimizer.step_count == 6
     assert_bitwise(weights(resumed.model), weights(straight.model))
@@ -267,9 +275,7 @@ def test_evaluation_logging_and_callbacks_run(tmp_path):
 
 
 def test_a_lora_model_trains_only_its_adapters(tmp_path, no_backward):
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(tiny_model(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    model = lora_model()
     before = weights(model)
     t = trainer(model, tmp_path, max_steps=3)
     t.train()
