@@ -548,7 +548,7 @@ class ZOOptimizer(Optimizer):
         super().load_state_dict({**state_dict, "state": {**state_dict["state"], "zo": zo}})
         for group in self.param_groups:
             check_group(group)
-        raw = body.to(torch.uint8).numpy().tobytes()
+        raw = body.to("cpu", torch.uint8).numpy().tobytes()  # accelerate may have moved it to the GPU
         trajectory = Trajectory.unpack(raw, *layout, where="the state dict")
         if len(trajectory) != self.step_count or any(r.step != t for t, r in enumerate(trajectory)):
             raise ValueError(
