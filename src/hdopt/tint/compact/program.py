@@ -112,11 +112,7 @@ class CompactTinT(nn.Module):
         return 2 * self.dq + 2 * self.dkv
 
     def default_chunk(self) -> int:
-        """The largest divisor of d_ff whose MLP registers fit beside du in the attention's registers."""
-        D, Fd = self.spec.d_model, self.spec.d_ff
-        room = max(self.attention_width(), 3 * D) - D
-        fits = [c for c in range(1, Fd + 1) if Fd % c == 0 and self.MLP_REGISTERS * c <= room]
-        return max(fits) if fits else 1
+        return mlp_chunk_for(self.spec.d_model, self.spec.d_ff, self.attention_width(), self.MLP_REGISTERS)
 
     def _maps(self) -> list[tuple[str, str, int, int]]:
         """(group, kind, d_in, d_out) of every packed linear map, in prefix order."""
@@ -714,6 +710,14 @@ class CompactTinT(nn.Module):
                    for name, reuse in (("reused", True), ("layer_scoped", "layer"), ("no_reuse", False))
                    for suffix, prefix in (("", False), ("_with_prefix", True))},
                 "nonzero_pattern_weights": self.patterns.nonzeros}
+
+
+def mlp_chunk_for(d_model: int, d_ff: int, attention_width: int, registers: int) -> int:
+    """The largest divisor c of d_ff whose ``registers`` chunk registers fit beside du (d_model wide) in the
+    scratch region R (as wide as the attention's registers, at least 4 d_model)."""
+    room = max(attention_width, 4 * d_model) - d_model
+    fits = [c for c in range(1, d_ff + 1) if d_ff % c == 0 and registers * c <= room]
+    return max(fits) if fits else 1
 
 
 def _cat(*parts: torch.Tensor | None) -> torch.Tensor | None:
