@@ -102,8 +102,9 @@ def compact_formula(shape: Shape, n_layers: int, n_steps: int, max_len: int,
     c = mlp_chunk or mlp_chunk_for(D, Fd, attn, regs)
     R = max(attn, D + regs * c, 4 * D)  # the scratch region
     token_width = 2 + 2 * D + (2 * dh if llama else 0) + (Dq if Dq > D else 0) + D + R
-    maps = {"ln": (D, D), "qk": (D, Dq + Dkv), "v": (D, Dkv), "o": (Dq, D), "up": (D, (2 if llama else 1) * c),
-            "down": (c, D)}  # (d_in, d_out); "up" = fc (GPT-2) or gate|up (Llama); "down" = proj / down
+    # (d_in, d_out) of each kind of map; "up" = fc (GPT-2) or gate|up (Llama), "down" = proj / down
+    maps = {"ln": (D, D), "qk": (D, Dq + Dkv), "v": (D, Dkv), "o": (Dq, D),
+            "up": (D, (2 if llama else 1) * c), "down": (c, D)}
     budget = rows_per_prefix * (D + 1)
     S = {k: max(1, budget // (d_in + 1)) for k, (d_in, _) in maps.items()}
     K = {k: math.ceil(d_out / S[k]) for k, (_, d_out) in maps.items()}
