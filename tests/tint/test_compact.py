@@ -116,13 +116,14 @@ def test_closed_form_count_is_the_built_networks(name, steps):
     built = compact_tint(meta_spec(shape), TinTConfig(n_layers=layers, n_steps=steps, backward="reference",
                                                       max_len=64), device="meta").size_report()
     formula = compact_formula(shape, layers, steps, 64)
-    for key in ("width", "prefix_rows", "mlp_chunk", "module_params", "embeddings", "params_reused_with_prefix"):
+    for key in ("width", "prefix_rows", "mlp_chunk", "module_params", "embeddings",
+                "params_reused_with_prefix"):
         assert built[key] == formula[key], key
 
 
 def test_gpt2_compact_fits_the_reference_budget():
-    """GPT-2 124M, all 12 layers, 1 step: at most the reference's 1,476,796,914 with reuse, counting the prefix
-    values (the auxiliary's packed weights) as the reference does."""
+    """GPT-2 124M, all 12 layers, 1 step: at most the reference's 1,476,796,914 with reuse, counting the
+    prefix values (the auxiliary's packed weights) as the reference does."""
     cfg = TinTConfig(n_layers=12, n_steps=1, backward="reference", max_len=1024)
     net = compact_tint(meta_spec(SHAPES["gpt2-shape"]), cfg, device="meta")
     assert net.num_parameters(prefix=True) <= 1_476_796_914
