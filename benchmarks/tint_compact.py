@@ -71,7 +71,7 @@ def sizes_markdown() -> list[str]:
     header = ["auxiliary, L x S", "aux params", "compact: modules + embeddings",
               "compact: + prefix values (as the reference counts)", "same, closed form", "reference, reused",
               "compact, modules shared within a block only", "compact, one module per application",
-              "unpacked explicit, reused", "W / prefix rows / S"]
+              "unpacked explicit, reused", "W / prefix rows / S", "modules / applications"]
     rows = []
     for t in saved["rows"]:
         c, f, ref = t["compact"], t["compact_formula"], t["reference"]
@@ -80,7 +80,8 @@ def sizes_markdown() -> list[str]:
                      f"{f['params_reused_with_prefix']:,}", f"{ref[0]:,}" if ref else "-",
                      f"{c['params_layer_scoped_with_prefix']:,}", f"{c['params_no_reuse_with_prefix']:,}",
                      f"{t['explicit']['params_reused']:,}",
-                     f"{c['width']:,} / {c['prefix_rows']:,} / {c['groups']['ln']['slots']}"])
+                     f"{c['width']:,} / {c['prefix_rows']:,} / {c['groups']['ln']['slots']}",
+                     f"{c['modules']} / {c['module_applications']:,}"])
     return md_table(header, rows)
 
 
