@@ -222,6 +222,8 @@ def agreement_rows() -> list[dict]:
         rows.append({"task": task, "seed": int(seed), "dtype": dtype, "n": n, "lr": parts[0][1]["lr"],
                      "compact_accuracy": ev.accuracy(got, labels),
                      "structured_accuracy": ev.accuracy(ref[dtype], labels), **same,
+                     "structured_fp32_accuracy": ev.accuracy(ref["float32"], labels),
+                     "fewshot_cell_accuracy": _fewshot_cell(task, int(seed)),
                      "compact_vs_fp64_rule": float((got - ref["float64"]).abs().max()),
                      "structured_fp32_vs_fp64_rule": float((ref["float32"] - ref["float64"]).abs().max()),
                      "structured_fp32_agreement_with_fp64": ev.agreement(ref["float32"], ref["float64"])[
@@ -231,16 +233,25 @@ def agreement_rows() -> list[dict]:
     return rows
 
 
+def _fewshot_cell(task: str, seed: int) -> float | None:
+    """The accuracy benchmarks/tint.py fewshot saved for this batch (structured, float32)."""
+    cells = read_json(RESULTS / f"tint_fewshot_{task}.json", {"cells": {}})["cells"]
+    return cells.get(f"{task}/{SHOTS}/{seed}/tint", {}).get("acc")
+
+
 def agreement_markdown() -> list[str]:
     header = ["task", "demo seed", "precision", "examples", "accuracy: network / structured rule",
               "prediction agreement", "largest label-logit difference", "network vs the float64 rule",
-              "structured float32 vs the float64 rule (agreement)", "seconds per query", "peak RSS (MB)"]
+              "structured float32 vs the float64 rule (agreement)",
+              "structured float32 accuracy / the few-shot table's", "seconds per query", "peak RSS (MB)"]
     rows = [[r["task"], str(r["seed"]), r["dtype"], str(r["n"]),
              f"{100 * r['compact_accuracy']:.1f} / {100 * r['structured_accuracy']:.1f}",
              f"{100 * r['agreement']:.1f}%", f"{r['max_abs_logit_diff']:.2g}",
              f"{r['compact_vs_fp64_rule']:.2g}",
              f"{r['structured_fp32_vs_fp64_rule']:.2g} "
              f"({100 * r['structured_fp32_agreement_with_fp64']:.0f}%)",
+             f"{100 * r['structured_fp32_accuracy']:.1f} / "
+             + (f"{100 * r['fewshot_cell_accuracy']:.1f}" if r["fewshot_cell_accuracy"] is not None else "-"),
              f"{r['seconds_per_query']:.1f}", f"{r['peak_rss_mb']:,.0f}"] for r in agreement_rows()]
     return md_table(header, rows) if rows else []
 
