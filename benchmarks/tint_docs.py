@@ -58,12 +58,13 @@ def readme_row(fewshot_accs) -> str:
                      f"{max(r['max_abs_logit_diff'] for r in rows):.0e}, fp64)")
     accs = []
     for task, name in (("sst2", "SST-2"), ("mr", "MR"), ("cr", "CR")):
-        means = [fewshot_accs(task, 32, m) for m in ("icl", "tint", "ft")]
-        if all(means):
-            accs.append(f"{name} " + " / ".join(f"{100 * statistics.mean(a):.1f}" for a in means))
+        per_seed = [fewshot_accs(task, 32, m) for m in ("icl", "tint", "ft")]
+        if all(per_seed):
+            cells = [f"{100 * statistics.mean(a):.1f} ± {100 * statistics.pstdev(a):.1f}" for a in per_seed]
+            accs.append(f"{name} " + " / ".join(cells))
     if accs:
-        parts.append("32-shot ICL / TinT / fine-tuning, mean of 3 seeds, 200 examples each: "
-                     + ", ".join(accs) + " (spread per seed in the doc)")
+        parts.append("32-shot ICL / TinT (structured, fp32) / fine-tuning, mean ± std over 3 demonstration "
+                     "seeds, 200 examples each: " + "; ".join(accs))
     return f"{README_ROW} {'; '.join(parts)} | [tint](docs/tint.md) |"
 
 

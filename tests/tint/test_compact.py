@@ -132,6 +132,16 @@ def test_gpt2_compact_fits_the_reference_budget():
     assert net.num_parameters(reuse=False) > net.num_parameters(reuse="layer") > net.num_parameters()
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_embeddings_are_counted_once_when_tied(tied):
+    """from_hf detaches tied weights into distinct tensors sharing storage: they are one embedding."""
+    model = tiny_model("llama", layers=2, width=8, vocab=23, heads=2, kv_heads=1, tied=tied)
+    spec = from_hf(model)
+    net = compact_tint(spec, config(), device="meta")
+    rope = 2 * 10 * spec.head_dim  # the rotary tables at max_len = 10 positions
+    assert net.embedding_params() == (1 if tied else 2) * 23 * 8 + rope
+
+
 def test_shared_modules_do_not_grow_with_depth():
     spec = from_hf(small_model("gpt2"))
     one, two = (compact_tint(spec, config(n_layers=n), device="meta") for n in (1, 2))

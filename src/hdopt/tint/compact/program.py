@@ -527,7 +527,7 @@ class CompactTinT(GadgetBuilder):
         """The TinT's own embeddings: input tokens, positions, and the output head when untied."""
         s = self.spec
         n = s.wte.numel() + (0 if s.wpe is None else s.wpe.numel())
-        return n + (0 if s.lm_head is s.wte else s.lm_head.numel())
+        return n + (0 if _tied(s.lm_head, s.wte) else s.lm_head.numel())
 
     @property
     def prefix_values(self) -> int:
@@ -568,6 +568,17 @@ def mlp_chunk_for(d_model: int, d_ff: int, attention_width: int, registers: int)
     room = max(attention_width, 4 * d_model) - d_model
     fits = [c for c in range(1, d_ff + 1) if d_ff % c == 0 and registers * c <= room]
     return max(fits) if fits else 1
+
+
+def _tied(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are the same weights (``from_hf`` detaches tied weights into distinct objects that
+    share storage; meta tensors have none, so they are tied when identical)."""
+    if a is b:
+        return True
+    if a.is_meta or b.is_meta:
+        return False
+    return (a.untyped_storage().data_ptr(), a.storage_offset(), a.shape) == \
+        (b.untyped_storage().data_ptr(), b.storage_offset(), b.shape)
 
 
 def _cat(*parts: torch.Tensor | None) -> torch.Tensor | None:
