@@ -277,6 +277,9 @@ def checks_markdown() -> list[str]:
             ("compact network, float32, vs the float64 rule",
              lambda a: f"{saved[f'compact_fp32_vs_fp64_rule/{a}']:.1e}"),
             ("structured, float32, vs the float64 rule (for comparison)",
-             lambda a: f"{saved[f'structured_fp32_vs_fp64_rule/{a}']:.1e}")]
+             lambda a: f"{saved[f'structured_fp32_vs_fp64_rule/{a}']:.1e}"),
+            ("compact network / structured, bfloat16, vs the float64 rule",
+             lambda a: f"{saved[f'compact_bf16_vs_fp64_rule/{a}']:.2f} / "
+                       f"{saved[f'structured_bf16_vs_fp64_rule/{a}']:.2f}")]
     return md_table(["check (relative error of the logit change, worst of 3 seeds)", "GPT-2", "OPT", "Llama"],
                     [[title] + [cell(a) for a in ("gpt2", "opt", "llama")] for title, cell in rows])

@@ -2,8 +2,9 @@
 
 Relative Frobenius errors of the logit change (after minus before the simulated steps), worst over seeds:
 float64 agreement (1 step sum, 2 steps mean), the sliced executor against each module's dense forward, and in
-float32 the error of each realization against the float64 rule (the rule's finite difference multiplies
-rounding by N = 1000, so float32 is bounded by that, not by the construction). ``python -m
+float32 and bfloat16 the error of each realization against the float64 rule (the rule's finite difference
+multiplies rounding by N = 1000, so low precision is bounded by that, not by the construction; in bfloat16
+the simulated update is lost). ``python -m
 hdopt.tint.compact.checks`` prints the report; tests/tint/test_compact.py asserts the same quantities.
 """
 
@@ -48,10 +49,11 @@ def report(seeds=(0, 1, 2)) -> dict:
             s64 = build(m64, cfg)
             before = s64.run(ids, s64.blocks_with(None), logits_from=5)[0]
             rule = s64(ids, context_len=6).query_logits - before
-            m32 = _small(arch, seed, torch.float32)
-            for name, tint in (("compact", compact_tint(from_hf(m32), cfg)), ("structured", build(m32, cfg))):
-                got = tint(ids, context_len=6).query_logits.double() - before
-                worst(f"{name}_fp32_vs_fp64_rule/{arch}", rel(got, rule))
+            for short, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                spec = from_hf(m64).to(dtype)
+                for name, tint in (("compact", compact_tint(spec, cfg)), ("structured", build(spec, cfg))):
+                    got = tint(ids, context_len=6).query_logits.double() - before
+                    worst(f"{name}_{short}_vs_fp64_rule/{arch}", rel(got, rule))
     return out
 
 
