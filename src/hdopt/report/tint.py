@@ -31,7 +31,7 @@ CHECK_NAMES = {
 def agreement_claim(ctx: Context) -> Claim:
     """Simulated fine-tuning inside one forward pass vs explicit gradient steps, on tiny random models."""
     report = {**checks.report(seeds=ctx.budget.tint_check_seeds),
-              **compact_checks.report(seeds=ctx.budget.tint_check_seeds)}
+              **compact_checks.report(seeds=ctx.budget.tint_check_seeds, low_precision=False)}
     worst = {key: max(v for k, v in report.items() if k.startswith(key + "/")) for key in TOLERANCES}
     rows = [[CHECK_NAMES[k], fmt(worst[k]), f"<= {TOLERANCES[k]:g}",
              "yes" if worst[k] <= TOLERANCES[k] else "no"]
