@@ -15,18 +15,19 @@ or, when rows come from different files, one line per row (the row's first cell 
 
 A source is a space-separated list of
 
-* ``PATH`` or ``PATH#KEY[,KEY...]``: a results file (relative to the repository root). JSON files give every
-  number under the dotted keys (``*`` matches every list item or dict value; no key: the whole file),
-  numbers inside strings and dict keys included; other files (Markdown tables written by a benchmark) give
-  every number in their text;
+* ``PATH`` or ``PATH#KEY[,KEY...]``: a results file (relative to the repository root; a ``*`` in PATH takes
+  every file it matches). JSON files give every number under the dotted keys (``*`` matches every list item
+  or dict value; no key: the whole file), numbers inside strings and dict keys included; other files
+  (Markdown tables written by a benchmark) give every number in their text;
 * ``given:N[,N...]``: numbers the text states rather than measures (a paper's figure, a setting);
 * ``none``: the rows are not measurements (an API table, formulas); say why after it.
 
-A documented number matches a source number when the source number, rounded to the digits the document
-shows, is the documented number; a unit after the number scales it (``%``: x100 or as is, ``ms``: x1000,
-``kB``/``MB``/``GB``/``k``/``M``: /1e3../1e6, ``KiB``/``MiB``/``GiB``: /1024.. or as is). Signs are
-ignored. Digits inside names (SmolLM2, fp32, SST-2, 2-core) are not numbers. In the files of ``COVERED``
-every table needs a declaration; elsewhere only declared tables are checked.
+A documented number matches when the source number, rounded to the digits the document shows, is the
+documented number; a unit after the number scales it (``%``: x100 or as is, ``ms``: x1000,
+``kB``/``MB``/``GB``/``k``/``M``: /1e3../1e6, ``KiB``/``MiB``/``GiB``: /1024.. or as is, ``min``/``h``:
+seconds /60, /3600 or as is; in a range ``a-b%`` the unit applies to both ends). Signs are ignored. Digits
+inside names (SmolLM2, fp32, SST-2, 2-core) are not numbers. In the files of ``COVERED`` every table needs a
+declaration; elsewhere only declared tables are checked.
 
     python scripts/check_docs.py            # exit 1 and one line per unmatched number (file:line)
 """
@@ -45,9 +46,11 @@ ROOT = Path(__file__).resolve().parents[1]
 COVERED = ("README.md", "docs/dynamics.md", "docs/report.md", "docs/distributed.md", "docs/zo.md")
 COMMENT = re.compile(r"<!--\s*source:(.*?)-->", re.S)
 NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?")
-UNIT = re.compile(r"\s?(%|ms|kB|MB|GB|KiB|MiB|GiB|B|x|k|M|s)(?![A-Za-z])")
+UNIT = re.compile(r"\s?(%|ms|kB|MB|GB|KiB|MiB|GiB|B|x|k|M|s|min|h)(?![A-Za-z])")
+RANGE_END = re.compile(r"[-–]\d[\d,]*(?:\.\d+)?(%|x|ms|kB|MB|GB|MiB)")
 SCALES = {"%": (100.0, 1.0), "ms": (1e3, 1.0), "kB": (1e-3,), "MB": (1e-6,), "GB": (1e-9,), "k": (1e-3,),
-          "M": (1e-6,), "KiB": (2**-10, 1.0), "MiB": (2**-20, 1.0), "GiB": (2**-30, 1.0)}
+          "M": (1e-6,), "KiB": (2**-10, 1.0), "MiB": (2**-20, 1.0), "GiB": (2**-30, 1.0),
+          "min": (1 / 60, 1.0), "h": (1 / 3600, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ def numbers_in(text: str) -> list[Number]:
         rest = after[unit.end():] if unit else after
         if (not unit and rest[:1].isalpha()) or rest[:1] == "_" or (rest[:1] == "-" and rest[1:2].isalpha()):
             continue  # 2-core, 135M-parameter words, 3rd
+        range_end = None if unit else RANGE_END.match(after)  # 94.1-94.3%: the unit is written once
         raw = match.group().replace(",", "")
         mantissa, _, exponent = raw.lower().partition("e")
         decimals = len(mantissa.partition(".")[2])
@@ -79,7 +83,8 @@ def numbers_in(text: str) -> list[Number]:
             value = float(raw)
         except ValueError:  # "1,2" left over from a list without spaces
             continue
-        found.append(Number(value, 10.0 ** (int(exponent or 0) - decimals), unit.group(1) if unit else ""))
+        shown_unit = unit.group(1) if unit else range_end.group(1) if range_end else ""
+        found.append(Number(value, 10.0 ** (int(exponent or 0) - decimals), shown_unit))
     return found
 
 
@@ -131,19 +136,24 @@ def source_values(spec: str, root: Path) -> list[float] | None:
         if item.startswith("("):
             break  # a reason in parentheses ends the list
         path_text, _, keys = item.partition("#")
-        path = root / path_text
-        if not path.is_file():
+        paths = sorted(root.glob(path_text)) if "*" in path_text else [root / path_text]
+        if not paths or not all(p.is_file() for p in paths):
             raise SourceError(f"source {path_text} does not exist")
-        if path.suffix != ".json":
-            values += [n.value for n in numbers_in(path.read_text(encoding="utf-8"))]
-            continue
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        for key in keys.split(",") if keys else [""]:
-            try:
-                parts = list(_select(doc, [k for k in key.split(".") if k]))
-            except KeyError as err:
-                raise SourceError(f"{path_text} has no key {key!r} (missing {err})") from None
-            values += [v for part in parts for v in _leaves(part)]
+        for path in paths:
+            values += _file_values(path, keys, path_text)
+    return values
+
+
+def _file_values(path: Path, keys: str, shown: str) -> list[float]:
+    if path.suffix != ".json":
+        return [n.value for n in numbers_in(path.read_text(encoding="utf-8"))]
+    doc, values = json.loads(path.read_text(encoding="utf-8")), []
+    for key in keys.split(",") if keys else [""]:
+        try:
+            parts = list(_select(doc, [k for k in key.split(".") if k]))
+        except KeyError as err:
+            raise SourceError(f"{shown} has no key {key!r} (missing {err})") from None
+        values += [v for part in parts for v in _leaves(part)]
     return values
 
 
@@ -167,9 +177,11 @@ class Table:
 def tables_in(text: str) -> list[Table]:
     """The tables of a Markdown file with the ``source`` comment right above each (or None)."""
     lines = text.split("\n")
-    out, i = [], 0
+    out, i, fenced = [], 0, False
     while i < len(lines):
-        if not lines[i].lstrip().startswith("|"):
+        if lines[i].lstrip().startswith("```"):
+            fenced = not fenced
+        if fenced or not lines[i].lstrip().startswith("|"):
             i += 1
             continue
         start = i

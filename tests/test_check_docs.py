@@ -85,6 +85,7 @@ norm | r.json#checks
 
 def test_covered_files_need_a_declaration_and_others_do_not(tmp_path):
     table = "| a | b |\n|---|---|\n| 1 | 2 |"
+    assert _doc(tmp_path, "```markdown\n" + table + "\n```") == []  # an example in a code block
     assert "without a <!-- source" in _doc(tmp_path, table)[0]
     assert _doc(tmp_path, table, "docs/other.md") == []
     assert _doc(tmp_path, "<!-- source: none (an API table) -->\n" + table) == []
