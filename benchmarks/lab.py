@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-from hdopt.dynamics.io import write_json
 from hdopt.dynamics.registry import get
 from hdopt.report.lab import QUICK_OVERRIDES
 
@@ -79,7 +78,10 @@ def environments() -> None:
     for r in runs:
         del r["figures"]
     command = "hdopt lab equilibrium --scale default --set " + " ".join(overrides)
-    write_json(LAB / "equilibrium_environments.json", {"command": command, "runs": runs})
+    path = LAB / "equilibrium_environments.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"command": command, "runs": runs}, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def number(x: float | str) -> str:
