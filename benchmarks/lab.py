@@ -60,7 +60,8 @@ def environments() -> None:
     overrides = [f"{k}={v}" for k, v in QUICK_OVERRIDES["equilibrium"].items()]
     runs = []
     for label, threads, isa in ENVIRONMENTS:
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads),
+        # passive waiting: on a shared machine spinning OpenMP threads only burn the other thread's time
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
         env.pop("ATEN_CPU_CAPABILITY", None)
         if isa:
