@@ -25,7 +25,7 @@ from torch import nn
 
 from hdopt.tint.aux import Block
 from hdopt.tint.compact.executor import Site
-from hdopt.tint.compact.program import CompactTinT, _cat
+from hdopt.tint.compact.program import CompactTinT, cat_or_none
 from hdopt.tint.functional import rope_tables
 from hdopt.tint.gadgets import Attention, RMSNorm
 
@@ -134,7 +134,7 @@ class CompactLlamaTinT(CompactTinT):
     def _prefix_entries(self, layer: int, b: Block):
         c = self.chunk
         yield f"{layer}.ln1", torch.diag(b["ln1.w"]), b.get("ln1.b")
-        yield f"{layer}.qk", torch.cat((b["q.w"], b["k.w"])), _cat(b.get("q.b"), b.get("k.b"))
+        yield f"{layer}.qk", torch.cat((b["q.w"], b["k.w"])), cat_or_none(b.get("q.b"), b.get("k.b"))
         yield f"{layer}.v", b["v.w"], b.get("v.b")
         yield f"{layer}.o", b["o.w"], b.get("o.b")
         yield f"{layer}.ln2", torch.diag(b["ln2.w"]), b.get("ln2.b")
@@ -142,7 +142,7 @@ class CompactLlamaTinT(CompactTinT):
             part = slice(i * c, (i + 1) * c)
             gb, ub = b.get("gate.b"), b.get("up.b")
             yield (f"{layer}.gu{i}", torch.cat((b["gate.w"][part], b["up.w"][part])),
-                   _cat(None if gb is None else gb[part], None if ub is None else ub[part]))
+                   cat_or_none(None if gb is None else gb[part], None if ub is None else ub[part]))
             yield f"{layer}.down{i}", b["down.w"][:, part], b.get("down.b") if i == 0 else None
 
     def _mlp_from(self, read: dict) -> Block:

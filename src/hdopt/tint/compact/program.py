@@ -369,7 +369,7 @@ class CompactTinT(GadgetBuilder):
         """(group, weight (d_out, d_in), bias or None) of one block's packed maps."""
         c = self.chunk
         yield f"{layer}.ln1", torch.diag(b["ln1.w"]), b.get("ln1.b")
-        yield f"{layer}.qk", torch.cat((b["q.w"], b["k.w"])), _cat(b.get("q.b"), b.get("k.b"))
+        yield f"{layer}.qk", torch.cat((b["q.w"], b["k.w"])), cat_or_none(b.get("q.b"), b.get("k.b"))
         yield f"{layer}.v", b["v.w"], b.get("v.b")
         yield f"{layer}.o", b["o.w"], b.get("o.b")
         yield f"{layer}.ln2", torch.diag(b["ln2.w"]), b.get("ln2.b")
@@ -581,6 +581,6 @@ def _tied(a: torch.Tensor, b: torch.Tensor) -> bool:
         (b.untyped_storage().data_ptr(), b.storage_offset(), b.shape)
 
 
-def _cat(*parts: torch.Tensor | None) -> torch.Tensor | None:
+def cat_or_none(*parts: torch.Tensor | None) -> torch.Tensor | None:
     """Concatenate biases, or None when the maps have none."""
     return None if any(p is None for p in parts) else torch.cat(parts)
