@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from hdopt.registry import Registry
 from hdopt.zo.base import ZOOptimizer
+from hdopt.zo.lozo import LOZO
 from hdopt.zo.optim import ZOSGD, ZOAdam, ZOConservative, ZOSign
 
 OPTIMIZERS: Registry[type[ZOOptimizer]] = Registry("zeroth-order optimizer", listing="known:", sort=False)
@@ -14,6 +15,7 @@ OPTIMIZERS.register("zosgd", ZOSGD)
 OPTIMIZERS.register("zoadam", ZOAdam)
 OPTIMIZERS.register("zosign", ZOSign)
 OPTIMIZERS.register("zoconservative", ZOConservative)
+OPTIMIZERS.register("lozo", LOZO)
 
 
 def optimizer_class(name: str) -> type[ZOOptimizer]:
