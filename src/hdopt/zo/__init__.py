@@ -14,6 +14,7 @@ from hdopt.zo.lozo import LOZO
 from hdopt.zo.noise import GAUSSIAN, RADEMACHER, NoiseGenerator, derive_key, noise
 from hdopt.zo.optim import ZOSGD, ZOAdam, ZOConservative, ZOSign
 from hdopt.zo.registry import OPTIMIZERS, optimizer_class, optimizer_name
+from hdopt.zo.sparse_mezo import SparseMeZO
 from hdopt.zo.trajectory import Trajectory, UpdateRecord, replay
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "NoiseGenerator",
     "NonFiniteLossError",
     "Reduce",
+    "SparseMeZO",
     "Trajectory",
     "UpdateRecord",
     "ZOAdam",

@@ -9,6 +9,7 @@ from hdopt.registry import Registry
 from hdopt.zo.base import ZOOptimizer
 from hdopt.zo.lozo import LOZO
 from hdopt.zo.optim import ZOSGD, ZOAdam, ZOConservative, ZOSign
+from hdopt.zo.sparse_mezo import SparseMeZO
 
 OPTIMIZERS: Registry[type[ZOOptimizer]] = Registry("zeroth-order optimizer", listing="known:", sort=False)
 OPTIMIZERS.register("zosgd", ZOSGD)
@@ -16,6 +17,7 @@ OPTIMIZERS.register("zoadam", ZOAdam)
 OPTIMIZERS.register("zosign", ZOSign)
 OPTIMIZERS.register("zoconservative", ZOConservative)
 OPTIMIZERS.register("lozo", LOZO)
+OPTIMIZERS.register("sparse-mezo", SparseMeZO)
 
 
 def optimizer_class(name: str) -> type[ZOOptimizer]:
