@@ -34,11 +34,20 @@ class Directions:
 
     def __init__(self, generator: NoiseGenerator):
         self.generator = generator
+        self._scratch: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     @property
     def chunk(self) -> int:
         """The largest number of elements one call may produce."""
         return self.generator.chunk
+
+    def scratch(self, name: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A temporary of ``numel`` elements kept between calls (valid until ``name`` is asked for again): a
+        subclass that shapes directions reuses its temporaries, as fresh large allocations page-fault."""
+        buf = self._scratch.get((name, dtype))
+        if buf is None or buf.numel() < numel:
+            buf = self._scratch[(name, dtype)] = torch.empty(numel, dtype=dtype, device=self.generator.device)
+        return buf[:numel]
 
     def pieces(
         self, slot: ParamSlot, key: int, start: int, length: int

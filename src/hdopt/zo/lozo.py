@@ -76,7 +76,6 @@ class LowRankDirections(Directions):
         self.step = 0
         self.specs: dict[int, tuple[int, int]] = {}
         self._right: dict[tuple[int, int], dict[int, torch.Tensor]] = {}  # (ident, rank) -> {window: V}
-        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def configure(self, step: int, seed: int, specs: dict[int, tuple[int, int]]) -> None:
         if seed != self.seed:
@@ -117,12 +116,6 @@ class LowRankDirections(Directions):
         return self.generator.generate(key, start, length)
 
     # -- products ------------------------------------------------------------------------------------
-    def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        buf = self._buffers.get((name, dtype))
-        if buf is None or buf.numel() < numel:
-            buf = self._buffers[(name, dtype)] = torch.empty(numel, dtype=dtype, device=self.generator.device)
-        return buf[:numel]
-
     def _product(self, left: torch.Tensor, right: torch.Tensor, out: torch.Tensor | None = None
                  ) -> torch.Tensor:  # fmt: skip
         """``left @ right^T`` as ``sum_j left[:, j] * right[:, j]`` (one rounding per product and per sum, in
@@ -130,10 +123,10 @@ class LowRankDirections(Directions):
         rows, cols = left.shape[0], right.shape[0]
         dtype = torch.promote_types(left.dtype, right.dtype)
         if out is None:
-            out = self._buffer("product", rows * cols, dtype).view(rows, cols)
+            out = self.scratch("product", rows * cols, dtype).view(rows, cols)
         torch.mul(left[:, :1], right[:, 0], out=out)
         if left.shape[1] > 1:
-            term = self._buffer("term", rows * cols, dtype).view(rows, cols)
+            term = self.scratch("term", rows * cols, dtype).view(rows, cols)
             for j in range(1, left.shape[1]):
                 torch.mul(left[:, j : j + 1], right[:, j], out=term)
                 out.add_(term)
@@ -175,7 +168,7 @@ class LowRankDirections(Directions):
     def generate(self, slot: ParamSlot, key: int, start: int, length: int) -> torch.Tensor:
         if self.layout(slot) is None:
             return super().generate(slot, key, start, length)
-        out = self._buffer("whole", length, torch.float32)
+        out = self.scratch("whole", length)
         for at, values in self.pieces(slot, key, start, length):
             out[at : at + values.numel()] = values
         return out

@@ -89,24 +89,27 @@ class MagnitudeMaskDirections(Directions):
         super().__init__(generator)
         self.thresholds: dict[int, float] = {}
 
-    def mask(self, slot: ParamSlot, start: int, length: int) -> torch.Tensor:
-        """The mask on flat elements ``[start, start+length)`` (a bool tensor computed from the weights)."""
+    def frozen(self, slot: ParamSlot, start: int, length: int, name: str = "frozen") -> torch.Tensor:
+        """Where the mask is 0 on flat elements ``[start, start+length)``: ``|theta| > h``, computed from the
+        weights into the reused bool temporary ``name``."""
         values = slot.tensor.detach().reshape(-1)[start : start + length]
-        return values.float().abs() <= self.thresholds[id(slot.tensor)]
+        magnitude = self.scratch("magnitude", length).copy_(values).abs_()
+        out = self.scratch(name, length, torch.bool)
+        return torch.gt(magnitude, self.thresholds[id(slot.tensor)], out=out)
 
     def pieces(self, slot: ParamSlot, key: int, start: int, length: int
                ) -> Iterator[tuple[int, torch.Tensor]]:  # fmt: skip
         for at, z in super().pieces(slot, key, start, length):
-            yield at, z.mul_(self.mask(slot, start + at, z.numel()))
+            yield at, z.masked_fill_(self.frozen(slot, start + at, z.numel()), 0.0)
 
     def generate(self, slot: ParamSlot, key: int, start: int, length: int) -> torch.Tensor:
-        return super().generate(slot, key, start, length).mul_(self.mask(slot, start, length))
+        return super().generate(slot, key, start, length).masked_fill_(self.frozen(slot, start, length), 0.0)
 
     def rows(self, slot: ParamSlot, key: int, offsets: torch.Tensor, width: int) -> torch.Tensor:
         flat = offsets.to(torch.int64).reshape(-1, 1) + torch.arange(width, device=offsets.device)
         weights = slot.tensor.detach().reshape(-1)[flat]
-        keep = weights.float().abs() <= self.thresholds[id(slot.tensor)]
-        return super().rows(slot, key, offsets, width).mul_(keep)
+        frozen = weights.float().abs() > self.thresholds[id(slot.tensor)]
+        return super().rows(slot, key, offsets, width).masked_fill_(frozen, 0.0)
 
 
 class SparseMeZO(ZOSGD):
@@ -160,7 +163,7 @@ class SparseMeZO(ZOSGD):
 
     def update_chunk(self, w32, slot, terms, start, length, directions, state, group, lr, wd) -> None:
         """MeZO's update on a copy of the chunk, kept where the step-start mask is set."""
-        keep = directions.mask(slot, start, length)  # before anything in this chunk is written
-        updated = w32.clone()
+        frozen = directions.frozen(slot, start, length, "update")  # before anything in this chunk is written
+        updated = directions.scratch("updated", length, w32.dtype).copy_(w32)
         super().update_chunk(updated, slot, terms, start, length, directions, state, group, lr, wd)
-        w32.copy_(torch.where(keep, updated, w32))
+        w32.copy_(torch.where(frozen, w32, updated, out=updated))
