@@ -43,10 +43,13 @@ class Directions:
 
     def scratch(self, name: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A temporary of ``numel`` elements kept between calls (valid until ``name`` is asked for again): a
-        subclass that shapes directions reuses its temporaries, as fresh large allocations page-fault."""
+        subclass that shapes directions reuses its temporaries, as fresh large allocations page-fault. It is
+        allocated once at a chunk's size or more: buffers freed and regrown leave the allocator's heap
+        fragmented (peak memory then grows by far more than the buffers)."""
         buf = self._scratch.get((name, dtype))
         if buf is None or buf.numel() < numel:
-            buf = self._scratch[(name, dtype)] = torch.empty(numel, dtype=dtype, device=self.generator.device)
+            size = max(numel, self.chunk)
+            buf = self._scratch[(name, dtype)] = torch.empty(size, dtype=dtype, device=self.generator.device)
         return buf[:numel]
 
     def pieces(
