@@ -15,6 +15,10 @@ loaded (CPU: peak RSS with the kernel's peak counter reset; CUDA: ``torch.cuda.m
 Also reported: elements changed by an lr = 0 step (exact restore) for each dtype, for hdopt and for the
 reference round trip.
 
+A mode may also be any registered optimizer (``hdopt.zo.OPTIMIZERS``: ``lozo``, ``sparse-mezo``, ...) or
+``lozo-m`` (LOZO with momentum 0.9), built with its paper's own hyperparameters (``paper_defaults``: rank,
+interval, sparsity) and the benchmark's lr and eps.
+
 Run:  python benchmarks/zo_step.py [--rounds 7] [--device cpu|cuda] [--modes forward,zosgd-gaussian]
                                    [--wait-idle 600]
 Saves benchmarks/results/zo_step.json (and .md) unless --out says otherwise. ``--modes`` times (and probes the
@@ -42,11 +46,12 @@ import torch
 from hdopt.io import atomic_write_bytes
 from hdopt.lm.models import load_model
 from hdopt.memory import peak_mib, reset_peak
-from hdopt.zo import ZOSGD
+from hdopt.zo import OPTIMIZERS, ZOSGD
 from hdopt.zo.noise import NoiseGenerator, chunks
 
 RESULTS = Path(__file__).parent / "results"
 MODES = ("forward", "zosgd-gaussian", "zosgd-rademacher", "reference")
+RULE_VARIANTS = {"lozo-m": ("lozo", {"momentum": 0.9})}  # a mode name -> (registry name, extra arguments)
 
 
 # -- the reference algorithm, from the paper's description ---------------------------------------------
@@ -95,8 +100,13 @@ def _runner(mode: str, model, closure, args):
     if mode == "reference":
         counter = iter(range(10**9))
         return lambda: reference_step(params, closure, args.lr, args.eps, seed=next(counter))
-    noise = mode.split("-")[1]
-    opt = ZOSGD(model.named_parameters(), lr=args.lr, eps=args.eps, noise=noise, seed=1)
+    if mode.startswith("zosgd-"):
+        opt = ZOSGD(model.named_parameters(), lr=args.lr, eps=args.eps, noise=mode.split("-")[1], seed=1)
+    else:
+        name, extra = RULE_VARIANTS.get(mode, (mode, {}))
+        cls = OPTIMIZERS.get(name)
+        kwargs = {**cls.paper_defaults, "lr": args.lr, "eps": args.eps, **extra}
+        opt = cls(model.named_parameters(), seed=1, **kwargs)
     return lambda: opt.step(closure)
 
 
@@ -320,12 +330,13 @@ def main() -> int:
         help="shared machines: start each measurement on idle CPUs (waiting up to SECONDS) and repeat one "
         "that other processes disturbed",
     )
-    parser.add_argument("--memory-probe", choices=MODES, help=argparse.SUPPRESS)
+    known = (*MODES, *OPTIMIZERS, *RULE_VARIANTS)
+    parser.add_argument("--memory-probe", choices=known, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    unknown = set(args.modes.split(",")) - set(MODES)
+    unknown = set(args.modes.split(",")) - set(known)
     if unknown:
-        parser.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
-    args.modes = ["forward"] + [m for m in MODES[1:] if m in args.modes.split(",")]
+        parser.error(f"unknown modes {sorted(unknown)}; choose from {known}")
+    args.modes = ["forward"] + [m for m in dict.fromkeys(args.modes.split(",")) if m != "forward"]
     if args.memory_probe:
         print(memory_probe(args.memory_probe, args))
         return 0
