@@ -63,16 +63,17 @@ class HiZOO(ZOOptimizer):
     directions (``alpha/q sum_i |h_i| z_i^2``, ``(1/q) sum_i g_i z_i / sqrt(D)``): 2q + 1 forwards a step.
 
     What was implemented, and from where: the rule of the official code (``trainer.py``,
-    ``zo_Hessian_step_update``: ``Hessian_matrix`` is ``D``, ``Hessian_smooth`` is ``alpha``; the perturbation
-    divides ``z`` by ``sqrt(D)``, the step uses ``D`` after its update), which is the paper's Algorithm 1 with
-    ``Sigma = D^{-1}``. The body of the paper could not be read in this session; the paper states an unbiased
-    estimate of the diagonal Hessian, which the Gaussian-smoothing form ``h (z^2 - 1) D`` is (its mean is
-    ``diag(H)`` on a quadratic). The code drops the ``-1`` and takes ``|h|``, which keeps ``D`` positive (the
-    perturbation needs ``D^{-1/2}``) at the price of a bias: on a quadratic of Hessian ``H``,
-    ``E[|h| D z^2] = diag(H) + (D/2) tr(D^{-1/2} H D^{-1/2})`` for positive-definite ``H``, so for a diagonal
-    ``H`` in d dimensions the estimate settles at ``(1 + d/2) diag(H)``: the relative curvatures are right and
-    the common factor only rescales ``lr``. The code's rule is followed (it is the one that produced the
-    paper's results and it cannot make ``D`` negative); the tests check the settling point above.
+    ``zo_Hessian_step_update``: ``Hessian_matrix`` is ``D``, ``Hessian_smooth`` is ``alpha``; the
+    perturbation divides ``z`` by ``sqrt(D)``, the step uses ``D`` after its update); ``D`` is the diagonal
+    Hessian estimate (the paper's ``Sigma^{-1}``). The body of the paper could not be read in this session;
+    a published summary says it proves its diagonal Hessian estimate unbiased, which the Gaussian-smoothing
+    form ``h (z^2 - 1) D`` is (its mean is ``diag(H)`` on a quadratic). The code drops the ``-1`` and takes
+    ``|h|``, which keeps ``D`` positive (the perturbation needs ``D^{-1/2}``) at the price of a bias: on a
+    quadratic of Hessian ``H``, ``E[|h| D z^2] = diag(H) + (D/2) tr(D^{-1/2} H D^{-1/2})`` for
+    positive-definite ``H``, so for a diagonal ``H`` in d dimensions the mean update's fixed point is
+    ``(1 + d/2) diag(H)``: the relative curvatures are right and the common factor only rescales ``lr``. The
+    code's rule is followed (it produced the paper's results and cannot make ``D`` negative); the tests check
+    that one step's estimate has the mean above.
     Rademacher directions are refused: with ``z^2 = 1`` the estimate carries no per-coordinate information.
 
     The reference's fourth forward (the loss after the update, for logging) is not made: the reported loss is
@@ -83,7 +84,8 @@ class HiZOO(ZOOptimizer):
     State: ``D`` is one buffer the size of the trainable parameters (``state[p]["hessian"]``, float32;
     float64 for float64 parameters); every other temporary is chunk-sized. For adapters, prefixes or a top
     block, ``D`` is small and peak memory stays near inference; for full fine-tuning ``D`` costs as much as
-    the (float32) weights themselves: 2x inference, not the 1.1x of the other rules.
+    the (float32) weights themselves, and peak memory exceeds the 1.1x of inference of the other rules
+    (docs/zo.md gives the measurement).
 
     The record of a step holds the q projected gradients ``g_i = (l+_i - l-_i)/(2 eps_1)``, the q curvatures
     ``h_i`` (signed) and each group's ``alpha``: ``D``'s update is a function of them, so :func:`replay`
