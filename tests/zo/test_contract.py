@@ -325,3 +325,30 @@ def test_first_format_trajectory_files_still_replay(tmp_path):
     rebuilt.load_state_dict(start)
     replay(rebuilt.named_parameters(), tmp_path / "old.zo")
     assert bitwise_equal(snapshot(model), snapshot(rebuilt))
+
+
+@pytest.mark.parametrize("cls,kwargs", [(ZOAdam, {"lr": 1e-2}), (ZOSGD, {"lr": 1e-2, "momentum": 0.5})],
+                         ids=["ZOAdam", "ZOSGD+momentum"])  # fmt: skip
+def test_float32_buffers_of_bf16_weights_stay_float32_through_a_state_dict_round_trip(cls, kwargs):
+    """torch's load_state_dict casts optimizer state to the parameter's dtype: bf16 would round buffers."""
+    ids = batch()
+    straight, first = TinyLM(dtype=torch.bfloat16), TinyLM(dtype=torch.bfloat16)
+    opt = cls(straight.named_parameters(), eps=1e-2, seed=4, **kwargs)
+    opt1 = cls(first.named_parameters(), eps=1e-2, seed=4, **kwargs)
+    for _ in range(3):
+        opt.step(lambda: straight.loss(ids))
+        opt1.step(lambda: first.loss(ids))
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": opt1.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    second = TinyLM(seed=9, dtype=torch.bfloat16)
+    second.load_state_dict(saved["model"])
+    opt2 = cls(second.named_parameters(), eps=1e-2, seed=4, **kwargs)
+    opt2.load_state_dict(saved["optimizer"])
+    buffers = [v for p in second.parameters() for v in opt2.state[p].values() if isinstance(v, torch.Tensor)]
+    assert buffers and all(b.dtype == torch.float32 for b in buffers)
+    for _ in range(3):
+        opt.step(lambda: straight.loss(ids))
+        opt2.step(lambda: second.loss(ids))
+    assert bitwise_equal(snapshot(straight), snapshot(second))
