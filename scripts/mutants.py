@@ -10,11 +10,12 @@ bug is, and the pytest node ids that should fail because of it. For each mutant 
 2. runs the mutant's tests from the repository root with ``PYTHONPATH`` at the copy (subprocesses the tests
    start, torchrun workers included, import the copy too): failed tests = caught, all passed = escaped.
 
-Before any mutant, each distinct test selection runs once on an unmutated copy and must pass with nothing
-skipped: a mutant "caught" by a test that already fails proves nothing. Then it prints a table and the
-total, and a full run writes benchmarks/results/mutants.json (atomically).
+Before any mutant, every test the mutants name runs once on an unmutated copy (one pytest run) and must pass
+with nothing skipped: a mutant "caught" by a test that already fails proves nothing. A mutant's own run stops
+at its first failing test; a run that hangs past ``--timeout`` counts as caught. Then the script prints a
+table and the total, and a full run writes benchmarks/results/mutants.json (atomically, hdopt.io).
 
-    PYTHONPATH=src python scripts/mutants.py                 # all mutants (about 5 min on 2 cores)
+    PYTHONPATH=src python scripts/mutants.py                 # all (about 6 min on 2 shared cores)
     PYTHONPATH=src python scripts/mutants.py --list          # ids, files, bugs, tests
     PYTHONPATH=src python scripts/mutants.py --only zo-sign,tint-x4-bias   # a few (no results file)
 
