@@ -412,6 +412,7 @@ def select(only: str) -> list[Mutant]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # clean up as on Ctrl-C
     mutants = select(args.only)
     if args.list:
         for m in mutants:
@@ -468,4 +469,8 @@ def save(out: Path, rows: list[dict], caught: int, baseline: Outcome, total_s: f
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the temporary copies and the tests' processes are gone already
+        print("\ninterrupted: no results written; the working tree was never modified", file=sys.stderr)
+        sys.exit(130)
