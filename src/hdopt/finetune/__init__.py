@@ -1,13 +1,14 @@
 """Fine-tuning language models with forward passes (MeZO: full, LoRA, prefix) and backprop baselines.
 
 Modules: :mod:`~hdopt.finetune.config` (one dataclass per component), :mod:`~hdopt.finetune.methods`
-(the methods registry), :mod:`~hdopt.finetune.adapters`, :mod:`~hdopt.finetune.prefix` and
-:mod:`~hdopt.finetune.head` (what is trained), :mod:`~hdopt.finetune.prefix_generation` (greedy decoding
-after a prefix), :mod:`~hdopt.finetune.batches` (data order, objectives), :mod:`~hdopt.finetune.optimizers`
-(optimizers, schedules, one step), :mod:`~hdopt.finetune.trainer` (the recipe),
-:mod:`~hdopt.finetune.data_parallel` (forward-only training under torchrun),
-:mod:`~hdopt.finetune.checkpoint` and :mod:`~hdopt.finetune.rundir` (what a run writes),
-:mod:`~hdopt.finetune.trained` (the tested model, rebuilt from a run folder),
+(the methods registry: a kind, an adapter, defaults), :mod:`~hdopt.finetune.kinds` (how a method trains:
+forward passes only, backprop, the closed-form probe), :mod:`~hdopt.finetune.adapters` (what is trained,
+registered with its settings; :mod:`~hdopt.finetune.prefix`, :mod:`~hdopt.finetune.head`),
+:mod:`~hdopt.finetune.optimizers` (optimizers by name, their keywords, schedules, one step),
+:mod:`~hdopt.finetune.prefix_generation` (greedy decoding after a prefix), :mod:`~hdopt.finetune.batches`
+(data order, objectives), :mod:`~hdopt.finetune.trainer` (the recipe), :mod:`~hdopt.finetune.data_parallel`
+(the loop's pieces under torchrun), :mod:`~hdopt.finetune.checkpoint` and :mod:`~hdopt.finetune.rundir`
+(what a run writes), :mod:`~hdopt.finetune.trained` (the tested model, rebuilt from a run folder),
 :mod:`~hdopt.finetune.peak_memory` (peak memory of one step per method, in a fresh process).
 
     >>> from hdopt.finetune import RunConfig, finetune                      # doctest: +SKIP

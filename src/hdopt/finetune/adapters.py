@@ -1,17 +1,113 @@
-"""What a method trains: all weights, LoRA adapters (peft), a prefix or the LM head; the rest is frozen."""
+"""What a method trains, by name: all weights, LoRA adapters (peft), a prefix, the LM head, or nothing.
+
+Each adapter is registered once, as PEFT registers its tuners: a name, the function that attaches it to a
+model, and the dataclass of its settings. A settings dataclass declares the adapter's knobs with their
+defaults and checks; the run config carries them as flat fields of the same names (``--lora-r`` sets
+``method.lora_r``), ``None`` meaning the default declared here.
+
+Adding an adapter: a settings dataclass (if it has knobs, and the same fields in
+:class:`~hdopt.finetune.config.MethodConfig`), an ``attach(model, settings, seed)`` function and one
+:func:`register_adapter` line.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from hdopt.finetune.config import MethodConfig
+from hdopt.finetune.errors import ConfigError
 from hdopt.finetune.head import add_head
 from hdopt.finetune.prefix import add_prefix
+from hdopt.registry import Registry
 
 
-def add_lora(model: nn.Module, cfg: MethodConfig, seed: int) -> nn.Module:
-    """Wrap ``model`` with peft LoRA adapters (default targets: peft's q and v projections of the family).
+@dataclass(frozen=True)
+class NoSettings:
+    """An adapter without knobs."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA (peft): rank, scale ``alpha / r`` and target modules (None: peft's q and v projections for the
+    family; ``c_attn`` for GPT-2). Dropout is 0, so the two ZO forwards see the same function."""
+
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.lora_r < 1:
+            raise ConfigError(f"lora_r must be >= 1, got {self.lora_r}")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+
+
+@dataclass(frozen=True)
+class PrefixSettings:
+    """Prefix-tuning: virtual tokens per layer, initialised from the ``activations`` the model produces for
+    random vocabulary tokens (MeZO's choice) or ``random`` (Gaussian of the same per-layer scale)."""
+
+    prefix_tokens: int = 5
+    prefix_init: str = "activations"
+
+    def __post_init__(self) -> None:
+        if self.prefix_tokens < 1:
+            raise ConfigError(f"prefix_tokens must be >= 1, got {self.prefix_tokens}")
+        if self.prefix_init not in ("activations", "random"):
+            raise ConfigError(f"prefix_init must be activations or random, got {self.prefix_init!r}")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A registered adapter.
+
+    Args:
+        name: registry key (``Method.adapter``).
+        attach: ``(model, settings, seed) -> model to train``; marks the trainable parameters.
+        settings: its settings dataclass (fields named as the run config's).
+        frozen_body: the body stays in eval mode while training (head tuning reads frozen features).
+        computed_start: its starting weights are computed by the model (the prefix's activations), so they
+            depend on float op order (threads, hardware): a run saves them (``initial.safetensors``) and
+            data-parallel ranks take rank 0's.
+    """
+
+    name: str
+    attach: Callable[[nn.Module, Any, int], nn.Module]
+    settings: type = NoSettings
+    frozen_body: bool = False
+    computed_start: bool = False
+
+    def settings_of(self, method_cfg: Any) -> Any:
+        """This adapter's settings from a :class:`MethodConfig` (its ``None`` fields: the defaults)."""
+        given = {f.name: getattr(method_cfg, f.name, None) for f in dataclasses.fields(self.settings)}
+        return self.settings(**{k: v for k, v in given.items() if v is not None})
+
+    def defaults(self) -> dict[str, Any]:
+        """The settings' declared defaults, as config fields."""
+        return dataclasses.asdict(self.settings())
+
+
+ADAPTERS: Registry[Adapter] = Registry("adapter")
+
+
+def register_adapter(adapter: Adapter) -> Adapter:
+    """Add an adapter; a name can be registered once."""
+    return ADAPTERS.register(adapter.name, adapter)
+
+
+def check_adapter_settings(method_cfg: Any) -> None:
+    """Raise :class:`ConfigError` when a field of any adapter's settings is out of range."""
+    for name in ADAPTERS:
+        ADAPTERS.get(name).settings_of(method_cfg)
+
+
+def add_lora(model: nn.Module, settings: LoraSettings, seed: int) -> nn.Module:
+    """Wrap ``model`` with peft LoRA adapters.
 
     ``lora_B`` starts at zero, so the wrapped model computes exactly what the base model does; ``lora_A`` is
     drawn from torch's global generator, seeded here with ``seed``.
@@ -19,10 +115,10 @@ def add_lora(model: nn.Module, cfg: MethodConfig, seed: int) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
         lora_dropout=0.0,  # ZO needs the same function at +eps and -eps
-        target_modules=cfg.lora_targets,
+        target_modules=settings.lora_targets,
         task_type="CAUSAL_LM",
     )
     torch.manual_seed(seed)
@@ -35,23 +131,37 @@ def add_lora(model: nn.Module, cfg: MethodConfig, seed: int) -> nn.Module:
         ) from err
 
 
-def prepare_model(model: nn.Module, adapter: str, cfg: MethodConfig, seed: int) -> nn.Module:
-    """Return the model to train for ``adapter`` (``full``, ``lora``, ``prefix``, ``head`` or ``none``)."""
-    if adapter == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    if adapter == "lora":
-        return add_lora(model, cfg, seed)
-    if adapter == "prefix":
-        return add_prefix(model, cfg.prefix_tokens, cfg.prefix_init, seed)
-    if adapter == "head":
-        return add_head(model)
-    if adapter == "none":
-        for p in model.parameters():
-            p.requires_grad_(False)
-        return model
-    raise ValueError(f"unknown adapter {adapter!r}")
+def _train_all(model: nn.Module, settings: NoSettings, seed: int) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _freeze_all(model: nn.Module, settings: NoSettings, seed: int) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _prefix(model: nn.Module, settings: PrefixSettings, seed: int) -> nn.Module:
+    return add_prefix(model, settings.prefix_tokens, settings.prefix_init, seed)
+
+
+def _head(model: nn.Module, settings: NoSettings, seed: int) -> nn.Module:
+    return add_head(model)
+
+
+register_adapter(Adapter("full", _train_all))
+register_adapter(Adapter("lora", add_lora, LoraSettings))
+register_adapter(Adapter("prefix", _prefix, PrefixSettings, computed_start=True))
+register_adapter(Adapter("head", _head, frozen_body=True))
+register_adapter(Adapter("none", _freeze_all))  # the logistic-regression probe: the model stays frozen
+
+
+def prepare_model(model: nn.Module, adapter: str, cfg: Any, seed: int) -> nn.Module:
+    """Return the model to train for ``adapter`` (a registered name), with ``cfg``'s settings for it."""
+    entry = ADAPTERS.get(adapter)
+    return entry.attach(model, entry.settings_of(cfg), seed)
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

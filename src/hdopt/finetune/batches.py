@@ -54,11 +54,12 @@ def uses_answer_loss(task: Task) -> bool:
     return task.is_generation or task.options_column is not None
 
 
-def check_objective(task: Task, objective: str, trainer: str) -> None:
-    """Raise a clear error for objective/task/trainer combinations that cannot work."""
+def check_objective(task: Task, objective: str, any_objective: bool) -> None:
+    """Raise a clear error for objective/task/method combinations that cannot work (``any_objective``:
+    the method trains on non-differentiable objectives too, as forward-only methods do)."""
     if objective == "loss":
         return
-    if trainer != "zo":
+    if not any_objective:
         raise ValueError(f"objective {objective!r} is not differentiable: use a ZO method (mezo, ...)")
     if objective == "accuracy" and task.is_generation:
         raise ValueError(f"task {task.name!r} is a generation task: use --objective f1 (or loss)")

@@ -15,16 +15,41 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+from typing import Any
 
 from hdopt.distributed import ConfigMismatchError, exit_on_rank_failure
 from hdopt.finetune.config import SECTIONS, ConfigError, RunConfig
 from hdopt.finetune.methods import MethodError, get_method, list_methods
-from hdopt.finetune.optimizers import DivergenceError
+from hdopt.finetune.optimizers import DivergenceError, optimizer_names
 
 RESUME_FLAGS = ("progress", "tensorboard", "dist_timeout", "steps")  # the fields a resumed run may change
 EXIT_DIVERGED, EXIT_RANK_FAILURE, EXIT_INTERRUPTED = 3, 4, 130
 AGREED = (ConfigError, ConfigMismatchError, DivergenceError, MethodError)  # every torchrun rank raises these
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` -> ``(key, value)``; the value is read as JSON (``0.9``, ``1e-8``, ``[0.9, 0.99]``,
+    ``true``, ``null``), else kept as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+class _Mapping(argparse.Action):
+    """Collects ``KEY=VALUE`` words into a dict (a key given twice is an error)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        keys = [k for k, _ in values]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            parser.error(f"{option_string}: {', '.join(repeated)} given twice")
+        setattr(namespace, self.dest, dict(values))
 
 
 def _flag_type(annotation: str):
@@ -33,6 +58,8 @@ def _flag_type(annotation: str):
         return {"action": argparse.BooleanOptionalAction}
     if annotation.startswith("list"):
         return {"nargs": "+"}
+    if annotation.startswith("dict"):
+        return {"nargs": "+", "type": _key_value, "action": _Mapping, "metavar": "KEY=VALUE"}
     for name, kind in (("int", int), ("float", float)):
         if annotation.startswith(name):
             return {"type": kind}
@@ -53,6 +80,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
             shown = "the method's default" if default is None else repr(default)
             flag = f"--{f.name.replace('_', '-')}"
             help_text = f"{section}.{f.name} (default: {shown})"
+            if f.name == "optimizer":
+                help_text += f"; one of {', '.join(optimizer_names())}"
             kwargs = _flag_type(str(f.type))
             group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text, **kwargs)
 

@@ -15,17 +15,13 @@ from typing import Any
 
 import yaml
 
-from hdopt.zo import OPTIMIZERS as ZO_OPTIMIZERS
+from hdopt.finetune.adapters import check_adapter_settings
+from hdopt.finetune.errors import ConfigError
+from hdopt.finetune.optimizers import optimizer_names
 
 DTYPES = ("float32", "bfloat16", "float16")
-FO_OPTIMIZERS = ("adamw", "sgd")
-OPTIMIZERS = (*ZO_OPTIMIZERS, *FO_OPTIMIZERS)
 OBJECTIVES = ("loss", "accuracy", "f1")
 SCHEDULES = ("constant", "linear")
-
-
-class ConfigError(ValueError):
-    """A configuration value or file is wrong; the message names the field and what is valid."""
 
 
 def _check(condition: bool, message: str) -> None:
@@ -76,31 +72,33 @@ class MethodConfig:
     """The method (a registry name) and its method-specific knobs; ``None`` = the method's default."""
 
     method: str = "mezo"
-    optimizer: str | None = None  # a name of hdopt.zo.OPTIMIZERS (ZO); adamw | sgd (backprop)
+    optimizer: str | None = None  # a name of hdopt.zo.OPTIMIZERS (ZO) or of optimizers.FO_OPTIMIZERS
+    optimizer_args: dict[str, Any] | None = None  # the optimizer's own constructor keywords (checked)
     objective: str = "loss"  # loss | accuracy (classification, ZO) | f1 (generation, ZO)
-    q: int = 1  # ZO directions per step
-    noise: str = "gaussian"  # gaussian | rademacher
-    estimator: str = "central"  # central | one-sided
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: list[str] | None = None  # None: peft's default for the family (q and v projections)
-    prefix_tokens: int = 5
-    prefix_init: str = "activations"  # activations (of random vocabulary tokens) | random
+    q: int | None = None  # ZO directions per step
+    noise: str | None = None  # gaussian | rademacher
+    estimator: str | None = None  # central | one-sided
+    lora_r: int | None = None  # adapter knobs: see hdopt.finetune.adapters (LoraSettings, PrefixSettings)
+    lora_alpha: float | None = None
+    lora_targets: list[str] | None = None
+    prefix_tokens: int | None = None
+    prefix_init: str | None = None
     lp_init: bool = False  # one-token label words: start from a linear probe written into the LM head
     lp_c: float | None = None  # the probe's inverse L2 strength (lp, --lp-init); None: picked on dev
 
     def __post_init__(self) -> None:
+        names = optimizer_names()
         _check(
-            self.optimizer is None or self.optimizer in OPTIMIZERS,
-            f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
+            self.optimizer is None or self.optimizer in names,
+            f"optimizer must be one of {', '.join(names)}, got {self.optimizer!r}",
         )
         _check(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}")
-        _check(self.noise in ("gaussian", "rademacher"), f"noise: gaussian or rademacher, not {self.noise}")
-        _check(self.estimator in ("central", "one-sided"), "estimator must be central or one-sided")
-        _check(self.prefix_init in ("activations", "random"), "prefix_init must be activations or random")
-        _positive(self, "q", "lora_r", "prefix_tokens")
-        _check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        _check(self.noise in (None, "gaussian", "rademacher"),
+               f"noise must be gaussian or rademacher, got {self.noise!r}")  # fmt: skip
+        _check(self.estimator in (None, "central", "one-sided"), "estimator must be central or one-sided")
+        _positive(self, "q")
         _check(self.lp_c is None or self.lp_c > 0, f"lp_c must be > 0, got {self.lp_c}")
+        check_adapter_settings(self)
 
 
 @dataclass
@@ -110,14 +108,15 @@ class OptimConfig:
     lr: float | None = None
     eps: float | None = None  # ZO perturbation scale
     weight_decay: float = 0.0
-    momentum: float = 0.0  # zosgd / sgd
+    momentum: float | None = None  # optimizers that take it (zosgd, sgd); None: the optimizer's default
     schedule: str | None = None  # constant | linear (decay to 0 at the last step)
 
     def __post_init__(self) -> None:
         _check(self.lr is None or self.lr >= 0, f"lr must be >= 0, got {self.lr}")
         _check(self.eps is None or self.eps > 0, f"eps must be > 0, got {self.eps}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        _check(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        _check(self.momentum is None or 0 <= self.momentum < 1,
+               f"momentum must be in [0, 1), got {self.momentum}")  # fmt: skip
         _check(
             self.schedule is None or self.schedule in SCHEDULES,
             f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}",

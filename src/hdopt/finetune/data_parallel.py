@@ -1,28 +1,30 @@
-"""Data-parallel forward-only training under torchrun: the pieces the trainer calls when WORLD_SIZE > 1.
+"""Data-parallel forward-only training under torchrun: a wrapper around the pieces of the trainer's loop.
 
-What runs where (``torchrun --nproc_per_node N -m hdopt finetune --method mezo ...``):
+The loop (:mod:`hdopt.finetune.trainer`) asks a ``workers`` object for each piece that depends on the number
+of processes: :class:`OneProcess` passes every piece through; :class:`DataParallel` (``torchrun
+--nproc_per_node N -m hdopt finetune --method mezo ...``) wraps them:
 
 * Every rank builds the same setup, holds the same weights, draws the same batch (a function of
-  (seed, step)) and the same ZO directions (shared seed). :func:`check_data_parallel` refuses backprop
-  methods and batches that do not split evenly; :func:`make_data_parallel` checks that every rank runs the
-  same config from the same weights (``mezo-prefix`` takes rank 0's initial prefix) before the first step.
+  (seed, step)) and the same ZO directions (shared seed). :func:`check_data_parallel` refuses kinds that
+  cannot run data-parallel (backprop, the probe) and batches that do not split evenly;
+  :func:`make_data_parallel` checks that every rank runs the same config from the same weights
+  (``mezo-prefix`` takes rank 0's initial prefix) before the first step.
 * Each rank evaluates the loss on its contiguous shard of every micro-batch (weighted by
   :func:`shard_weight` for the answer loss), so the mean over ranks is the whole micro-batch's loss.
 * All-reduced per step, scalars only: the q projected gradients (and ``ZOConservative``'s 3 candidate
   losses) through the optimizer's ``reduce`` hook (:class:`hdopt.distributed.ScalarAllReduce`; a rank
   whose loss is not finite joins with NaN, so every rank stops alike); then the batch loss and the stop
-  flag (:func:`agree`).
-  Every rank applies the same update and logs, guards and stops on the same numbers. Evaluation (in the
-  trainer) is sharded too: each rank scores 1/N of dev/test and the per-example records are gathered.
-* Rank 0 alone writes the run folder (the trainer's ``Setup.writer``); :func:`process_group` creates and
-  destroys the process group around a run. See docs/finetune.md.
+  flag (:func:`agree`). Every rank applies the same update and logs, guards and stops on the same numbers.
+* Evaluation is sharded too: each rank scores 1/N of dev/test and the per-example records are gathered.
+* Rank 0 alone writes the run folder (``Setup.writer``); :func:`process_group` creates and destroys the
+  process group around a run. See docs/finetune.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,15 +35,17 @@ from hdopt.distributed import (
     Communicator,
     ConfigMismatchError,
     RankFailureError,
+    ScalarAllReduce,
     check_consistent,
     fingerprint,
     init_from_env,
     shard_range,
 )
+from hdopt.finetune.adapters import ADAPTERS
 from hdopt.finetune.batches import encode, uses_answer_loss
-from hdopt.finetune.config import ConfigError, RunConfig
+from hdopt.finetune.config import RunConfig
+from hdopt.finetune.errors import ConfigError, DivergenceError
 from hdopt.finetune.methods import Method, MethodError, get_method, list_methods
-from hdopt.finetune.optimizers import DivergenceError
 
 if TYPE_CHECKING:
     from hdopt.finetune.trainer import Setup
@@ -105,13 +109,12 @@ def check_data_parallel(cfg: RunConfig, method: Method, world_size: int) -> None
     """Refuse what data-parallel training cannot do: backprop methods, a batch that does not split evenly."""
     if world_size <= 1:
         return
-    if method.trainer != "zo":
-        zo = ", ".join(m for m in list_methods() if get_method(m).trainer == "zo")
-        how = "backprop" if method.trainer == "fo" else "a linear probe"
+    if not method.kind.data_parallel:
+        covered = ", ".join(m for m in list_methods() if get_method(m).kind.data_parallel)
         raise ConfigError(
-            f"method {method.name!r} trains with {how} and cannot run on {world_size} processes: "
-            f"torchrun data parallelism covers the forward-only methods ({zo}). Run {method.name} in one "
-            "process (`hdopt finetune ...` without torchrun), or wrap the model in "
+            f"method {method.name!r} trains with {method.kind.how} and cannot run on {world_size} processes: "
+            f"torchrun data parallelism covers the forward-only methods ({covered}). Run {method.name} in "
+            "one process (`hdopt finetune ...` without torchrun), or wrap the model in "
             "torch.nn.parallel.DistributedDataParallel in a loop of your own"
         )
     if cfg.method.lp_init:
@@ -136,7 +139,7 @@ def make_data_parallel(optimizer, model: torch.nn.Module, params, cfg: RunConfig
                        comm: Communicator) -> None:  # fmt: skip
     """Check that every rank runs the same config and optimizer from the same weights (the optimizer was
     built with the all-reduce hook)."""
-    if method.adapter == "prefix":  # its activation init depends on float op order (threads): rank 0's wins
+    if ADAPTERS.get(method.adapter).computed_start:  # depends on float op order (threads): rank 0's wins
         for name, p in params:
             comm.broadcast_(p.data, 0, f"broadcast of the initial prefix {name}")
     check_consistent(fingerprint(cfg, model, optimizer), comm, "data-parallel ZO")
@@ -172,3 +175,109 @@ def world_size_message(folder: Path, saved: int, world: int) -> str:
            else f"hdopt finetune --resume {folder} (one process, without torchrun)")  # fmt: skip
     return (f"{folder} was trained by {saved} process{'es' if saved > 1 else ''} and this is {world}: "
             f"resume it with the same number, {how}")
+
+
+def metrics_of(task, records: list[dict]) -> dict[str, float]:
+    """The metrics of hdopt.lm.evaluation (percent, 2 decimals) from its per-example records."""
+
+    def percent(key: str) -> float:
+        return round(100.0 * sum(r[key] for r in records) / len(records), 2)
+
+    if task.is_generation:
+        return {"f1": percent("f1"), "em": percent("em")}
+    return {"accuracy": percent("correct")}
+
+
+class OneProcess:
+    """The loop's pieces in one process: each passes through (:class:`DataParallel` wraps them)."""
+
+    def __init__(self, comm: Communicator | None = None) -> None:
+        self.comm = comm if comm is not None else Communicator.single()
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world_size
+
+    def check(self, cfg: RunConfig, method: Method) -> None:
+        """Refuse what this many processes cannot train (nothing, for one)."""
+
+    def reduce_hook(self):
+        """The ZO optimizer's ``reduce`` hook (None: one worker)."""
+        return None
+
+    def start(self, s: Setup) -> None:
+        """Called once the run's kind and optimizer exist, before the first step."""
+
+    def closure(self, s: Setup, examples: Sequence) -> Callable[[], torch.Tensor]:
+        """The objective on a micro-batch: the kind's closure."""
+        return s.kind.closure(examples)
+
+    def evaluate(self, s: Setup, examples: Sequence, evaluate: Callable) -> dict[str, float]:
+        """``evaluate(examples).metrics`` (an hdopt.lm evaluation of the current weights)."""
+        return evaluate(examples).metrics
+
+    def agree(self, loss: float, stop: bool, step: int) -> tuple[float, bool]:
+        """The loss to log and guard, and whether to stop: this process's."""
+        return loss, stop
+
+    def barrier(self, what: str) -> None:
+        """Wait for the other processes (none)."""
+
+    def run_folder(self, folder: Path) -> Path:
+        """The run folder every process uses (a default name holds a timestamp)."""
+        return folder
+
+    def record(self) -> dict:
+        """What results.json and the method record say about the processes (nothing for one)."""
+        return {}
+
+
+class DataParallel(OneProcess):
+    """The pieces for ``world_size`` processes: sharded closures and evaluation, all-reduced scalars."""
+
+    def check(self, cfg: RunConfig, method: Method) -> None:
+        check_data_parallel(cfg, method, self.world_size)
+
+    def reduce_hook(self):
+        return ScalarAllReduce(self.comm)
+
+    def start(self, s: Setup) -> None:
+        make_data_parallel(s.optimizer, s.model, s.params, s.cfg, s.method, self.comm)
+
+    def closure(self, s: Setup, examples: Sequence) -> Callable[[], torch.Tensor]:
+        """The kind's closure on this rank's shard, weighted so that the mean over ranks is the batch's."""
+        weight = shard_weight(s, examples)
+        closure = s.kind.closure(examples[shard_range(len(examples), self.rank, self.world_size)])
+        return closure if weight == 1.0 else (lambda: closure() * weight)
+
+    def evaluate(self, s: Setup, examples: Sequence, evaluate: Callable) -> dict[str, float]:
+        """Every rank evaluates a contiguous share; the per-example records are gathered and the metrics
+        computed from all of them, as one process computes them."""
+        n, world, rank = len(examples), self.world_size, self.rank
+        mine = examples[rank * n // world : (rank + 1) * n // world]
+        records = evaluate(mine).predictions if mine else []
+        parts = self.comm.all_gather_object(records, f"gather of the evaluation of {n} examples")
+        return metrics_of(s.task, [r for part in parts for r in part])
+
+    def agree(self, loss: float, stop: bool, step: int) -> tuple[float, bool]:
+        """Every rank logs, guards and stops on the same numbers: the mean loss, any rank's stop."""
+        return agree(self.comm, loss, stop, step)
+
+    def barrier(self, what: str) -> None:
+        self.comm.barrier(what)
+
+    def run_folder(self, folder: Path) -> Path:
+        return Path(self.comm.all_gather_object(str(folder), "agreement on the run folder")[0])
+
+    def record(self) -> dict:
+        """The number of processes and this rank's all-reduce/broadcast payload so far (this session)."""
+        return {"world_size": self.world_size, "communicated_bytes": self.comm.stats.bytes}
+
+
+def workers_for(comm: Communicator) -> OneProcess:
+    """:class:`DataParallel` over ``comm``'s ranks when there are several, else :class:`OneProcess`."""
+    return DataParallel(comm) if comm.active else OneProcess(comm)

@@ -11,10 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hdopt.finetune.adapters import ADAPTERS
+from hdopt.finetune.kinds import KINDS, MethodKind
 from hdopt.registry import Registry
-
-TRAINERS = ("zo", "fo", "lp")
-ADAPTERS = ("full", "lora", "prefix", "head", "none")
 
 
 class MethodError(ValueError):
@@ -23,31 +22,44 @@ class MethodError(ValueError):
 
 @dataclass(frozen=True)
 class Method:
-    """A fine-tuning method.
+    """A fine-tuning method: a kind of training, an adapter and defaults.
 
     Args:
         name: registry key, e.g. ``mezo-lora``.
-        trainer: ``zo`` (forward passes only, :mod:`hdopt.zo`), ``fo`` (backprop) or ``lp`` (linear probe).
-        adapter: what is trained: ``full`` (all weights), ``lora``, ``prefix``, ``head`` (the LM head, untied
-            from the input embedding) or ``none`` (a separate linear probe).
-        defaults: config field -> value, for the fields a run leaves at ``None``.
+        kind: how it trains: a :class:`~hdopt.finetune.kinds.MethodKind` subclass or a registered kind name,
+            ``zo`` (forward passes only, :mod:`hdopt.zo`), ``fo`` (backprop) or ``lp`` (linear probe).
+        adapter: what is trained, a registered adapter (:mod:`hdopt.finetune.adapters`): ``full`` (all
+            weights), ``lora``, ``prefix``, ``head`` (the LM head, untied from the input embedding) or
+            ``none`` (a separate linear probe).
+        defaults: config field -> value, for the fields a run leaves at ``None`` (after the optimizer's
+            ``paper_defaults``).
         description: one line for ``--help`` and the docs.
         without_label_words: the method that runs instead on tasks without fixed label words (multiple
             choice, generation); ``lp`` -> head tuning. ``None``: this method runs on every task.
     """
 
     name: str
-    trainer: str
+    kind: type[MethodKind] | str
     adapter: str
     defaults: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     without_label_words: Method | None = None
 
     def __post_init__(self) -> None:
-        if self.trainer not in TRAINERS:
-            raise MethodError(f"method {self.name!r}: trainer must be one of {TRAINERS}")
+        if isinstance(self.kind, str):
+            if self.kind not in KINDS:
+                raise MethodError(f"method {self.name!r}: kind must be one of {', '.join(KINDS)} or a "
+                                  f"MethodKind class, got {self.kind!r}")  # fmt: skip
+            object.__setattr__(self, "kind", KINDS.get(self.kind))
+        elif not (isinstance(self.kind, type) and issubclass(self.kind, MethodKind)):
+            raise MethodError(f"method {self.name!r}: kind must be a MethodKind class, got {self.kind!r}")
         if self.adapter not in ADAPTERS:
-            raise MethodError(f"method {self.name!r}: adapter must be one of {ADAPTERS}")
+            raise MethodError(f"method {self.name!r}: adapter must be one of {', '.join(ADAPTERS)}")
+
+    @property
+    def trainer(self) -> str:
+        """The kind's name (``zo``, ``fo``, ``lp``), as config.json's method record stores it."""
+        return self.kind.name
 
     def for_task(self, task) -> Method:
         """The method that runs on ``task`` (an :class:`hdopt.lm.tasks.Task`): this one, or its variant for
@@ -74,8 +86,10 @@ def list_methods() -> list[str]:
     return sorted(METHODS)
 
 
-# ZO: batch 16, constant lr, 20k steps (OPT, Table 16); evaluation every 500 steps.
-_ZO = {"optimizer": "zosgd", "batch_size": 16, "steps": 20000, "schedule": "constant", "eval_every": 500}
+# ZO: batch 16, constant lr, 20k steps (OPT, Table 16); evaluation every 500 steps; one Gaussian direction
+# and the central (two-point) estimate, as MeZO; an optimizer's paper_defaults take precedence over these.
+_ZO = {"optimizer": "zosgd", "batch_size": 16, "steps": 20000, "schedule": "constant", "eval_every": 500,
+       "q": 1, "noise": "gaussian", "estimator": "central"}  # fmt: skip
 # Backprop: AdamW, batch 8, linear decay, 5 epochs of 1000 examples = 625 steps.
 _FO = {"optimizer": "adamw", "batch_size": 8, "steps": 625, "schedule": "linear", "eval_every": 125}
 

@@ -22,8 +22,7 @@ MODES = ("inference", "mezo", "mezo-lora", "ft-prefix", "ft")
 
 def probe(model_name: str, mode: str, batch: int, length: int, repeats: int = 1, device: str = "cpu") -> dict:
     """Run ``mode`` in this process and return its peak memory (MiB) with the model resident."""
-    from hdopt.finetune.adapters import add_lora
-    from hdopt.finetune.config import MethodConfig
+    from hdopt.finetune.adapters import LoraSettings, add_lora
     from hdopt.finetune.prefix import add_prefix
     from hdopt.lm.models import load_model
     from hdopt.memory import peak_mib, reset_peak, rss_mib
@@ -36,7 +35,7 @@ def probe(model_name: str, mode: str, batch: int, length: int, repeats: int = 1,
     model.eval()
     ids = torch.randint(0, model.config.vocab_size, (batch, length), device=model.device)
     if mode == "mezo-lora":
-        model = add_lora(model, MethodConfig(), seed=0)
+        model = add_lora(model, LoraSettings(), seed=0)
     if mode == "ft-prefix":
         model = add_prefix(model)
     params = [(n, p) for n, p in model.named_parameters() if mode in ("mezo", "ft") or p.requires_grad]

@@ -12,7 +12,6 @@ loop of :mod:`hdopt.finetune.trainer`; see :meth:`hdopt.finetune.methods.Method.
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 
@@ -77,7 +76,7 @@ def linear_probe(s) -> tuple[dict, Path]:
         "backwards": 0, "wall_seconds": round(time.perf_counter() - start, 2), "best_dev": dev,
         "best_step": 0, "test_accuracy": test, "test": test,
         "trainable_parameters": int(coef.size), "lp_c": c,
-        "peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_memory_mib": round(rundir.peak_memory_mib(s.device), 1),
     }  # fmt: skip
     rundir.write_jsonl(folder / rundir.METRICS, [{"step": 0, "dev_accuracy": dev}])
     atomic_write_json(folder / rundir.RESULTS, results, default=str)

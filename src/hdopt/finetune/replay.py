@@ -9,6 +9,7 @@ import torch
 from hdopt.finetune import rundir
 from hdopt.finetune.adapters import trainable_parameters
 from hdopt.finetune.checkpoint import load_checkpoint, load_weights
+from hdopt.finetune.kinds import ZOKind
 from hdopt.finetune.methods import get_method
 from hdopt.finetune.trained import run_config, starting_model
 from hdopt.lm.models import load_model
@@ -29,7 +30,7 @@ def rebuild(folder: str | Path, model=None, tokenizer=None, upto: int | None = N
     folder = Path(folder)
     cfg = run_config(folder)
     method = get_method(cfg.method.method)
-    if method.trainer != "zo":
+    if not issubclass(method.kind, ZOKind):
         raise ValueError(f"{folder} is a {method.name} run: only ZO runs have a trajectory to replay")
     path = folder / rundir.TRAJECTORY
     if not path.is_file():

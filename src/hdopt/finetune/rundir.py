@@ -13,10 +13,14 @@
 from __future__ import annotations
 
 import json
+import resource
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from hdopt.finetune.config import RunConfig
 from hdopt.lm.rundir import default_run_dir, write_jsonl
 
 CONFIG, METRICS, RESULTS = "config.json", "metrics.jsonl", "results.json"
@@ -33,6 +37,20 @@ def read_json(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {path.parent} a finetune run folder?")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_config(folder: Path) -> tuple[RunConfig, dict]:
+    """``(the resolved config, the method record)`` a run saved in ``config.json``."""
+    doc = read_json(folder / CONFIG)
+    record = doc.pop("method_record", None) or {}
+    return RunConfig.from_dict(doc, str(folder / CONFIG)), record
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA max allocated on a GPU, else the peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def read_metrics(folder: Path) -> list[dict]:

@@ -27,10 +27,7 @@ from hdopt.lm.tasks import resolve_task
 
 def run_config(folder: str | Path) -> RunConfig:
     """The resolved config a run saved (``config.json``, without its method record)."""
-    folder = Path(folder)
-    doc = rundir.read_json(folder / rundir.CONFIG)
-    doc.pop("method_record", None)
-    return RunConfig.from_dict(doc, str(folder / rundir.CONFIG))
+    return rundir.read_config(Path(folder))[0]
 
 
 def run_method(cfg: RunConfig) -> Method:
@@ -75,7 +72,7 @@ def load_trained(folder: str | Path, model: nn.Module | None = None,
     folder = Path(folder)
     cfg = run_config(folder)
     method = run_method(cfg)
-    if method.trainer == "lp":
+    if not method.kind.takes_steps:
         raise ValueError(
             f"{folder} is a logistic-regression probe: its {rundir.BEST} holds the probe's coefficients, "
             "not weights of the model"

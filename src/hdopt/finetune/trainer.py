@@ -1,47 +1,48 @@
-"""The fine-tuning recipe: setup -> train (eval, select, checkpoint) -> test, for every method.
+"""The fine-tuning recipe: setup -> train (eval, select, checkpoint) -> finish (test), for every method.
 
-Reads top to bottom: :func:`setup` builds everything a run needs from its config; :func:`train_loop` runs
-the steps (a ZO step is forward passes only; an FO step is forward + backward); :func:`finish` evaluates the
-selected weights on the test split and writes results.json. :func:`finetune` starts a run, :func:`resume`
-continues one from its folder; both end bitwise where an uninterrupted run ends, because the batches, the ZO
+Reads top to bottom: :func:`setup` builds everything a run needs from its config, and attaches the method's
+kind (:mod:`hdopt.finetune.kinds`: forward passes only, backprop, or a closed-form probe), which builds the
+optimizer and takes the steps; :func:`train_loop` runs the steps; :func:`finish` evaluates the selected
+weights on the test split and writes results.json. :func:`finetune` starts a run, :func:`resume` continues
+one from its folder; both end bitwise where an uninterrupted run ends, because the batches, the ZO
 directions and the dropout masks depend only on (seed, step) and the restored state.
 
-Under ``torchrun --nproc_per_node N`` the forward-only methods run data-parallel: the process group, the
-checks, the all-reduced scalars and the shard weights live in :mod:`hdopt.finetune.data_parallel`; this
-module shards each micro-batch and the evaluation and lets rank 0 alone write the run folder.
+Under ``torchrun --nproc_per_node N`` the pieces that depend on the number of processes (the closure of a
+micro-batch, evaluation, the loss every rank logs, the run folder) come from the run's ``workers``
+(:mod:`hdopt.finetune.data_parallel`), which shards and all-reduces for the forward-only methods; rank 0
+alone writes the run folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import resource
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from hdopt.distributed import Communicator, ScalarAllReduce, shard_range
+from hdopt.distributed import Communicator
 from hdopt.finetune import rundir
-from hdopt.finetune.adapters import prepare_model, trainable_parameters
-from hdopt.finetune.batches import MAX_NEW_TOKENS, check_objective, make_closure, micro_batches, step_indices
+from hdopt.finetune.adapters import ADAPTERS, prepare_model, trainable_parameters
+from hdopt.finetune.batches import MAX_NEW_TOKENS, make_closure, micro_batches, step_indices
 from hdopt.finetune.checkpoint import checkpoint_meta, load_checkpoint, load_weights, save_checkpoint
-from hdopt.finetune.config import ConfigError, RunConfig
+from hdopt.finetune.config import RunConfig
 from hdopt.finetune.data_parallel import (
-    agree,
-    check_data_parallel,
+    OneProcess,
     launched_world,
-    make_data_parallel,
     process_group,
-    shard_weight,
+    workers_for,
     world_size_message,
 )
+from hdopt.finetune.errors import ConfigError, DivergenceError
+from hdopt.finetune.kinds import MethodKind
 from hdopt.finetune.label_head import (
     LabelHead,
     apply_label_head,
@@ -50,30 +51,30 @@ from hdopt.finetune.label_head import (
     save_label_head,
 )
 from hdopt.finetune.methods import Method, get_method
-from hdopt.finetune.optimizers import (
-    DivergenceError,
-    build_optimizer,
-    build_scheduler,
-    fo_step,
-    forwards_per_step,
-    zo_step,
-)
+from hdopt.finetune.optimizers import paper_defaults
 from hdopt.io import atomic_write_json, remove_stale_temp_files
 from hdopt.lm.evaluation import EvalConfig, EvalResult, context_length, evaluate
 from hdopt.lm.models import load_model
 from hdopt.lm.tasks import Splits, Task, load_split, resolve_task, sample_protocol
-from hdopt.zo import NonFiniteLossError
 
 GUARD_WINDOW = 5  # losses averaged by the divergence guard
 
 
+# -- setup ---------------------------------------------------------------------------------------------------
 def resolve(cfg: RunConfig, method: Method, task: Task) -> RunConfig:
-    """Fill the fields left at ``None`` from the method's defaults and the task's protocol."""
+    """Fill the fields left at ``None``: from the optimizer's ``paper_defaults``, then the method's defaults,
+    the adapter's settings and the task's protocol."""
     out = cfg.to_dict()
-    for section in out.values():
-        for key, value in section.items():
-            if value is None and key in method.defaults:
-                section[key] = method.defaults[key]
+    name = out["method"]["optimizer"] or method.defaults.get("optimizer")
+    fields, rule_args = paper_defaults(name)
+    adapter = ADAPTERS.get(method.adapter).defaults()
+    for defaults in (fields, method.defaults, adapter):
+        for section in out.values():
+            for key, value in section.items():
+                if value is None and key in defaults:
+                    section[key] = defaults[key]
+    if rule_args:
+        out["method"]["optimizer_args"] = {**rule_args, **(out["method"]["optimizer_args"] or {})}
     if out["data"]["num_dev"] is None:
         out["data"]["num_dev"] = task.num_dev
     train = out["train"]
@@ -84,7 +85,7 @@ def resolve(cfg: RunConfig, method: Method, task: Task) -> RunConfig:
 
 @dataclass
 class Setup:
-    """Everything a run needs, built once from its config."""
+    """Everything a run needs, built once from its config; ``kind`` (attached last) trains it."""
 
     cfg: RunConfig
     method: Method
@@ -93,16 +94,37 @@ class Setup:
     model: torch.nn.Module
     tokenizer: object
     params: list[tuple[str, torch.nn.Parameter]]
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
-    comm: Communicator = field(default_factory=Communicator.single)  # torchrun: the data-parallel group
+    workers: OneProcess = field(default_factory=OneProcess)  # torchrun: data-parallel pieces
     label_head: LabelHead | None = None  # --lp-init: the probe written into the LM head
+    kind: MethodKind | None = None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self.kind.optimizer
+
+    @property
+    def scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
+        return self.kind.scheduler
+
+    @property
+    def comm(self) -> Communicator:
+        return self.workers.comm
 
     @property
     def writer(self) -> bool:
         """True on the process that writes the run folder (rank 0; the only process without torchrun)."""
-        return self.comm.rank == 0
+        return self.workers.rank == 0
+
+    def objective(self, examples: Sequence) -> Callable[[], torch.Tensor]:
+        """The run's training objective on ``examples`` as a closure (:func:`make_closure`)."""
+        c = self.cfg
+        return make_closure(self.model, self.tokenizer, self.task, examples, c.method.objective,
+                            c.data.max_length, self.device)  # fmt: skip
+
+    def evaluate(self, examples: Sequence) -> EvalResult:
+        """hdopt.lm's zero-shot evaluation of the current weights on ``examples``."""
+        return evaluate_examples(self.model, self.tokenizer, self.task, self.cfg, examples)
 
 
 @dataclass
@@ -114,8 +136,8 @@ class LoopState:
     best_step: int | None = None
     initial_loss: float | None = None
     recent_losses: list[float] = field(default_factory=list)
-    forwards: int = 0
-    backwards: int = 0
+    forwards: float = 0
+    backwards: float = 0
     elapsed: float = 0.0
 
 
@@ -128,20 +150,20 @@ def load_data(cfg: RunConfig, task: Task) -> Splits:
 
 def setup(cfg: RunConfig, model=None, tokenizer=None, comm: Communicator | None = None,
           label_head: LabelHead | None = None) -> Setup:  # fmt: skip
-    """Resolve the config, load data and model, attach the adapter, build optimizer and schedule.
+    """Resolve the config, load data and model, attach the adapter, then the method's kind (which builds the
+    optimizer and schedule).
 
     With ``--lp-init`` the linear probe is fit on the adapted model's features and written into its LM
     head (or ``label_head``, a resumed run's saved probe, is written). With a communicator of several ranks
-    (torchrun), the ZO optimizer is made data-parallel after every rank checked that it runs the same
-    config from the same weights.
+    (torchrun), every rank checks that it runs the same config from the same weights before the first step.
     """
-    comm = comm if comm is not None else Communicator.single()
+    workers = workers_for(comm if comm is not None else Communicator.single())
     task = resolve_task(cfg.data.task)
     method = get_method(cfg.method.method).for_task(task)  # lp without label words: head tuning
     cfg = resolve(cfg, method, task)
-    check_data_parallel(cfg, method, comm.world_size)
+    workers.check(cfg, method)
+    method.kind.check(cfg, task)
     torch.manual_seed(cfg.train.seed)  # dropout masks and any other draw from torch's global generator
-    check_objective(task, cfg.method.objective, method.trainer)
     splits = load_data(cfg, task)
     if not splits.train:
         raise ValueError(f"task {task.name!r}: no training examples (check --num-train and the data)")
@@ -153,21 +175,16 @@ def setup(cfg: RunConfig, model=None, tokenizer=None, comm: Communicator | None 
         label_head = label_head or _fit_label_head(cfg, method, task, splits, model, tokenizer)
         apply_label_head(model, label_head)
     params = trainable_parameters(model)
-    if method.trainer == "lp":
-        return Setup(cfg, method, task, splits, model, tokenizer, params, None, None, _device(model))
-    reduce = ScalarAllReduce(comm) if comm.active and method.trainer == "zo" else None
-    optimizer = build_optimizer(cfg, method.trainer, params, reduce)
-    if comm.active:
-        make_data_parallel(optimizer, model, params, cfg, method, comm)
-    scheduler = build_scheduler(optimizer, cfg.optim.schedule, cfg.train.steps)
-    return Setup(cfg, method, task, splits, model, tokenizer, params, optimizer, scheduler, _device(model),
-                 comm, label_head)
+    s = Setup(cfg, method, task, splits, model, tokenizer, params, _device(model), workers, label_head)
+    s.kind = method.kind(s)
+    workers.start(s)
+    return s
 
 
 def _fit_label_head(cfg: RunConfig, method: Method, task: Task, splits: Splits, model,
                     tokenizer) -> LabelHead:  # fmt: skip
     """--lp-init: fit the probe on the train features (C on dev, or --lp-c)."""
-    if method.trainer == "lp":
+    if not method.kind.takes_steps:
         raise ConfigError("--lp-init starts a trained method from the linear probe; lp is the probe itself")
     return fit_label_head(model, tokenizer, task, splits.train, splits.dev, cfg.data.max_length,
                           cfg.method.lp_c, cfg.train.seed, cfg.train.eval_batch_size)  # fmt: skip
@@ -175,35 +192,6 @@ def _fit_label_head(cfg: RunConfig, method: Method, task: Task, splits: Splits, 
 
 def _device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
-
-
-def evaluate_split(s: Setup, examples) -> dict[str, float]:
-    """Zero-shot-style evaluation of the current weights (no demonstrations), via :mod:`hdopt.lm`.
-
-    Data-parallel: every rank evaluates a contiguous share of ``examples``; the per-example records are
-    gathered and the metrics computed from all of them, as one process computes them.
-    """
-    if not s.comm.active:
-        return _evaluate(s, examples).metrics
-    n, world, rank = len(examples), s.comm.world_size, s.comm.rank
-    mine = examples[rank * n // world : (rank + 1) * n // world]
-    records = _evaluate(s, mine).predictions if mine else []
-    parts = s.comm.all_gather_object(records, f"gather of the evaluation of {n} examples")
-    return metrics_of(s.task, [r for part in parts for r in part])
-
-
-def metrics_of(task: Task, records: list[dict]) -> dict[str, float]:
-    """The metrics of hdopt.lm.evaluation (percent, 2 decimals) from its per-example records."""
-    def percent(key: str) -> float:
-        return round(100.0 * sum(r[key] for r in records) / len(records), 2)
-
-    if task.is_generation:
-        return {"f1": percent("f1"), "em": percent("em")}
-    return {"accuracy": percent("correct")}
-
-
-def _evaluate(s: Setup, examples):
-    return evaluate_examples(s.model, s.tokenizer, s.task, s.cfg, examples)
 
 
 def evaluate_examples(model, tokenizer, task: Task, cfg: RunConfig, examples) -> EvalResult:
@@ -222,39 +210,7 @@ def evaluate_examples(model, tokenizer, task: Task, cfg: RunConfig, examples) ->
     return result
 
 
-# -- checkpoints -------------------------------------------------------------------------------------------
-def save_resume_point(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog) -> None:
-    """Trajectory first, then the checkpoint (a longer trajectory is truncated on resume). Rank 0 only."""
-    if not s.writer:
-        return
-    if s.method.trainer == "zo":
-        s.optimizer.save_trajectory(folder / rundir.TRAJECTORY)
-    training = {
-        "optimizer": s.optimizer.state_dict(),
-        "scheduler": s.scheduler.state_dict(),
-        "rng": torch.get_rng_state(),
-        "loop": dataclasses.asdict(state),
-    }
-    meta = {"step": state.step, "world_size": s.comm.world_size}
-    save_checkpoint(folder / rundir.CHECKPOINT, s.params, training, meta)
-
-
-def restore(s: Setup, folder: Path, log: rundir.MetricsLog) -> LoopState:
-    """Load the resume checkpoint into the setup; returns the loop state it was taken at."""
-    weights, training, meta = load_checkpoint(folder / rundir.CHECKPOINT)
-    saved = meta.get("world_size", 1)
-    if saved != s.comm.world_size:
-        raise ConfigError(world_size_message(folder, saved, s.comm.world_size))
-    load_weights(s.params, weights)
-    s.optimizer.load_state_dict(training["optimizer"])
-    s.scheduler.load_state_dict(training["scheduler"])
-    torch.set_rng_state(training["rng"])
-    state = LoopState(**training["loop"])
-    log.truncate(state.step)
-    return state
-
-
-# -- the loop ------------------------------------------------------------------------------------------------
+# -- train ---------------------------------------------------------------------------------------------------
 class StopRequest:
     """Ctrl-C sets a flag; the loop finishes its step, saves a checkpoint and stops (twice: stop now)."""
 
@@ -294,36 +250,24 @@ def check_divergence(state: LoopState, loss: float, factor: float, guarded: bool
 
 
 def train_step(s: Setup, step: int) -> float:
-    """One optimizer step on the batch of ``step``."""
+    """One optimizer step on the batch of ``step`` (its micro-batches' closures, then the kind's step)."""
     cfg = s.cfg
     indices = step_indices(len(s.splits.train), cfg.train.batch_size, cfg.train.seed, step)
-    closures = [_closure(s, [s.splits.train[i] for i in micro])
+    closures = [s.workers.closure(s, [s.splits.train[i] for i in micro])
                 for micro in micro_batches(indices, cfg.train.grad_accum)]  # fmt: skip
-    if s.method.trainer == "zo":
-        try:
-            return zo_step(s.optimizer, closures)
-        except NonFiniteLossError as err:  # every rank raises it at the same step (the reduce contract)
-            raise DivergenceError(str(err)) from None
-    return fo_step(s.optimizer, closures)
+    return s.kind.step(closures)
 
 
-def _closure(s: Setup, examples: list) -> Callable[[], torch.Tensor]:
-    """The objective on ``examples`` (one process) or on this rank's shard of them (data-parallel)."""
-    cfg = s.cfg
-    weight = 1.0
-    if s.comm.active:
-        weight = shard_weight(s, examples)
-        examples = examples[shard_range(len(examples), s.comm.rank, s.comm.world_size)]
-    closure = make_closure(s.model, s.tokenizer, s.task, examples, cfg.method.objective, cfg.data.max_length,
-                           s.device)  # fmt: skip
-    return closure if weight == 1.0 else (lambda: closure() * weight)
+def evaluate_split(s: Setup, examples, evaluate: Callable[[Sequence], EvalResult] | None = None) -> dict:
+    """The metrics of ``evaluate`` (default: the whole model's evaluation) on ``examples``."""
+    return s.workers.evaluate(s, examples, evaluate or s.evaluate)
 
 
 def evaluate_and_select(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog) -> None:
-    """Dev evaluation; keeps the best trainable weights in best.safetensors."""
+    """Dev evaluation (the kind's); keeps the best trainable weights in best.safetensors."""
     if not s.splits.dev:
         return
-    metrics = evaluate_split(s, s.splits.dev)
+    metrics = evaluate_split(s, s.splits.dev, s.kind.evaluate)
     value = metrics[s.task.metric]
     log.record({"step": state.step, "forwards": state.forwards, "backwards": state.backwards,
                 **{f"dev_{k}": v for k, v in metrics.items()}})  # fmt: skip
@@ -337,10 +281,9 @@ def train_loop(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog,
                on_step: Callable[[int], None] | None = None) -> str:  # fmt: skip
     """Run steps ``state.step .. steps-1``; returns ``completed`` or ``interrupted``."""
     t = s.cfg.train
-    fwd, bwd = forwards_per_step(s.cfg, s.method.trainer, s.optimizer)
+    fwd, bwd = s.kind.passes_per_step()
     guarded = s.cfg.method.objective == "loss"
-    # dropout only for backprop (ZO compares two forwards); head tuning reads frozen features, as a probe does
-    s.model.train(s.method.trainer == "fo" and s.method.adapter != "head")
+    s.model.train(s.kind.training_mode())
     if state.step == 0 and t.eval_every:
         evaluate_and_select(s, state, folder, log)
     bar = tqdm(total=t.steps, initial=state.step, desc=s.method.name, unit="step",
@@ -350,9 +293,7 @@ def train_loop(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog,
         while state.step < t.steps:
             start = time.perf_counter()
             loss = train_step(s, state.step)
-            if s.comm.active:  # every rank logs, guards and stops on the same numbers
-                loss, stop_any = agree(s.comm, loss, stop.requested, state.step)
-                stop.requested = stop.requested or stop_any
+            loss, stop.requested = s.workers.agree(loss, stop.requested, state.step)
             s.scheduler.step()
             state.step += 1
             state.forwards, state.backwards = state.forwards + fwd, state.backwards + bwd
@@ -368,7 +309,7 @@ def train_loop(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog,
             if on_step is not None:
                 on_step(state.step)
             if state.step % t.save_every == 0 or state.step == t.steps or stop.requested:
-                save_resume_point(s, state, folder, log)
+                save_resume_point(s, state, folder)
             if stop.requested and state.step < t.steps:
                 status = "interrupted"
                 break
@@ -376,13 +317,32 @@ def train_loop(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog,
     return status
 
 
-def peak_memory_mib(device: torch.device) -> float:
-    """Peak memory of this process: CUDA max allocated on a GPU, else the peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+# -- save ----------------------------------------------------------------------------------------------------
+def save_resume_point(s: Setup, state: LoopState, folder: Path) -> None:
+    """The kind's files first (a longer trajectory is truncated on resume), then the checkpoint (rank 0)."""
+    if not s.writer:
+        return
+    s.kind.save_files(folder)
+    training = {**s.kind.state_dict(), "rng": torch.get_rng_state(), "loop": dataclasses.asdict(state)}
+    meta = {"step": state.step, "world_size": s.workers.world_size}
+    save_checkpoint(folder / rundir.CHECKPOINT, s.params, training, meta)
 
 
+def restore(s: Setup, folder: Path, log: rundir.MetricsLog) -> LoopState:
+    """Load the resume checkpoint into the setup; returns the loop state it was taken at."""
+    weights, training, meta = load_checkpoint(folder / rundir.CHECKPOINT)
+    saved = meta.get("world_size", 1)
+    if saved != s.workers.world_size:
+        raise ConfigError(world_size_message(folder, saved, s.workers.world_size))
+    load_weights(s.params, weights)
+    s.kind.load_state_dict(training)
+    torch.set_rng_state(training["rng"])
+    state = LoopState(**training["loop"])
+    log.truncate(state.step)
+    return state
+
+
+# -- finish --------------------------------------------------------------------------------------------------
 def finish(s: Setup, state: LoopState, folder: Path, status: str = "completed", error: str = "") -> dict:
     """Test evaluation of the selected weights (unless the run stopped early); writes results.json."""
     results = {
@@ -396,19 +356,16 @@ def finish(s: Setup, state: LoopState, folder: Path, status: str = "completed", 
         results["lp_init"] = s.label_head.meta()
     if error:
         results["error"] = error
-    if s.comm.active:
-        results["world_size"] = s.comm.world_size
     if status == "completed":
         if s.cfg.train.keep_best:
-            s.comm.barrier("barrier before reading best.safetensors")  # written by rank 0
+            s.workers.barrier("barrier before reading best.safetensors")  # written by rank 0
             if (folder / rundir.BEST).is_file():
                 load_weights(s.params, load_checkpoint(folder / rundir.BEST)[0])
         test = evaluate_split(s, s.splits.eval)
         results.update({f"test_{k}": v for k, v in test.items()})
         results["test"] = test[s.task.metric]
-    results["peak_memory_mib"] = round(peak_memory_mib(s.device), 1)
-    if s.comm.active:
-        results["communicated_bytes"] = s.comm.stats.bytes  # all-reduce/broadcast payload (this session)
+    results["peak_memory_mib"] = round(rundir.peak_memory_mib(s.device), 1)
+    results.update(s.workers.record())  # torchrun: the number of processes and the bytes they exchanged
     if s.writer:
         atomic_write_json(folder / rundir.RESULTS, results, default=str)
     return results
@@ -425,13 +382,14 @@ def _run(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog, on_st
         finish(s, state, folder, "diverged", message)
         log.close()
         raise DivergenceError(message) from None
-    if s.method.trainer == "zo" and s.writer:
-        s.optimizer.save_trajectory(folder / rundir.TRAJECTORY)
+    if s.writer:
+        s.kind.save_files(folder)
     results = finish(s, state, folder, status)
     log.close()
     return results
 
 
+# -- entry points --------------------------------------------------------------------------------------------
 def finetune(cfg: RunConfig, model=None, tokenizer=None, *,
              on_step: Callable[[int], None] | None = None) -> tuple[dict, Path]:  # fmt: skip
     """Run ``cfg`` from the start; returns ``(results, run folder)``.
@@ -443,20 +401,17 @@ def finetune(cfg: RunConfig, model=None, tokenizer=None, *,
     """
     with process_group(cfg) as comm:
         s = setup(cfg, model, tokenizer, comm)
-        if s.method.trainer == "lp":
-            from hdopt.finetune.probe import linear_probe
-
-            return linear_probe(s)
-        folder = rundir.new_run_dir(s.cfg.train.output_dir, s.task.name, s.method.name, s.cfg.model.model)
-        if comm.active:  # a default folder name holds a timestamp: take rank 0's
-            folder = Path(comm.all_gather_object(str(folder), "agreement on the run folder")[0])
+        if not s.kind.takes_steps:  # the logistic-regression probe: a closed-form fit
+            return s.kind.fit()
+        folder = s.workers.run_folder(
+            rundir.new_run_dir(s.cfg.train.output_dir, s.task.name, s.method.name, s.cfg.model.model))
         if (folder / rundir.CHECKPOINT).exists():
             raise FileExistsError(f"{folder} already holds a run: resume it with --resume {folder}")
         if s.writer:
-            record = _method_record(s.method, comm.world_size)
+            record = _method_record(s.method, s.workers.world_size)
             config = {**s.cfg.to_dict(), "method_record": record}
             atomic_write_json(folder / rundir.CONFIG, config, default=str)
-            if s.method.adapter == "prefix":  # computed by the model: bitwise for the same threads/hardware
+            if ADAPTERS.get(s.method.adapter).computed_start:  # replay and resume start from these
                 save_checkpoint(folder / rundir.INITIAL, s.params, meta={"step": 0})
             if s.label_head is not None:  # resume, replay and load_trained start from these rows
                 save_label_head(folder / rundir.LP_HEAD, s.label_head)
@@ -474,9 +429,7 @@ def resume(folder: str | Path, model=None, tokenizer=None, *,
     started with that many steps ends. The new number is written to the folder's config.json.
     """
     folder = Path(folder)
-    doc = rundir.read_json(folder / rundir.CONFIG)
-    record = doc.pop("method_record", None) or {}
-    cfg = RunConfig.from_dict(doc, str(folder / rundir.CONFIG))
+    cfg, record = rundir.read_config(folder)
     steps = overrides.pop("steps", None)
     cfg = cfg.replace(**overrides) if overrides else cfg
     if not (folder / rundir.CHECKPOINT).is_file():
@@ -525,4 +478,4 @@ def _method_record(method: Method, world_size: int = 1) -> dict:
             "world_size": world_size}
 
 
-__all__ = ["LoopState", "Setup", "evaluate_examples", "finetune", "load_data", "replace", "resume", "setup"]
+__all__ = ["LoopState", "Setup", "evaluate_examples", "finetune", "load_data", "resume", "setup"]
