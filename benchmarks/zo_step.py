@@ -7,7 +7,10 @@ positions by default):
 * hdopt ZOSGD step, Gaussian and Rademacher noise (perturbation at forward time, chunked counter-based noise);
 * a reference-style MeZO step re-implemented from the paper's description: ``torch.manual_seed`` before each
   of four sweeps that draw ``z ~ N(0, I)`` per tensor with ``torch.normal``; out-of-place
-  ``p.data = p.data + c * z`` for +eps, -2eps, +eps and the update.
+  ``p.data = p.data + c * z`` for +eps, -2eps, +eps and the update;
+* on request (``--modes``), the later rules at their paper defaults: ``fzoo`` (N = 8, 9 forwards a step) and
+  ``hizoo`` (3 forwards and a diagonal Hessian buffer the size of the trainable parameters).
+  ``--trainable last-block`` trains only the last decoder block (the top-block / adapter-sized case).
 
 Rounds interleave the four measurements so machine noise hits them alike; the figures are medians over
 rounds of the per-round ratios. Peak memory is measured in a fresh subprocess per mode, after the model is
@@ -17,8 +20,12 @@ written into the weights (hdopt's ``perturb="inplace"``) and lr = 0, the fractio
 from the start after 100 steps in float32, bfloat16 and float16, for hdopt and for the reference round trip;
 saved to benchmarks/results/zo_restore.json (and .md).
 
+A mode may also be any registered optimizer (``hdopt.zo.OPTIMIZERS``: ``lozo``, ``sparse-mezo``, ...) or
+``lozo-m`` (LOZO with momentum 0.9), built with its paper's own hyperparameters (``paper_defaults``: rank,
+interval, sparsity) and the benchmark's lr and eps.
+
 Run:  python benchmarks/zo_step.py [--rounds 7] [--device cpu|cuda] [--modes forward,zosgd-gaussian]
-                                   [--wait-idle 600] [--restore-only]
+                                   [--wait-idle 600] [--restore-only] [--trainable all|last-block]
 Saves benchmarks/results/zo_step.json (and .md) unless --out says otherwise. ``--modes`` times (and probes the
 memory of) a subset; ``forward`` is always included, as the unit. On a shared machine other processes slow
 the many small ops of a step far more than the large GEMMs of a forward (a 2-thread op waits for a thread
@@ -44,11 +51,14 @@ import torch
 from hdopt.io import atomic_write_bytes
 from hdopt.lm.models import load_model
 from hdopt.memory import peak_mib, reset_peak
-from hdopt.zo import ZOSGD
+from hdopt.zo import OPTIMIZERS, ZOSGD
 from hdopt.zo.noise import NoiseGenerator, chunks
 
 RESULTS = Path(__file__).parent / "results"
-MODES = ("forward", "zosgd-gaussian", "zosgd-rademacher", "reference")
+MODES = ("forward", "zosgd-gaussian", "zosgd-rademacher", "reference", "fzoo", "hizoo")
+DEFAULT_MODES = MODES[:4]
+TRAINABLE = ("all", "last-block")
+RULE_VARIANTS = {"lozo-m": ("lozo", {"momentum": 0.9})}  # a mode name -> (registry name, extra arguments)
 
 
 # -- the reference algorithm, from the paper's description ---------------------------------------------
@@ -81,6 +91,9 @@ def _sync(device: str) -> None:
 def _setup(args):
     model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
     model.eval()
+    if args.trainable == "last-block":  # a decoder's last block (Llama-style model.model.layers)
+        model.requires_grad_(False)
+        model.model.layers[-1].requires_grad_(True)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=gen).to(args.device)
 
@@ -92,13 +105,19 @@ def _setup(args):
 
 def _runner(mode: str, model, closure, args):
     params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if mode == "forward":
         return lambda: torch.no_grad()(closure)()
     if mode == "reference":
         counter = iter(range(10**9))
         return lambda: reference_step(params, closure, args.lr, args.eps, seed=next(counter))
-    noise = mode.split("-")[1]
-    opt = ZOSGD(model.named_parameters(), lr=args.lr, eps=args.eps, noise=noise, seed=1)
+    if mode.startswith("zosgd-"):
+        opt = ZOSGD(named, lr=args.lr, eps=args.eps, noise=mode.split("-")[1], seed=1)
+    else:  # a registered rule with its paper's defaults (q, noise, estimator, the rule's own)
+        name, extra = RULE_VARIANTS.get(mode, (mode, {}))
+        cls = OPTIMIZERS.get(name)
+        kwargs = {**cls.paper_defaults, "lr": args.lr, "eps": args.eps, **extra}
+        opt = cls(named, seed=1, **kwargs)
     return lambda: opt.step(closure)
 
 
@@ -309,17 +328,23 @@ def save_restore(path: Path, cycles: int) -> None:
     atomic_write_bytes(path.with_suffix(".md"), markdown.encode())
 
 
+def _trainable_count(args) -> int:
+    model, _ = _setup(args)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def _passthrough(args) -> list[str]:
     return [
         "--model", args.model, "--dtype", args.dtype, "--device", args.device, "--batch", str(args.batch),
-        "--seq", str(args.seq), "--lr", str(args.lr), "--eps", str(args.eps),
+        "--seq", str(args.seq), "--lr", str(args.lr), "--eps", str(args.eps), "--trainable", args.trainable,
     ]  # fmt: skip
 
 
 def _markdown(report: dict) -> str:
     t, m = report["timing"], report["memory"]
     lines = [
-        f"Model {report['model']} ({report['dtype']}), batch {report['batch']} x {report['seq']} tokens, "
+        f"Model {report['model']} ({report['dtype']}, trainable: {report.get('trainable', 'all')}), "
+        f"batch {report['batch']} x {report['seq']} tokens, "
         f"{report['hardware']}, medians over {report['rounds']} rounds.",
         "",
         "| | seconds | forward equivalents | peak memory (MiB) | memory vs inference |",
@@ -348,7 +373,8 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--eps", type=float, default=1e-3)
     parser.add_argument("--out", type=Path, default=RESULTS / "zo_step.json")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated subset of {MODES}")
+    parser.add_argument("--trainable", choices=TRAINABLE, default="all", help="the parameters a step trains")
     parser.add_argument(
         "--wait-idle",
         type=float,
@@ -361,15 +387,16 @@ def main() -> int:
                         help="measure only the exact restore (seconds) and save it to --restore-out")
     parser.add_argument("--restore-out", type=Path, default=RESULTS / "zo_restore.json")
     parser.add_argument("--restore-cycles", type=int, default=100)
-    parser.add_argument("--memory-probe", choices=MODES, help=argparse.SUPPRESS)
+    known = (*MODES, *OPTIMIZERS, *RULE_VARIANTS)
+    parser.add_argument("--memory-probe", choices=known, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.restore_only:
         save_restore(args.restore_out, args.restore_cycles)
         return 0
-    unknown = set(args.modes.split(",")) - set(MODES)
+    unknown = set(args.modes.split(",")) - set(known)
     if unknown:
-        parser.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
-    args.modes = ["forward"] + [m for m in MODES[1:] if m in args.modes.split(",")]
+        parser.error(f"unknown modes {sorted(unknown)}; choose from {known}")
+    args.modes = ["forward"] + [m for m in dict.fromkeys(args.modes.split(",")) if m != "forward"]
     if args.memory_probe:
         print(memory_probe(args.memory_probe, args))
         return 0
@@ -380,6 +407,7 @@ def main() -> int:
     report = {
         "model": args.model, "dtype": args.dtype, "device": args.device, "hardware": hardware,
         "batch": args.batch, "seq": args.seq, "rounds": args.rounds, "torch": torch.__version__,
+        "trainable": args.trainable, "trainable_parameters": _trainable_count(args),
         "timing": time_modes(args),
         "memory": measure_memory(args),
         "noise_sweep_seconds": noise_sweeps(args),

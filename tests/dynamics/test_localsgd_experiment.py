@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
-from hdopt.dynamics.experiments.localsgd import EXPERIMENT, matched_period
+import torch
+
+from hdopt.distributed import LocalSGDConfig
+from hdopt.dynamics.data import load_data
+from hdopt.dynamics.experiments.localsgd import EXPERIMENT, Workers, matched_period
 from hdopt.dynamics.registry import SCALES, get
 
 
@@ -34,3 +38,21 @@ def test_matched_period_gives_at_least_as_many_rounds():
         assert h >= 1 and (steps // h >= syncs or h == 1)
         assert h == 1 or steps // (h + 1) < syncs  # the largest such period
     assert matched_period(10, 0) == 10  # QSR never synchronized: one round of the whole run
+
+
+def test_the_measured_model_is_the_workers_average():
+    """Sharpness, trace and accuracy are measured on the mean of the workers' weights, mid-round too (when
+    the workers differ); the workers are left as they are."""
+    config = EXPERIMENT.config("smoke", n_train=100, workers=3, width=8)
+    data = load_data(config.data, config.n_train, config.label_noise, config.seed)
+    workers = Workers(config, data, LocalSGDConfig(period=4), lr=0.1)
+    for _ in range(3):
+        workers.step()
+
+    def flat(model):
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    each = [flat(m) for m in workers.models]
+    assert not torch.equal(each[0], each[1])
+    torch.testing.assert_close(flat(workers.average()), torch.stack(each).mean(0), rtol=0, atol=1e-7)
+    assert all(torch.equal(flat(m), e) for m, e in zip(workers.models, each, strict=True))

@@ -127,6 +127,23 @@ def test_a_nan_decides_whatever_the_rule_says():
     assert not Check("x", NAN, 1.0, True, "within 10%").passed  # a NaN prediction too
 
 
+def test_qsr_needs_fewer_synchronizations_and_more_accuracy():
+    """Each condition of the two QSR checks fails on its own: as accurate as constant H = H_base but with as
+    many syncs, or fewer syncs but less accurate; more accurate than the matched constant H that syncs less
+    often than QSR, or less accurate than one that syncs at least as often."""
+    config = get("localsgd").config("default")
+    passing = LAB_CASES["localsgd"][1]  # constant H: 512 syncs, 0.92; QSR: 382, 0.925; matched: 409, 0.91
+
+    def qsr_checks(**changed) -> list[bool]:
+        return [c.passed for c in localsgd.judge(config, {**passing, **changed})[1:]]
+
+    assert qsr_checks() == [True, True]
+    assert not qsr_checks(qsr={"syncs": 512, "test_acc": 0.925})[0]
+    assert not qsr_checks(qsr={"syncs": 382, "test_acc": 0.90})[0]
+    assert qsr_checks(matched={"syncs": 300, "test_acc": 0.91}) == [True, False]
+    assert qsr_checks(matched={"syncs": 409, "test_acc": 0.93}) == [True, False]
+
+
 def _report_section(monkeypatch, tmp_path, section, measured: dict):
     """A report section built from synthetic lab results: run_experiment returns judge(measurement)."""
 
@@ -195,6 +212,7 @@ def test_memory_claim(peaks, verdict, tmp_path):
     (2.3, 3.6, PARTLY),
     (2.6, 3.6, NOT_REPRODUCED),
     (NAN, 3.4, NOT_REPRODUCED),
+    (2.3, NAN, NOT_REPRODUCED),
 ])  # fmt: skip
 def test_zo_step_cost_claim(rademacher, gaussian, verdict, tmp_path):
     cost = {"rademacher": rademacher, "gaussian": gaussian, "forward_seconds": 1.0}

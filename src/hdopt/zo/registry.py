@@ -7,13 +7,21 @@ from __future__ import annotations
 
 from hdopt.registry import Registry
 from hdopt.zo.base import ZOOptimizer
+from hdopt.zo.fzoo import FZOO
+from hdopt.zo.hizoo import HiZOO
+from hdopt.zo.lozo import LOZO
 from hdopt.zo.optim import ZOSGD, ZOAdam, ZOConservative, ZOSign
+from hdopt.zo.sparse_mezo import SparseMeZO
 
 OPTIMIZERS: Registry[type[ZOOptimizer]] = Registry("zeroth-order optimizer", listing="known:", sort=False)
 OPTIMIZERS.register("zosgd", ZOSGD)
 OPTIMIZERS.register("zoadam", ZOAdam)
 OPTIMIZERS.register("zosign", ZOSign)
 OPTIMIZERS.register("zoconservative", ZOConservative)
+OPTIMIZERS.register("fzoo", FZOO)
+OPTIMIZERS.register("hizoo", HiZOO)
+OPTIMIZERS.register("lozo", LOZO)
+OPTIMIZERS.register("sparse-mezo", SparseMeZO)
 
 
 def optimizer_class(name: str) -> type[ZOOptimizer]:
