@@ -57,24 +57,40 @@ def _seeds(prefix: str, group: str, task: str = "sst2", seeds=(1, 2), **flags) -
 
 
 # -- the plan ------------------------------------------------------------------------------------------------
-# Full-model runs get the same budget of forward passes (FORWARDS); top-block runs (K = 1 of 30 blocks) run
-# the paper's 20k steps, which cost fewer forward passes than that budget.
-FORWARDS = 1000
-ZO = dict(method="mezo", eval_every=50, schedule="constant")
-TOP = dict(ZO, zo_blocks=1, eval_every=500)
+# The whole-model MeZO grid gets FORWARDS forward passes per run (about 8 CPU-minutes at one thread); the
+# top-block grids (K = 1 of SmolLM2's 30 blocks) get TOP_FORWARDS, counted K/L per block forward, for every
+# rule: 3000 MeZO steps (2 block forwards a step), 667 FZOO steps (N + 1 = 9), 2000 HiZOO steps (3). Each grid
+# has three learning rates. The finals (``run --finals``) rerun each chosen setting with seeds 1 and 2, and
+# the chosen top-block MeZO for the paper's 20k steps.
+FORWARDS = 200
+TOP_FORWARDS = 200
+BLOCK = 1 / 30
+ZO = dict(method="mezo", schedule="constant")
+TOP = dict(ZO, zo_blocks=1, eval_every=250)
+
+
+def _top_grid(prefix: str, group: str, optimizer: str, lrs, per_step: int, **flags) -> list[dict]:
+    steps = round(TOP_FORWARDS / (per_step * BLOCK))
+    return _grid(prefix, group, lrs, optimizer=optimizer, steps=steps, **TOP, **flags)
+
+
 PLANS: dict[str, list[dict]] = {
     "sst2": [
-        *_grid("mezo", "MeZO", (1e-5, 3e-5, 1e-4), optimizer="zosgd", eps=1e-3, steps=FORWARDS // 2, **ZO),
-        *_grid("fzoo", "FZOO", (1e-5, 5e-5, 2e-4), optimizer="fzoo", steps=FORWARDS // 9, **ZO),
-        *_grid("hizoo", "HiZOO", (1e-5, 3e-5, 1e-4), optimizer="hizoo", steps=FORWARDS // 3, **ZO),
-        *_grid("lozo", "LOZO", (1e-5, 3e-5, 1e-4), optimizer="lozo", steps=FORWARDS // 2, **ZO),
-        *_grid("sparse", "Sparse-MeZO", (1e-5, 3e-5, 1e-4), optimizer="sparse-mezo", steps=FORWARDS // 2, **ZO),
-        *_grid("top1-mezo", "MeZO, top block", (1e-4, 3e-4, 1e-3), optimizer="zosgd", eps=1e-3, steps=20000,
-               **TOP),
-        *_grid("top1-fzoo", "FZOO, top block", (5e-5, 2e-4, 1e-3), optimizer="fzoo", steps=20000 // 4, **TOP),
-        _run("ft", "FT (AdamW)", "FT", method="ft", steps=250, eval_every=25),
+        *_grid("mezo", "MeZO", (3e-6, 1e-5, 3e-5), optimizer="zosgd", eps=1e-3, steps=FORWARDS // 2,
+               eval_every=25, **ZO),
+        *_top_grid("top1-mezo", "MeZO, top block", "zosgd", (1e-4, 3e-4, 1e-3), 2, eps=1e-3),
+        *_top_grid("top1-fzoo", "FZOO, top block", "fzoo", (1e-4, 5e-4, 2e-3), 9),
+        *_top_grid("top1-hizoo", "HiZOO, top block", "hizoo", (1e-4, 3e-4, 1e-3), 3),
+        *_top_grid("top1-lozo", "LOZO, top block", "lozo", (1e-4, 3e-4, 1e-3), 2),
+        *_top_grid("top1-sparse", "Sparse-MeZO, top block", "sparse-mezo", (3e-4, 1e-3, 3e-3), 2),
     ],
 }
+# The final runs: each chosen setting with these seeds, and the chosen top-block MeZO for LONG_STEPS steps.
+FINAL_SEEDS = (1, 2)
+FINAL_GROUPS = ("MeZO", "MeZO, top block", "best successor, top block")
+LONG_STEPS = 20000
+# FT (AdamW, 250 steps) is not rerun: its row is read from the run docs/finetune.md reports.
+FT_RUN = RESULTS / "finetune_runs" / "sst2-ft-250"
 
 
 # -- running -------------------------------------------------------------------------------------------------
@@ -91,14 +107,38 @@ def _flags(run: dict) -> list[str]:
     return out
 
 
-def run_one(name: str) -> None:
+def finals(plan: str) -> list[dict]:
+    """The final runs, from the grids' choices (none before a grid has results)."""
+    chosen = choose(plan)
+    successors = [g for g in chosen if g.endswith(", top block") and not g.startswith("MeZO")]
+    best = max(successors, key=lambda g: _score(chosen[g]), default=None)
+    out = []
+    for group in FINAL_GROUPS:
+        pick = chosen.get(best if group == "best successor, top block" else group)
+        if pick is None:
+            continue
+        prefix = pick["name"].rsplit("-lr", 1)[0] + f"-lr{pick['flags']['lr']:g}"
+        out += [_run(f"{prefix}-seed{s}", pick["group"], f"{pick['group']} seed {s}", pick["task"], seed=s,
+                     **pick["flags"]) for s in FINAL_SEEDS]  # fmt: skip
+        if group == "MeZO, top block":
+            flags = {**pick["flags"], "steps": LONG_STEPS, "eval_every": 1000}
+            out.append(_run(f"{prefix}-long", f"MeZO, top block, {LONG_STEPS // 1000}k steps",
+                            f"MeZO, top block, {LONG_STEPS} steps", pick["task"], **flags))  # fmt: skip
+    return out
+
+
+def planned(plan: str) -> list[dict]:
+    return PLANS[plan] + finals(plan)
+
+
+def run_one(plan: str, name: str) -> None:
     """(In the child process.) Run the planned run ``name`` and write its timing.json."""
     start = time.perf_counter()
     from hdopt.finetune.cli import config_overrides, configure
     from hdopt.finetune.config import RunConfig
     from hdopt.finetune.trainer import finetune
 
-    run = next(r for plan in PLANS.values() for r in plan if r["name"] == name)
+    run = next(r for r in planned(plan) if r["name"] == name)
     marks: dict[int, float] = {}
     parser = argparse.ArgumentParser()
     configure(parser)
@@ -116,16 +156,31 @@ def _env() -> dict:
 
 
 def run(args) -> None:
-    runs = [r for r in PLANS[args.plan] if not args.only or r["name"] in args.only]
-    for r in runs:
-        if (RUNS / r["name"] / "timing.json").is_file():
-            continue
-        print(f"{time.strftime('%H:%M:%S')} {r['name']}", flush=True)
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": THREADS}
-        done = subprocess.run([sys.executable, __file__, "_one", r["name"]], env=env, capture_output=True,
-                              text=True)  # fmt: skip
-        tail = (done.stdout.strip().splitlines() or [""])[-1]
-        print(f"  {tail if done.returncode == 0 else 'failed: ' + done.stderr[-1500:]}", flush=True)
+    """The missing runs of the grids (or, with ``--finals``, of the finals), ``--jobs`` at a time."""
+    runs = finals(args.plan) if args.finals else PLANS[args.plan]
+    todo = [r for r in runs if (not args.only or r["name"] in args.only)
+            and not (RUNS / r["name"] / "timing.json").is_file()]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": THREADS}
+    active: list[tuple[str, subprocess.Popen]] = []
+    while todo or active:
+        while todo and len(active) < args.jobs:
+            r = todo.pop(0)
+            print(f"{time.strftime('%H:%M:%S')} start {r['name']}", flush=True)
+            log = open(RUNS.parent / f".zo_convergence-{r['name']}.log", "w")  # noqa: SIM115 - closed below
+            child = subprocess.Popen([sys.executable, __file__, "_one", args.plan, r["name"]], env=env,
+                                     stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+            active.append((r["name"], child, log))
+        time.sleep(2)
+        for item in list(active):
+            name, child, log = item
+            if child.poll() is None:
+                continue
+            active.remove(item)
+            log.close()
+            text = Path(log.name).read_text().strip().splitlines()
+            print(f"{time.strftime('%H:%M:%S')} {name}: "
+                  f"{text[-1] if child.returncode == 0 and text else 'failed: ' + chr(10).join(text[-15:])}",
+                  flush=True)  # fmt: skip
 
 
 # -- the report ----------------------------------------------------------------------------------------------
@@ -151,84 +206,130 @@ def _first_reaching(curve, target: float):
     return None
 
 
-def _best_of_group(runs: list[dict]) -> dict:
-    """The grid's choice: the highest best-dev accuracy (ties: the earlier step)."""
-    return max(runs, key=lambda r: (r["results"]["best_dev"], -r["results"]["best_step"]))
+def _score(run: dict) -> tuple[float, int]:
+    """A grid's order: the highest best-dev accuracy, ties to the earlier step (a run that diverged before
+    any dev evaluation counts as nothing)."""
+    best = run["results"].get("best_dev")
+    return (float("-inf"), 0) if best is None else (best, -(run["results"].get("best_step") or 0))
+
+
+def choose(plan: str) -> dict[str, dict]:
+    """Each grid's chosen run (seed 0), by group."""
+    groups: dict[str, list[dict]] = {}
+    for r in (_read(run) for run in PLANS[plan]):
+        if r is not None:
+            groups.setdefault(r["group"], []).append(r)
+    return {g: max(rs, key=_score) for g, rs in groups.items()}
+
+
+def _ft_row() -> dict | None:
+    """FT's row from the run docs/finetune.md reports (AdamW, 250 steps; not rerun here)."""
+    if not (FT_RUN / "results.json").is_file():
+        return None
+    res = json.loads((FT_RUN / "results.json").read_text())
+    rows = [json.loads(x) for x in (FT_RUN / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    elapsed = {r["step"]: r["elapsed"] for r in rows if "elapsed" in r}
+    curve = [(r["forwards"], elapsed.get(r["step"], 0.0) / 60, r["dev_accuracy"], r["step"])
+             for r in rows if "dev_accuracy" in r]  # fmt: skip
+    return {"group": "FT (AdamW, whole model)", "flags": {"lr": json.loads(
+        (FT_RUN / "config.json").read_text())["optim"]["lr"]}, "results": res, "curve": curve,
+        "minutes": res["wall_seconds"] / 60, "backwards": res["backwards"]}  # fmt: skip
 
 
 def report(args) -> None:
-    plan = PLANS[args.plan]
-    done = [r for r in (_read(run) for run in plan) if r is not None]
+    chosen = choose(args.plan)
+    done = [r for r in (_read(run) for run in planned(args.plan)) if r is not None]
     groups: dict[str, list[dict]] = {}
     for r in done:
         groups.setdefault(r["group"], []).append(r)
-    chosen = {g: _best_of_group([r for r in rs if r["seed"] == 0] or rs) for g, rs in groups.items()}
+    for group, runs in groups.items():
+        chosen.setdefault(group, runs[0])  # a group of one run (the long run)
     mezo = chosen.get("MeZO")
-    target = mezo["curve"][-1][2] if mezo else None
+    target = max(p[2] for p in mezo["curve"][-1:]) if mezo else None
     table = []
-    for group, best in chosen.items():
-        res = best["results"]
-        seeds = [r["results"]["test"] for r in groups[group] if r["flags"] == best["flags"]]
+    rows = list(chosen.values()) + ([ft] if (ft := _ft_row()) else [])
+    for best in rows:
+        group, res = best["group"], best["results"]
+        same = [r for r in groups.get(group, [best]) if r["flags"] == best["flags"]]
         reach = _first_reaching(best["curve"], target) if target is not None else None
         table.append({
-            "method": group, "grid": sorted({r["flags"].get("lr") for r in groups[group]}),
-            "chosen_lr": best["flags"].get("lr"), "best_dev": res["best_dev"], "best_step": res["best_step"],
-            "test_at_best_dev": res["test"], "test_seeds": seeds, "forwards": round(best["curve"][-1][0], 1),
-            "minutes": round(best["minutes"], 1),
+            "method": group, "grid": sorted({r["flags"].get("lr") for r in groups.get(group, [best])}),
+            "chosen_lr": best["flags"].get("lr"), "steps": res.get("steps"), "status": res.get("status"),
+            "best_dev": res.get("best_dev"), "best_step": res.get("best_step"),
+            "test_at_best_dev": res.get("test"), "test_seeds": [r["results"].get("test") for r in same],
+            "forwards": round(best["curve"][-1][0], 1) if best["curve"] else None,
+            "backwards": best.get("backwards", 0), "minutes": round(best["minutes"], 1),
+            "cache_mib": res.get("cache_mib"), "cache_seconds": res.get("cache_seconds"),
             "forwards_to_mezo_final": None if reach is None else round(reach[0], 1),
             "minutes_to_mezo_final": None if reach is None else round(reach[1], 1),
         })  # fmt: skip
-    out = {"protocol": PROTOCOL, "plan": args.plan, "mezo_final_dev": target, "rows": table,
+    out = {"protocol": PROTOCOL, "plan": args.plan, "threads": THREADS, "mezo_final_dev": target,
+           "env": _env(), "rows": table,
            "runs": [{k: r[k] for k in ("name", "group", "flags", "seed", "minutes", "curve")} | {
                "results": r["results"]} for r in done]}  # fmt: skip
     atomic_write_json(RESULTS / "zo_convergence.json", out)
     atomic_write_text(RESULTS / "zo_convergence.md", markdown(out))
-    plot(done, chosen)
+    plot(rows)
     print(markdown(out))
 
 
+def _num(value, fmt: str = "{:g}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
 def markdown(out: dict) -> str:
-    lines = [f"Tuned MeZO's final dev accuracy: {out['mezo_final_dev']}", "",
-             "| method | lr grid | chosen lr | best dev | test at best dev | test, seeds | forward passes | "
-             "minutes | forwards to MeZO's final dev | minutes to it |", "|" + "---|" * 10]  # fmt: skip
+    lines = [f"Tuned MeZO's final dev accuracy (the target): {_num(out['mezo_final_dev'])}", "",
+             "| method | lr grid | chosen lr | steps | best dev | test at best dev | test, seeds 0/1/2 | "
+             "forward passes | minutes | forwards to the target | minutes to it |",
+             "|" + "---|" * 11]  # fmt: skip
     for r in out["rows"]:
-        seeds = ", ".join(f"{t:.1f}" for t in r["test_seeds"])
-        lines.append(f"| {r['method']} | {', '.join(f'{x:g}' for x in r['grid'])} | {r['chosen_lr']:g} | "
-                     f"{r['best_dev']:.1f} | {r['test_at_best_dev']:.1f} | {seeds} | {r['forwards']:g} | "
-                     f"{r['minutes']:g} | {r['forwards_to_mezo_final'] or '-'} | "
-                     f"{r['minutes_to_mezo_final'] or '-'} |")  # fmt: skip
+        seeds = " / ".join(_num(t, "{:.1f}") for t in r["test_seeds"])
+        forwards = _num(r["forwards"]) + (f" (+{r['backwards']} backward)" if r["backwards"] else "")
+        status = "" if r["status"] in (None, "completed") else f" ({r['status']})"
+        lines.append(f"| {r['method']}{status} | {', '.join(f'{x:g}' for x in r['grid'])} | "
+                     f"{_num(r['chosen_lr'])} | {_num(r['steps'])} | {_num(r['best_dev'], '{:.1f}')} | "
+                     f"{_num(r['test_at_best_dev'], '{:.1f}')} | {seeds} | {forwards} | {r['minutes']:g} | "
+                     f"{_num(r['forwards_to_mezo_final'])} | {_num(r['minutes_to_mezo_final'])} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(done: list[dict], chosen: dict[str, dict]) -> None:
+def plot(rows: list[dict]) -> None:
     plt = pyplot()
-    for axis, index, label in (("forwards", 0, "forward passes (K/L for a top-block forward)"),
-                               ("minutes", 1, "minutes on the 2-core CPU (whole run)")):  # fmt: skip
+    axes = (("forwards", 0, "forward passes (K/L for a forward through K of L blocks)"),
+            ("minutes", 1, f"minutes ({THREADS} torch thread(s), shared 2-core CPU)"))
+    for axis, index, label in axes:
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        for group, best in chosen.items():
-            xs = [point[index] for point in best["curve"]]
-            ax.plot(xs, [point[2] for point in best["curve"]], label=f"{group} (lr {best['flags'].get('lr'):g})")
+        for run in rows:
+            if not run["curve"]:
+                continue
+            xs = [max(point[index], 1e-2) for point in run["curve"]]
+            ax.plot(xs, [point[2] for point in run["curve"]], marker=".",
+                    label=f"{run['group']} (lr {run['flags'].get('lr'):g})")  # fmt: skip
         ax.set_xlabel(label)
         ax.set_ylabel("dev accuracy (%)")
-        ax.set_xscale("log" if axis == "forwards" else "linear")
+        ax.set_xscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
         save_figure(fig, PLOTS[axis])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run")
     p.add_argument("--plan", default="sst2", choices=sorted(PLANS))
     p.add_argument("--only", nargs="*")
+    p.add_argument("--finals", action="store_true", help="the final runs, chosen from the grids' results")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (with HDOPT_BENCH_THREADS threads)")
     p = sub.add_parser("report")
     p.add_argument("--plan", default="sst2", choices=sorted(PLANS))
     p = sub.add_parser("_one")
+    p.add_argument("plan")
     p.add_argument("name")
     args = parser.parse_args()
     if args.command == "_one":
-        run_one(args.name)
+        run_one(args.plan, args.name)
     elif args.command == "run":
         run(args)
     else:

@@ -98,3 +98,18 @@ def test_models_whose_body_adds_position_embeddings_are_refused(task_file, token
     cfg = toy_config(task_file, tmp_path, "mezo", zo_blocks=1)
     with pytest.raises(TopBlocksError, match="position embeddings"):
         setup(cfg, make_model("gpt2"), tokenizer)
+
+
+@pytest.mark.parametrize("optimizer", ["fzoo", "hizoo", "lozo", "sparse-mezo", "zoadam"])
+def test_every_zo_rule_trains_the_top_block_and_replays_bitwise_on_the_whole_model(
+        optimizer, task_file, tokenizer, tmp_path):  # fmt: skip
+    cfg = toy_config(task_file, tmp_path / "run", "mezo", zo_blocks=1, optimizer=optimizer, lr=1e-2, eps=1e-3,
+                     steps=3, eval_every=0, keep_best=False)  # fmt: skip
+    start = _snapshot(_deep_llama())
+    results, folder = finetune(cfg, _deep_llama(), tokenizer)
+    assert results["steps"] == 3 and results["zo_blocks"] == 1
+    model, params, steps = rebuild(folder, _deep_llama(), tokenizer)
+    assert steps == 3 and all("layers.2." in n or n == "model.norm.weight" for n, _ in params)
+    assert compare_with_checkpoint(params, folder / rundir.CHECKPOINT) == (True, 0.0)
+    moved = [n for n, v in model.state_dict().items() if not torch.equal(v, start[n])]
+    assert moved and all("layers.2." in n or n == "model.norm.weight" for n in moved)
