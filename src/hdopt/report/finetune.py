@@ -145,8 +145,8 @@ def top_block_claim(ctx: Context, runs: dict[str, dict]) -> Claim:
     b = ctx.budget
     acc = {m: runs[m]["test"] for m in ("zero-shot", "icl", "ft", "mezo", "top")}
     top = runs["top"]
-    above = acc["top"] >= max(acc["zero-shot"], acc["icl"]) + ABOVE_PROMPTING
-    close = acc["top"] >= acc["ft"] - FEW_POINTS
+    above_prompting = acc["top"] >= max(acc["zero-shot"], acc["icl"]) + ABOVE_PROMPTING
+    close_to_ft = acc["top"] >= acc["ft"] - FEW_POINTS
     minutes = {m: (runs[m].get("seconds") or float("nan")) / 60 for m in ("ft", "mezo", "top")}
     rows = [[METHOD_NAMES[m], f"{acc[m]:.1f}", str(runs[m]["steps"]), fmt(runs[m].get("forwards", 0)),
              str(runs[m].get("backwards", 0)), f"{minutes[m]:.1f}"]
@@ -161,7 +161,7 @@ def top_block_claim(ctx: Context, runs: dict[str, dict]) -> Claim:
                  f"{fmt(top.get('forwards', 0))} forward passes, cache {fmt(top.get('cache_mib'))} MiB), "
                  f"MeZO {acc['mezo']:.1f}, FT {acc['ft']:.1f}, best of zero-shot/ICL "
                  f"{max(acc['zero-shot'], acc['icl']):.1f} ({b.num_eval} test examples)",
-        verdict=verdict_from(above and close, above, acc.values()),
+        verdict=verdict_from(above_prompting and close_to_ft, above_prompting, acc.values()),
         why=f"the rule of the MeZO claim: reproduced when >= best of zero-shot/ICL + {ABOVE_PROMPTING:g} "
             f"points and >= FT - {FEW_POINTS:g} points; partly when only the first holds. Only the top block "
             f"(1 of the model's blocks) and the final norm are trained; a step's forward counts 1/L",
