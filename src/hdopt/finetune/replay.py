@@ -45,6 +45,9 @@ def rebuild(folder: str | Path, model=None, tokenizer=None, upto: int | None = N
         load_weights(params, load_checkpoint(folder / rundir.INITIAL)[0])
     steps = len(trajectory) if upto is None else min(upto, len(trajectory))
     replay(params, (header, trajectory), steps)
+    trained = {name for group in header["groups"] for name in group["names"] or ()}
+    if trained:  # the parameters the run trained (--zo-blocks trains a subset of the adapter's)
+        params = [(name, p) for name, p in params if name in trained]
     return model, params, steps
 
 
