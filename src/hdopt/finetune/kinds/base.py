@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from hdopt.finetune.batches import check_objective
+from hdopt.finetune.checkpoint import load_weights
 from hdopt.finetune.optimizers import build_scheduler
 
 if TYPE_CHECKING:
@@ -83,6 +84,16 @@ class MethodKind:
         return self.run.evaluate(examples)
 
     # -- what it keeps -------------------------------------------------------------------------------------
+    def keeps_weights(self) -> bool:
+        """Whether checkpoints and best.safetensors hold the trainable weights (else it rebuilds them)."""
+        return True
+
+    def restore(self, weights: dict[str, torch.Tensor], state: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Bring the run's weights and the kind's state to a checkpoint's (``weights`` may be empty for a
+        kind that rebuilds them; ``meta`` holds the checkpoint's ``weights_sha256``)."""
+        load_weights(self.run.params, weights)
+        self.load_state_dict(state)
+
     def state_dict(self) -> dict[str, Any]:
         """Its part of the resume checkpoint: optimizer and scheduler state."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
@@ -93,6 +104,9 @@ class MethodKind:
 
     def save_files(self, folder: Path) -> None:
         """Write the files it keeps in the run folder besides the checkpoint (none by default)."""
+
+    def check_files(self, folder: Path, step: int) -> None:
+        """On resume, after its state was restored from the checkpoint of ``step``: check its own files."""
 
     def fit(self) -> tuple[dict, Path]:
         """A kind that takes no steps fits here and writes its run folder; returns ``(results, folder)``."""
