@@ -85,12 +85,14 @@ def model_digest(model: torch.nn.Module) -> str:
     return tensors_digest(list(model.named_parameters()) + list(model.named_buffers()))
 
 
-def _file_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+def _file_digest(tensors, metadata: dict[str, str]) -> str:
+    """sha256 of a file's metadata and tensors (``tensors``: a mapping, or a ``safe_open`` handle whose
+    tensors are read one at a time)."""
     digest = hashlib.sha256()
     for key in sorted(metadata):
         digest.update(f"{key}\0{metadata[key]}\0".encode())
-    for name in sorted(tensors):
-        update_digest(digest, name, tensors[name])
+    for name in sorted(tensors.keys()):
+        update_digest(digest, name, tensors[name] if isinstance(tensors, dict) else tensors.get_tensor(name))
     return digest.hexdigest()
 
 
@@ -128,35 +130,41 @@ def _header(path: Path) -> dict:
 def checkpoint_meta(path: str | os.PathLike) -> dict:
     """The JSON ``meta`` of a checkpoint, reading only the file's header (not verified)."""
     path = Path(path)
+    header = _header(path)
     try:
-        return json.loads(_header(path).get("meta", "{}"))
+        return json.loads(header.get("meta", "{}"))
     except ValueError as err:
         raise _damaged(path, f"bad metadata: {err}") from None
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor and the metadata of ``path``, checked against its checksum."""
+def _read(path: Path, weights: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (without ``weights/``: the state only) and the metadata of ``path``, checked against its
+    checksum; without the weights, they are read one at a time for the check (one tensor in memory)."""
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     metadata = _header(path)
+    expected = metadata.get("sha256")
+    body = {k: v for k, v in metadata.items() if k != "sha256"}
+    checked = expected is not None or metadata.get("format") is not None
     try:
         with safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            keep = [k for k in f.keys() if weights or not k.startswith(WEIGHTS)]  # noqa: SIM118
+            tensors = {k: f.get_tensor(k) for k in keep}
+            ok = not checked or expected == _file_digest(tensors if weights else f, body)
     except Exception as err:  # noqa: BLE001 - safetensors raises SafetensorError, OverflowError, ...
         raise _damaged(path, f"unreadable: {type(err).__name__}: {err}") from None
-    expected = metadata.get("sha256")
-    if expected is not None or metadata.get("format") is not None:
-        body = {k: v for k, v in metadata.items() if k != "sha256"}
-        if expected != _file_digest(tensors, body):
-            raise _damaged(path, "its content does not match its checksum")
+    if not ok:
+        raise _damaged(path, "its content does not match its checksum")
     return tensors, metadata
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Any, dict]:
+def load_checkpoint(path: str | os.PathLike, weights: bool = True) -> tuple[dict[str, torch.Tensor], Any,
+                                                                           dict]:  # fmt: skip
     """``(weights by name, training state or None, meta)`` from a file written by :func:`save_checkpoint`;
-    a damaged file raises :class:`RunFolderError` naming it."""
+    a damaged file raises :class:`RunFolderError` naming it. ``weights=False`` leaves the weights on disk
+    (``{}``; :func:`load_weights_from` copies them into a model one tensor at a time)."""
     path = Path(path)
-    tensors, metadata = _read(path)
+    tensors, metadata = _read(path, weights)
     try:
         state = unflatten(json.loads(metadata.get("state", "null")), tensors)
         meta = json.loads(metadata.get("meta", "{}"))
@@ -172,14 +180,31 @@ def verify(path: str | os.PathLike) -> None:
 
 
 @torch.no_grad()
-def load_weights(params: list[tuple[str, torch.Tensor]], weights: dict[str, torch.Tensor]) -> None:
-    """Copy ``weights`` into the named parameters (every name must match)."""
+def load_weights_from(path: str | os.PathLike, params: list[tuple[str, torch.Tensor]]) -> None:
+    """Copy a checked checkpoint's weights into the named parameters, one tensor at a time (no second copy
+    of the model in memory)."""
+    path = Path(path)
+    _read(path, weights=False)  # the checksum, one tensor at a time
+    with safe_open(str(path), framework="pt") as f:
+        stored = {k[len(WEIGHTS) :] for k in f.keys() if k.startswith(WEIGHTS)}  # noqa: SIM118
+        _check_names(params, stored)
+        for name, p in params:
+            p.copy_(f.get_tensor(WEIGHTS + name).to(device=p.device, dtype=p.dtype))
+
+
+def _check_names(params: list[tuple[str, torch.Tensor]], stored: set[str]) -> None:
     names = {name for name, _ in params}
-    missing, extra = names - set(weights), set(weights) - names
+    missing, extra = names - stored, stored - names
     if missing or extra:
         raise ValueError(
             f"checkpoint does not match the model: missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(extra)[:5]}"
         )
+
+
+@torch.no_grad()
+def load_weights(params: list[tuple[str, torch.Tensor]], weights: dict[str, torch.Tensor]) -> None:
+    """Copy ``weights`` into the named parameters (every name must match)."""
+    _check_names(params, set(weights))
     for name, p in params:
         p.copy_(weights[name].to(device=p.device, dtype=p.dtype))

@@ -44,6 +44,7 @@ from hdopt.finetune.checkpoint import (
     checkpoint_meta,
     load_checkpoint,
     load_weights,
+    load_weights_from,
     model_digest,
     save_checkpoint,
     tensors_digest,
@@ -393,13 +394,13 @@ def restore(s: Setup, folder: Path, log: rundir.MetricsLog) -> LoopState:
     hold the checkpoint's best step: a kill between the two writes of a new best leaves the older one,
     which is rewritten from the restored weights (the best step is then the checkpoint's).
     """
-    weights, training, meta = load_checkpoint(folder / rundir.CHECKPOINT)
+    _, training, meta = load_checkpoint(folder / rundir.CHECKPOINT, weights=False)
     saved = meta.get("world_size", 1)
     if saved != s.workers.world_size:
         raise ConfigError(world_size_message(folder, saved, s.workers.world_size))
     state = LoopState(**training["loop"])
     check_start(s.model, state.start_sha256, folder)
-    s.kind.restore(weights, training, meta)
+    s.kind.restore(folder / rundir.CHECKPOINT, training, meta)
     torch.set_rng_state(training["rng"])
     log.truncate(state.step)
     if s.writer:
@@ -448,7 +449,7 @@ def finish(s: Setup, state: LoopState, folder: Path, status: str = "completed", 
             best = folder / rundir.BEST
             held = checkpoint_meta(best).get("step") if best.is_file() else None
             if state.best_step is not None and held == state.best_step:  # the model ends with them, as tested
-                load_weights(s.params, load_checkpoint(best)[0])
+                load_weights_from(best, s.params)
             test = state.best_test  # None: no dev split, or a checkpoint of an older hdopt
         test = test or evaluate_split(s, s.splits.eval)
         results.update({f"test_{k}": v for k, v in test.items()})

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from hdopt.finetune.batches import check_objective
-from hdopt.finetune.checkpoint import load_weights
+from hdopt.finetune.checkpoint import load_weights_from
 from hdopt.finetune.optimizers import build_scheduler
 
 if TYPE_CHECKING:
@@ -88,10 +88,10 @@ class MethodKind:
         """Whether checkpoints and best.safetensors hold the trainable weights (else it rebuilds them)."""
         return True
 
-    def restore(self, weights: dict[str, torch.Tensor], state: dict[str, Any], meta: dict[str, Any]) -> None:
-        """Bring the run's weights and the kind's state to a checkpoint's (``weights`` may be empty for a
-        kind that rebuilds them; ``meta`` holds the checkpoint's ``weights_sha256``)."""
-        load_weights(self.run.params, weights)
+    def restore(self, checkpoint: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Bring the run's weights and the kind's state to a checkpoint's (``state`` and ``meta`` read from
+        it; its weights, when it holds them, are copied from the file one tensor at a time)."""
+        load_weights_from(checkpoint, self.run.params)
         self.load_state_dict(state)
 
     def state_dict(self) -> dict[str, Any]:

@@ -74,11 +74,11 @@ class ZOKind(MethodKind):
             state["optimizer"] = {**optimizer, "state": {"zo": optimizer["state"]["zo"]}}
         return state
 
-    def restore(self, weights: dict[str, torch.Tensor], state: dict[str, Any], meta: dict[str, Any]) -> None:
+    def restore(self, checkpoint: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
         """Load the weights, or replay the checkpoint's trajectory from the starting weights in this optimizer
         (weights and per-parameter buffers rebuilt), then check them against the checkpoint's sha256."""
-        if weights or self.keeps_weights():
-            super().restore(weights, state, meta)
+        if meta.get("weights", "kept") == "kept":  # files of older versions always hold the weights
+            super().restore(checkpoint, state, meta)
             return
         saved = state["optimizer"]
         zo = saved["state"]["zo"]
