@@ -13,6 +13,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks scripts
+	$(PY) scripts/check_docs.py
 	$(PY) -m pytest -q
 
 $(STAMP): pyproject.toml constraints.txt Makefile

@@ -44,7 +44,7 @@ WARMUP = 16  # warm-up + timed steps = whole Local SGD rounds, so bytes/step = p
 
 # -- lab ---------------------------------------------------------------------------------------------------
 def lab(scale: str) -> None:
-    from hdopt.distributed.experiment import EXPERIMENT
+    from hdopt.dynamics.experiments.localsgd import EXPERIMENT
 
     torch.set_num_threads(1)
     config = EXPERIMENT.config(scale)

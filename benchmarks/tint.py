@@ -4,7 +4,10 @@
     python benchmarks/tint.py fewshot     # SST-2/MR/CR, 0 and 32 shots, 3 seeds: ICL vs TinT vs fine-tuning
     python benchmarks/tint.py speed       # time and peak memory: structured vs explicit vs fine-tuning
     python benchmarks/tint.py checks      # the numeric correctness report (tiny random models)
-    python benchmarks/tint.py tables      # print the markdown tables of docs/tint.md from the saved results
+    python benchmarks/tint.py sizes       # parameter counts of every realization next to the reference's
+    python benchmarks/tint.py compact     # the compact explicit network: build time, forward time, memory
+    python benchmarks/tint.py agreement --dtype float64   # its predictions vs the structured rule's
+    python benchmarks/tint.py tables [--update-docs]  # the markdown tables (written into docs/ and README)
 
 Results go to benchmarks/results/tint_<part>.json (atomic writes; a rerun resumes from finished cells).
 Cuts from the reference protocol (for the CPU budget) are listed in PROTOCOL and printed with the tables.
@@ -26,6 +29,9 @@ from hdopt.tint import evaluate as ev
 from hdopt.tint.baselines import sgd_finetune
 from hdopt.tint.data import TASKS, load_sentiment, squad_paragraphs
 from hdopt.tint.results import read_json, write_json
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tint_compact  # noqa: E402  (a sibling script: the compact network's benchmarks)
 
 RESULTS = Path(__file__).parent / "results"
 LRS = (1e-2, 1e-1)  # inner-lr grid, chosen on a dev split drawn from the training pool
@@ -213,35 +219,117 @@ def run_speed() -> dict:
 
 # ---------------------------------------------------------------- tables
 def tables() -> str:
-    lines = []
+    return "\n\n".join(block for block in tables_by_name().values() if block)
+
+
+def tables_by_name() -> dict[str, str]:
+    """Every TinT table (markdown), by the name of its block in docs/tint.md."""
+    blocks = {"checks": _checks_markdown(), "lm": _lm_markdown(), "speed": _speed_markdown(),
+              "fewshot": _fewshot_markdown(), "fewshot_seeds": _fewshot_seeds_markdown(),
+              "sizes": tint_compact.sizes_markdown(), "compact_speed": tint_compact.speed_markdown(),
+              "agreement": tint_compact.agreement_markdown(),
+              "compact_checks": tint_compact.checks_markdown()}
+    return {name: "\n".join(lines) for name, lines in blocks.items()}
+
+
+CHECK_ROWS = [  # (row title, key in tint_checks.json; "{arch}" is filled in)
+    ("first pass vs HF model, float32 (<= 1e-6)", "first_pass_fp32/{arch}"),
+    ("exact mode vs HF autograd + `torch.optim.SGD`, float64, 1 step sum (<= 1e-6)",
+     "exact_vs_sgd_fp64/{arch}/1step_sum"),
+    ("same, 2 steps, mean loss (<= 1e-6)", "exact_vs_sgd_fp64/{arch}/2step_mean"),
+    ("exact mode vs autograd SGD on our float64 functional forward",
+     "exact_vs_autograd_functional_fp64/{arch}"),
+    ("reference mode vs autograd of the same rule, float64, N = 1000 (<= 1e-3)",
+     "reference_vs_rule_fp64/{arch}"),
+    ("same, float32", "reference_vs_rule_fp32/{arch}"),
+    ("gap between the reference rule and exact SGD (not an error: what the rule gives up)",
+     "rule_vs_exact_sgd_gap/{arch}"),
+    ("effect of the reference code's x4 MLP-output bias step on the change", "x4_bias_defect_effect/{arch}"),
+    ("unpacked explicit vs structured, float64, 1 step sum (<= 1e-6; width 8, 2 blocks)",
+     "explicit_vs_structured_fp64/{arch}/1step_sum"),
+    ("same, 2 steps mean", "explicit_vs_structured_fp64/{arch}/2step_mean")]
+
+
+def _checks_markdown() -> list[str]:
+    saved = read_json(RESULTS / "tint_checks.json")
+    if not saved:
+        return []
+    archs = ("gpt2", "opt", "llama")
+    rows = [[title] + [f"{saved[key.format(arch=a)]:.1e}" if key.format(arch=a) in saved else "-"
+                       for a in archs] for title, key in CHECK_ROWS]
+    return tint_compact.md_table(["check (relative error, worst of 3 seeds)", "GPT-2", "OPT", "Llama"],
+                                 rows)
+
+
+def _lm_markdown() -> list[str]:
     lm = read_json(RESULTS / "tint_lm.json")
-    if lm:
-        r = lm["results"]
-        lines += ["| auxiliary | TinT (reference rule) | dynamic evaluation (autograd SGD) | inner lr |",
-                  "|---|---|---|---|",
-                  f"| {r['icl']:.3f} | {r['tint']:.3f} | {r['ft']:.3f} | {r['lr']:g} |", ""]
+    if not lm:
+        return []
+    r = lm["results"]
+    return ["| model | perplexity of the continuation | seconds (24 paragraphs) |", "|---|---|---|",
+            f"| auxiliary (no update) | {r['icl']:.2f} | {r['icl_seconds']:.0f} |",
+            f"| TinT, reference rule, 1 step on the context (structured, float32) | {r['tint']:.2f} | "
+            f"{r['tint_seconds']:.0f} |",
+            f"| explicit dynamic evaluation (autograd SGD, same lr {r['lr']:g}) | {r['ft']:.2f} | "
+            f"{r['ft_seconds']:.0f} |"]
+
+
+def _speed_markdown() -> list[str]:
     sp = read_json(RESULTS / "tint_speed.json")
-    if sp:
-        lines += ["| model | context T | computation | seconds | peak extra RSS (MB) | parameters |",
-                  "|---|---|---|---|---|---|"]
-        names = {"aux": "auxiliary forward (no update)", "structured": "TinT, structured",
-                 "explicit": "TinT, explicit", "ft": "explicit fine-tuning (autograd) + forward"}
-        for c in sp["cells"]:
-            lines.append(f"| {c['model']} | {c['T']} | {names[c['kind']]} | {c['seconds']:.3f} | "
-                         f"{c['peak_extra_mb']:.0f} | {c['params']:,} |")
-        lines.append("")
-    cells = {k: v for task in TASKS for k, v in read_json(RESULTS / f"tint_fewshot_{task}.json",
-                                                           {"cells": {}})["cells"].items()}
-    if cells:
-        lines += ["| task | shots | eval examples | ICL | TinT | fine-tuning | lr TinT / FT |",
-                  "|---|---|---|---|---|---|---|"]
-        for task in TASKS:
-            for shots in (0, 32):
-                row = [_acc(cells, task, shots, m) for m in ev.METHODS]
-                lrs = [_lr(cells, task, shots, m) for m in ("tint", "ft")]
-                lines.append(f"| {task} | {shots} | {_n_eval(cells, task, shots)} | " + " | ".join(row)
-                             + f" | {lrs[0]} / {lrs[1]} |")
-    return "\n".join(lines)
+    if not sp:
+        return []
+    out = ["| auxiliary | context T (+32 query) | computation | seconds | peak extra RSS (MB) | parameters |",
+           "|---|---|---|---|---|---|"]
+    names = {"aux": "auxiliary forward (no update)", "structured": "TinT, structured",
+             "explicit": "TinT, unpacked explicit", "ft": "explicit fine-tuning (autograd) + forward"}
+    for c in sp["cells"]:
+        out.append(f"| {c['model']} | {c['T']} | {names[c['kind']]} | {c['seconds']:.3g} | "
+                   f"{c['peak_extra_mb']:.0f} | {c['params']:,} |")
+    return out
+
+
+def _fewshot_cells() -> dict:
+    return {k: v for task in TASKS for k, v in read_json(RESULTS / f"tint_fewshot_{task}.json",
+                                                          {"cells": {}})["cells"].items()}
+
+
+def _fewshot_markdown() -> list[str]:
+    cells = _fewshot_cells()
+    if not cells:
+        return []
+    out = ["| task | shots | eval examples | ICL | TinT (structured, float32) | fine-tuning (autograd SGD) |"
+           " lr TinT / FT (chosen on dev) |", "|---|---|---|---|---|---|---|"]
+    for task in TASKS:
+        for shots in (0, 32):
+            row = [_acc(cells, task, shots, m) for m in ev.METHODS]
+            lrs = [_lr(cells, task, shots, m) for m in ("tint", "ft")]
+            out.append(f"| {TASK_NAMES[task]} | {shots} | {_n_eval(cells, task, shots)} | " + " | ".join(row)
+                       + f" | {lrs[0]} / {lrs[1]} |")
+    return out
+
+
+def _fewshot_seeds_markdown() -> list[str]:
+    """Every seed of every task: accuracy (%) per demonstration seed, each on all evaluation examples."""
+    cells = _fewshot_cells()
+    if not cells:
+        return []
+    out = ["| task | shots | method | seed 0 | seed 1 | seed 2 | mean ± std | TinT - ICL per seed |",
+           "|---|---|---|---|---|---|---|---|"]
+    for task in TASKS:
+        for shots in (0, 32):
+            icl = _accs(cells, task, shots, "icl")
+            for method in ev.METHODS:
+                accs = _accs(cells, task, shots, method)
+                seeds = [f"{100 * a:.1f}" for a in accs] + ["n/a" if shots == 0 else "-"] * (3 - len(accs))
+                gain = ", ".join(f"{100 * (t - i):+.1f}" for t, i in zip(accs, icl, strict=True)) \
+                    if method == "tint" else ""
+                out.append(f"| {TASK_NAMES[task]} | {shots} | {METHOD_NAMES[method]} | "
+                           + " | ".join(seeds[:3]) + f" | {_acc(cells, task, shots, method)} | {gain} |")
+    return out
+
+
+TASK_NAMES = {"sst2": "SST-2", "mr": "MR", "cr": "CR"}
+METHOD_NAMES = {"icl": "ICL", "tint": "TinT", "ft": "fine-tuning"}
 
 
 def _accs(cells, task, shots, method):
@@ -277,14 +365,22 @@ def _lr(cells, task, shots, method) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    if argv is None and len(sys.argv) == 5 and sys.argv[1] == "_speed_one":  # worker process of run_speed
+    if argv is None and len(sys.argv) == 5 and sys.argv[1] in ("_speed_one", "_compact_one"):  # workers
         import json
 
         torch.set_num_threads(1)
-        print(json.dumps(speed_one(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+        one = speed_one if sys.argv[1] == "_speed_one" else tint_compact.speed_one
+        print(json.dumps(one(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
         return 0
-    parser.add_argument("part", choices=["checks", "lm", "fewshot", "speed", "tables", "all"])
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("part", choices=["checks", "lm", "fewshot", "speed", "sizes", "compact", "agreement",
+                                         "tables", "all"])
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None,
+                        help="tasks (default: all; agreement: sst2 cr)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float64",
+                        help="agreement: precision of the compact network")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="agreement: demonstration seeds")
+    parser.add_argument("--update-docs", action="store_true",
+                        help="tables: also write them into docs/tint.md and the README's TinT row")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -292,13 +388,24 @@ def main(argv=None) -> int:
         from hdopt.tint.checks import report
 
         write_json(RESULTS / "tint_checks.json", report())
+        tint_compact.run_checks()
     if args.part in ("lm", "all"):
         run_lm()
     if args.part in ("fewshot", "all"):
-        run_fewshot(tasks=args.tasks)
+        run_fewshot(tasks=args.tasks or TASKS)
     if args.part in ("speed", "all"):
         run_speed()
+    if args.part in ("sizes", "all"):
+        tint_compact.run_sizes()
+    if args.part in ("compact", "all"):
+        tint_compact.run_speed()
+    if args.part in ("agreement", "all"):
+        tint_compact.run_agreement(args.tasks or ("sst2", "cr"), args.dtype, tuple(args.seeds))
     print(tables())
+    if args.update_docs:
+        import tint_docs
+
+        tint_docs.update(tables_by_name(), lambda task, shots, m: _accs(_fewshot_cells(), task, shots, m))
     return 0
 
 

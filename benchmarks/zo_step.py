@@ -7,16 +7,21 @@ positions by default):
 * hdopt ZOSGD step, Gaussian and Rademacher noise (perturbation at forward time, chunked counter-based noise);
 * a reference-style MeZO step re-implemented from the paper's description: ``torch.manual_seed`` before each
   of four sweeps that draw ``z ~ N(0, I)`` per tensor with ``torch.normal``; out-of-place
-  ``p.data = p.data + c * z`` for +eps, -2eps, +eps and the update.
+  ``p.data = p.data + c * z`` for +eps, -2eps, +eps and the update;
+* on request (``--modes``), the later rules at their paper defaults: ``fzoo`` (N = 8, 9 forwards a step) and
+  ``hizoo`` (3 forwards and a diagonal Hessian buffer the size of the trainable parameters).
+  ``--trainable last-block`` trains only the last decoder block (the top-block / adapter-sized case).
 
 Rounds interleave the four measurements so machine noise hits them alike; the figures are medians over
 rounds of the per-round ratios. Peak memory is measured in a fresh subprocess per mode, after the model is
 loaded (CPU: peak RSS with the kernel's peak counter reset; CUDA: ``torch.cuda.max_memory_allocated``).
-Also reported: elements changed by an lr = 0 step (exact restore) for each dtype, for hdopt and for the
-reference round trip.
+Also measured (``--restore-only`` runs just this, in seconds): the exact restore. With the perturbation
+written into the weights (hdopt's ``perturb="inplace"``) and lr = 0, the fraction of weights that differ
+from the start after 100 steps in float32, bfloat16 and float16, for hdopt and for the reference round trip;
+saved to benchmarks/results/zo_restore.json (and .md).
 
 Run:  python benchmarks/zo_step.py [--rounds 7] [--device cpu|cuda] [--modes forward,zosgd-gaussian]
-                                   [--wait-idle 600]
+                                   [--wait-idle 600] [--restore-only] [--trainable all|last-block]
 Saves benchmarks/results/zo_step.json (and .md) unless --out says otherwise. ``--modes`` times (and probes the
 memory of) a subset; ``forward`` is always included, as the unit. On a shared machine other processes slow
 the many small ops of a step far more than the large GEMMs of a forward (a 2-thread op waits for a thread
@@ -42,11 +47,13 @@ import torch
 from hdopt.io import atomic_write_bytes
 from hdopt.lm.models import load_model
 from hdopt.memory import peak_mib, reset_peak
-from hdopt.zo import ZOSGD
+from hdopt.zo import OPTIMIZERS, ZOSGD
 from hdopt.zo.noise import NoiseGenerator, chunks
 
 RESULTS = Path(__file__).parent / "results"
-MODES = ("forward", "zosgd-gaussian", "zosgd-rademacher", "reference")
+MODES = ("forward", "zosgd-gaussian", "zosgd-rademacher", "reference", "fzoo", "hizoo")
+DEFAULT_MODES = MODES[:4]
+TRAINABLE = ("all", "last-block")
 
 
 # -- the reference algorithm, from the paper's description ---------------------------------------------
@@ -79,6 +86,9 @@ def _sync(device: str) -> None:
 def _setup(args):
     model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
     model.eval()
+    if args.trainable == "last-block":  # a decoder's last block (Llama-style model.model.layers)
+        model.requires_grad_(False)
+        model.model.layers[-1].requires_grad_(True)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=gen).to(args.device)
 
@@ -90,13 +100,16 @@ def _setup(args):
 
 def _runner(mode: str, model, closure, args):
     params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if mode == "forward":
         return lambda: torch.no_grad()(closure)()
     if mode == "reference":
         counter = iter(range(10**9))
         return lambda: reference_step(params, closure, args.lr, args.eps, seed=next(counter))
-    noise = mode.split("-")[1]
-    opt = ZOSGD(model.named_parameters(), lr=args.lr, eps=args.eps, noise=noise, seed=1)
+    if mode in ("fzoo", "hizoo"):  # the paper's defaults (q, noise, estimator, the rule's own)
+        opt = OPTIMIZERS.get(mode)(named, lr=args.lr, eps=args.eps, seed=1)
+    else:
+        opt = ZOSGD(named, lr=args.lr, eps=args.eps, noise=mode.split("-")[1], seed=1)
     return lambda: opt.step(closure)
 
 
@@ -243,38 +256,87 @@ def measure_memory(args) -> dict:
     return {"peak_mib": peaks, "ratio_to_forward": {m: peaks[m] / peaks["forward"] for m in args.modes}}
 
 
+RESTORE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 @torch.no_grad()
-def exact_restore() -> dict:
-    """Fraction of elements an lr = 0 step changes: hdopt vs the reference round trip, per dtype."""
-    out = {}
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        torch.manual_seed(0)
-        layer = torch.nn.Linear(512, 512).to(dtype)
-        x = torch.randn(8, 512).to(dtype)
-        before = layer.weight.detach().clone()
+def exact_restore(cycles: int = 100, eps: float = 1e-3) -> dict:
+    """Weights changed by ``cycles`` steps with lr = 0 in which the perturbation is written into the weights.
 
-        def closure(layer=layer, x=x):
-            return layer(x).float().pow(2).mean()
+    hdopt runs with ``perturb="inplace"`` (back up, write theta + eps z, evaluate, copy the backup back), the
+    mode in which a restore can fail (in the default forward mode the weights are never written); the
+    reference writes +eps z, -2 eps z, +eps z. Same layer, same dtype, same number of steps (two perturbed
+    evaluations each). Per dtype and method: the fraction of weight elements that differ from the start, the
+    largest difference, and the share of loss evaluations that saw written (changed) weights.
+    """
+    out = {"layer": "Linear(512, 512)", "cycles": cycles, "eps": eps, "dtypes": {}}
+    for dtype in RESTORE_DTYPES:
+        rows = {}
+        for method in ("hdopt", "reference"):
+            torch.manual_seed(0)
+            layer = torch.nn.Linear(512, 512).to(dtype)
+            x = torch.randn(8, 512).to(dtype)
+            start, written = layer.weight.detach().clone(), []
 
-        ZOSGD(layer.named_parameters(), lr=0.0, eps=1e-3).step(closure)
-        ours = (layer.weight != before).float().mean().item()
-        reference_step([layer.weight, layer.bias], closure, lr=0.0, eps=1e-3, seed=0)
-        ref = (layer.weight != before).float().mean().item()
-        out[str(dtype).replace("torch.", "")] = {"hdopt": ours, "reference": ref}
+            def closure(layer=layer, x=x, start=start, written=written):
+                written.append(not torch.equal(layer.weight, start))
+                return layer(x).float().pow(2).mean()
+
+            if method == "hdopt":
+                opt = ZOSGD(layer.named_parameters(), lr=0.0, eps=eps, perturb="inplace")
+                for _ in range(cycles):
+                    opt.step(closure)
+            else:
+                for seed in range(cycles):
+                    reference_step([layer.weight, layer.bias], closure, lr=0.0, eps=eps, seed=seed)
+            diff = (layer.weight.float() - start.float()).abs()
+            rows[method] = {"changed": (diff > 0).float().mean().item(), "max_abs_change": diff.max().item(),
+                            "evaluations_on_written_weights": sum(written) / len(written)}
+        out["dtypes"][str(dtype).replace("torch.", "")] = rows
     return out
+
+
+def _restore_markdown(restore: dict) -> str:
+    lines = [
+        f"{restore['layer']}, {restore['cycles']} steps with lr = 0, eps {restore['eps']:g}, perturbation "
+        "written into the weights (hdopt: perturb='inplace').",
+        "",
+        "| dtype | elements changed: hdopt | reference round trip | largest change: hdopt | reference |",
+        "|---|---|---|---|---|",
+    ]
+    for name, rows in restore["dtypes"].items():
+        h, r = rows["hdopt"], rows["reference"]
+        lines.append(f"| {name} | {h['changed']:.1%} | {r['changed']:.1%} | {h['max_abs_change']:.3g} | "
+                     f"{r['max_abs_change']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def save_restore(path: Path, cycles: int) -> None:
+    """Measure :func:`exact_restore` and write it to ``path`` (JSON) and its Markdown table next to it."""
+    restore = {"torch": torch.__version__, **exact_restore(cycles)}
+    markdown = _restore_markdown(restore)
+    print(markdown)
+    atomic_write_bytes(path, json.dumps(restore, indent=2).encode())
+    atomic_write_bytes(path.with_suffix(".md"), markdown.encode())
+
+
+def _trainable_count(args) -> int:
+    model, _ = _setup(args)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _passthrough(args) -> list[str]:
     return [
         "--model", args.model, "--dtype", args.dtype, "--device", args.device, "--batch", str(args.batch),
-        "--seq", str(args.seq), "--lr", str(args.lr), "--eps", str(args.eps),
+        "--seq", str(args.seq), "--lr", str(args.lr), "--eps", str(args.eps), "--trainable", args.trainable,
     ]  # fmt: skip
 
 
 def _markdown(report: dict) -> str:
     t, m = report["timing"], report["memory"]
     lines = [
-        f"Model {report['model']} ({report['dtype']}), batch {report['batch']} x {report['seq']} tokens, "
+        f"Model {report['model']} ({report['dtype']}, trainable: {report.get('trainable', 'all')}), "
+        f"batch {report['batch']} x {report['seq']} tokens, "
         f"{report['hardware']}, medians over {report['rounds']} rounds.",
         "",
         "| | seconds | forward equivalents | peak memory (MiB) | memory vs inference |",
@@ -287,14 +349,6 @@ def _markdown(report: dict) -> str:
         )
     lines += ["", "| noise sweep over all parameters | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in report["noise_sweep_seconds"].items()]
-    lines += [
-        "",
-        "| dtype | elements changed by an lr=0 step: hdopt | reference round trip |",
-        "|---|---|---|",
-    ]
-    lines += [
-        f"| {k} | {v['hdopt']:.1%} | {v['reference']:.1%} |" for k, v in report["exact_restore"].items()
-    ]
     return "\n".join(lines) + "\n"
 
 
@@ -311,7 +365,8 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--eps", type=float, default=1e-3)
     parser.add_argument("--out", type=Path, default=RESULTS / "zo_step.json")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated subset of {MODES}")
+    parser.add_argument("--trainable", choices=TRAINABLE, default="all", help="the parameters a step trains")
     parser.add_argument(
         "--wait-idle",
         type=float,
@@ -320,8 +375,15 @@ def main() -> int:
         help="shared machines: start each measurement on idle CPUs (waiting up to SECONDS) and repeat one "
         "that other processes disturbed",
     )
+    parser.add_argument("--restore-only", action="store_true",
+                        help="measure only the exact restore (seconds) and save it to --restore-out")
+    parser.add_argument("--restore-out", type=Path, default=RESULTS / "zo_restore.json")
+    parser.add_argument("--restore-cycles", type=int, default=100)
     parser.add_argument("--memory-probe", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.restore_only:
+        save_restore(args.restore_out, args.restore_cycles)
+        return 0
     unknown = set(args.modes.split(",")) - set(MODES)
     if unknown:
         parser.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
@@ -336,15 +398,16 @@ def main() -> int:
     report = {
         "model": args.model, "dtype": args.dtype, "device": args.device, "hardware": hardware,
         "batch": args.batch, "seq": args.seq, "rounds": args.rounds, "torch": torch.__version__,
+        "trainable": args.trainable, "trainable_parameters": _trainable_count(args),
         "timing": time_modes(args),
         "memory": measure_memory(args),
         "noise_sweep_seconds": noise_sweeps(args),
-        "exact_restore": exact_restore(),
     }  # fmt: skip
     markdown = _markdown(report)
     print(markdown)
     atomic_write_bytes(args.out, json.dumps(report, indent=2).encode())
     atomic_write_bytes(args.out.with_suffix(".md"), markdown.encode())
+    save_restore(args.restore_out, args.restore_cycles)
     return 0
 
 

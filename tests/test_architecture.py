@@ -28,11 +28,6 @@ FLOOR = {part: floor for floor, parts in enumerate(LAYERS) for part in parts}
 # Known exceptions: (importing module, imported part) -> why, and what removes it. Add nothing here: fix
 # the import instead (move the shared piece down, or the importing module up).
 ALLOWED: dict[tuple[str, str], str] = {
-    ("hdopt.distributed.experiment", "dynamics"): (
-        "the lab's Local SGD experiment lives in distributed and imports dynamics, and dynamics/registry.py "
-        "imports it back (a cycle across parts); branch verdicts moves it to "
-        "dynamics/experiments/localsgd.py, after which this entry must be deleted"
-    ),
 }
 
 

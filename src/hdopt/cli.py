@@ -28,6 +28,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
         "hdopt.lm.cli_models",
     ),
     ("eval", "zero-shot / in-context evaluation of a language model on a task", "hdopt.lm.cli_eval"),
+    ("tasks", "list the built-in tasks, or check a task file (hdopt tasks check FILE)", "hdopt.lm.cli_tasks"),
     (
         "finetune",
         "fine-tune a language model: MeZO (full/LoRA/prefix) or backprop baselines",

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hdopt.distributed import LocalSGD, LocalSGDConfig, data_parallel_zo, shard_batch, worker_seed
-from hdopt.zo import ZOSGD, ZOAdam, ZOConservative
+from hdopt.zo import FZOO, ZOSGD, HiZOO, ZOAdam, ZOConservative
 
 LOCAL_SGD_CONFIG = LocalSGDConfig(
     schedule="phase", phase_milestones=(9,), phase_periods=(2, 5), post_local_steps=4,
@@ -78,8 +78,9 @@ class LocalRun:
 
 def zo_run(rank: int, world_size: int, comm, steps: int = ZO_STEPS, seed: int = 7, rule: str = "sgd",
            micro: int = 1) -> dict:
-    """Data-parallel ZOSGD (q = 2, momentum) or ZOAdam on a float64 MLP; every rank draws the same global
-    batch and keeps its shard; ``micro`` > 1 feeds the shard as micro-batches (gradient accumulation)."""
+    """Data-parallel ZOSGD (q = 2, momentum), ZOAdam, ZOConservative, FZOO or HiZOO on a float64 MLP; every
+    rank draws the same global batch and keeps its shard; ``micro`` > 1 feeds the shard as micro-batches
+    (gradient accumulation)."""
     x, y = dataset(dtype=torch.float64)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).double()
@@ -89,6 +90,12 @@ def zo_run(rank: int, world_size: int, comm, steps: int = ZO_STEPS, seed: int = 
     elif rule == "conservative":
         opt = data_parallel_zo(ZOConservative, model.named_parameters(), comm, model=model, lr=0.05, eps=1e-3,
                                q=2, seed=seed)  # fmt: skip
+    elif rule == "fzoo":  # the N + 1 = 3 raw losses are reduced, then normalized
+        opt = data_parallel_zo(FZOO, model.named_parameters(), comm, model=model, lr=0.01, eps=1e-3, q=2,
+                               seed=seed)  # fmt: skip
+    elif rule == "hizoo":  # l0, l+_i, l-_i (2q + 1 = 5 losses) are reduced; every rank updates the same D
+        opt = data_parallel_zo(HiZOO, model.named_parameters(), comm, model=model, lr=0.05, eps=1e-2, q=2,
+                               hessian_smooth=0.1, seed=seed)  # fmt: skip
     else:
         opt = data_parallel_zo(ZOAdam, model.named_parameters(), comm, model=model, lr=0.01, eps=1e-3, q=2,
                                seed=seed)  # fmt: skip

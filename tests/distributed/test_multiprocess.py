@@ -49,7 +49,8 @@ def test_two_processes_equal_the_simulated_mode(runs):
     assert not torch.equal(sim.flat(0), sim.flat(1))  # the run ends mid-round: a real per-rank comparison
 
 
-@pytest.mark.parametrize("variant", ["sgd", "adam+accumulation", "conservative"])
+@pytest.mark.parametrize("variant", ["sgd", "adam+accumulation", "conservative", "fzoo",
+                                     "hizoo+accumulation"])  # fmt: skip
 def test_data_parallel_zo_equals_one_process_with_the_whole_batch(runs, variant):
     rule = variant.split("+")[0]
     ref = zo_run(0, 1, Communicator.single(), rule=rule)  # one process, the whole batch of 8 in one closure
@@ -58,7 +59,8 @@ def test_data_parallel_zo_equals_one_process_with_the_whole_batch(runs, variant)
         rel = (got["params"] - ref["params"]).norm() / ref["params"].norm()
         assert rel <= 1e-6
         torch.testing.assert_close(got["grads"], ref["grads"], rtol=1e-6, atol=0)
-        per_step = 8 * (2 + 3 * (rule == "conservative"))  # q = 2 gradients (+ 3 candidate losses)
+        # q = 2 gradients (+ 3 candidate losses); FZOO: l_0 and 2 perturbed losses; HiZOO: l0, 2 x (l+, l-)
+        per_step = 8 * {"fzoo": 3, "hizoo": 5}.get(rule, 2 + 3 * (rule == "conservative"))
         assert got["bytes"] == per_step * len(ref["losses"])
     moved = (ref["params"] - zo_run(0, 1, Communicator.single(), steps=0, rule=rule)["params"]).norm()
     assert moved > 1e-3  # the trajectory is not trivial

@@ -33,7 +33,9 @@ def local_sgd(comm: Communicator, out: Path) -> None:
 def zo(comm: Communicator, out: Path) -> None:
     runs = {"sgd": zo_run(comm.rank, comm.world_size, comm),
             "adam+accumulation": zo_run(comm.rank, comm.world_size, comm, rule="adam", micro=2),
-            "conservative": zo_run(comm.rank, comm.world_size, comm, rule="conservative")}
+            "conservative": zo_run(comm.rank, comm.world_size, comm, rule="conservative"),
+            "fzoo": zo_run(comm.rank, comm.world_size, comm, rule="fzoo"),
+            "hizoo+accumulation": zo_run(comm.rank, comm.world_size, comm, rule="hizoo", micro=2)}
     torch.save(runs, out / f"zo.rank{comm.rank}.pt")
 
 

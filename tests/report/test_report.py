@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 import shutil
@@ -13,6 +14,7 @@ import pytest
 
 from hdopt.report import SECTION_KEYS, Claim, Context, Section, Table, budget, build_report, runner
 from hdopt.report.claims import NOT_REPRODUCED, PARTLY, REPRODUCED, VERDICTS, fmt, verdict_from
+from hdopt.report.render import BADGE
 
 NUMBER = re.compile(r"\d")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -138,27 +140,51 @@ def _browser() -> str | None:
     return next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 
 
+# Runs inside the page once it has loaded: what a reader sees, as JSON on <body data-probe="...">.
+PROBE = """<script>window.addEventListener('load', () => {
+  const text = el => el ? el.textContent.trim() : null;
+  const shown = img => img.complete && img.naturalWidth > 0 && img.getBoundingClientRect().width > 0;
+  const probe = {
+    sections: [...document.querySelectorAll('section.part')].map(s => s.id),
+    summary: [...document.querySelectorAll('#summary tbody tr')].map(tr => ({
+      claim: text(tr.cells[1]), measured: text(tr.cells[3]), verdict: text(tr.cells[4]),
+      badge: tr.cells[4].querySelector('.badge') ? tr.cells[4].querySelector('.badge').className : null,
+      target: !!document.getElementById(tr.cells[1].querySelector('a').getAttribute('href').slice(1))})),
+    claims: [...document.querySelectorAll('div.claim')].map(c => ({
+      id: c.id, verdict: text(c.querySelector('h3 .badge')),
+      images: [...c.querySelectorAll('img')].map(i => ({alt: i.alt, shown: shown(i)}))})),
+  };
+  document.body.setAttribute('data-probe', JSON.stringify(probe));
+});</script>"""
+
+
 @pytest.mark.skipif(
     _browser() is None, reason="headless Chromium not installed (Debian: apt install chromium)"
 )
 def test_report_opens_in_headless_chromium(smoke_report, tmp_path):
-    """Chromium loads index.html; a script counts the sections and the images it could decode."""
+    """Chromium loads index.html and runs a script that reads back, from the rendered page, the claims
+    table (claim, measured value, verdict and its badge, working link), each claim's verdict, and every
+    image (decoded and laid out)."""
     ctx, index, sections = smoke_report
     probe = tmp_path / "probe.html"
-    script = (
-        "<script>window.addEventListener('load', () => { const ok = [...document.images]"
-        ".filter(i => i.complete && i.naturalWidth > 0).length; document.body.setAttribute("
-        "'data-probe', JSON.stringify({images: document.images.length, decoded: ok, sections: "
-        "[...document.querySelectorAll('section.part')].map(s => s.id)})); });</script>"
-    )
     probe.write_text(
-        index.read_text(encoding="utf-8").replace("</body>", script + "</body>"), encoding="utf-8"
+        index.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8"
     )
     command = [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000",
                "--dump-dom", probe.as_uri()]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     found = re.search(r"data-probe=\"([^\"]+)\"", done.stdout)
     assert found, done.stderr[-2000:]
-    result = json.loads(found.group(1).replace("&quot;", '"'))
+    result = json.loads(html.unescape(found.group(1)))
+    claims = [(s, i, c) for s in sections for i, c in enumerate(s.claims)]
     assert result["sections"] == [s.key for s in sections]
-    assert result["images"] == 9 and result["decoded"] == 9
+    assert [(r["claim"], r["measured"], r["verdict"]) for r in result["summary"]] == [
+        (c.title.strip(), c.measured.strip(), c.verdict) for _, _, c in claims
+    ]
+    assert all(r["target"] for r in result["summary"])
+    assert [r["badge"] for r in result["summary"]] == [f"badge {BADGE[c.verdict]}" for _, _, c in claims]
+    assert [(r["id"], r["verdict"]) for r in result["claims"]] == [
+        (f"{s.key}-{i}", c.verdict) for s, i, c in claims
+    ]
+    images = [(image["alt"], image["shown"]) for r in result["claims"] for image in r["images"]]
+    assert images == [(rel, True) for _, _, c in claims for rel in c.plots] and len(images) == 9

@@ -35,10 +35,10 @@ def test_size_prints_both_realizations_and_the_reference(capsys):
     assert count("structured: extra per sequence") == sum(p.numel() for p in gpt2.transformer.h.parameters())
     cfg = TinTConfig(n_layers=12, n_steps=1, backward="reference", max_len=1024)
     explicit = explicit_tint(meta_spec(SHAPES["gpt2-shape"]), cfg, device="meta")
-    assert count("explicit, blocks reused") == explicit.num_parameters()
-    assert count("explicit, without reuse") == explicit.num_parameters(reuse=False)
-    assert count("explicit: non-zero") == explicit.patterns.nonzeros
-    assert printed["explicit: state width W / prefix rows"] == f"{explicit.width:,} / {explicit.n_prefix:,}"
+    assert count("unpacked explicit, blocks reused") == explicit.num_parameters()
+    assert count("unpacked explicit, without reuse") == explicit.num_parameters(reuse=False)
+    assert printed["unpacked explicit: state width W / prefix rows"] == (
+        f"{explicit.width:,} / {explicit.n_prefix:,}")  # fmt: skip
     reused, unshared = REFERENCE_COUNTS[("gpt2-shape", 12, 1)]
     assert count("reference TinT (tint.md), blocks reused") == reused == 1_476_796_914
     assert count("reference TinT (tint.md), without reuse") == unshared
@@ -70,3 +70,30 @@ def test_eval_on_smollm2(tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     assert 0.0 <= results["tint"]["accuracy"] <= 1.0
     assert json.loads((tmp_path / "config.json").read_text())["tint"]["n_layers"] == 1
+
+
+def test_size_reports_the_compact_network_and_its_closed_form(capsys):
+    assert main(["tint", "size", "--aux", "opt-125m-shape", "--layers", "12", "--steps", "1", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    built, formula = table["compact"], table["compact_formula"]
+    assert built["params_reused_with_prefix"] == formula["params_reused_with_prefix"]
+    assert built["params_reused_with_prefix"] <= table["reference"][0] == 1_669_324_018
+
+
+@pytest.mark.parametrize("flags", [["--dtype", "float64"],  # float64 is for the TinT computation only
+                                   ["--method", "tint", "--realization", "explicit", "--backward", "exact"]])
+def test_eval_refuses_inconsistent_flags_before_loading(flags):
+    with pytest.raises(SystemExit):
+        main(["tint", "eval", "--aux", "no-such-model", *flags])
+
+
+@pytest.mark.integration
+def test_eval_explicit_network_agrees_with_the_structured_rule(tmp_path):
+    """The compact network's own forward pass on SmolLM2 gives the structured rule's predictions (float64)."""
+    code = main(["tint", "eval", "--aux", "smollm2-135m", "--task", "cr", "--shots", "2", "--layers", "1",
+                 "--inner-lr", "1e-2", "--num-eval", "3", "--method", "tint", "--realization", "explicit",
+                 "--dtype", "float64", "--output-dir", str(tmp_path)])
+    assert code == 0
+    result = json.loads((tmp_path / "results.json").read_text())["tint"]
+    assert result["realization"].startswith("explicit") and result["agreement"] == 1.0
+    assert result["max_abs_logit_diff"] <= 1e-6  # float64; the rule's finite difference amplifies rounding

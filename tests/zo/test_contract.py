@@ -64,6 +64,36 @@ def test_each_group_is_perturbed_and_updated_with_its_own_eps():
     assert opt.trajectory.records[0].eps == (1e-2, 1e-1)
 
 
+def test_each_group_is_updated_with_its_own_lr():
+    a = torch.randn(50, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    w1, w2 = torch.zeros(30, dtype=torch.float64), torch.zeros(20, dtype=torch.float64)
+    groups = [{"params": [("w1", w1)]}, {"params": [("w2", w2)], "lr": 0.05}]
+    opt = ZOSGD(groups, lr=0.5, eps=1e-2, perturb="inplace", seed=3)
+    key = opt.step_key()
+    opt.step(lambda: a[:30] @ w1 + a[30:] @ w2)
+    z1, z2 = _z(key, 0, "w1", 30), _z(key, 0, "w2", 20)
+    g = a[:30] @ z1 + a[30:] @ z2  # a linear loss: SPSA is exact
+    assert opt.trajectory.records[0].lrs == (0.5, 0.05)
+    assert torch.allclose(w1, -0.5 * g * z1, rtol=1e-9, atol=1e-15)
+    assert torch.allclose(w2, -0.05 * g * z2, rtol=1e-9, atol=1e-15)
+
+
+def test_momentum_is_heavy_ball_on_the_estimate():
+    """torch.optim.SGD's momentum (no dampening) on ghat: ``buf <- mu buf + ghat + wd theta``,
+    ``theta <- theta - lr buf``; on a linear loss every ghat is known in closed form."""
+    a = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    w = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    lr, mu, wd = 0.1, 0.9, 0.01
+    opt = ZOSGD([("w", w)], lr=lr, eps=1e-2, weight_decay=wd, momentum=mu, perturb="inplace", seed=5)
+    expected, buf = w.clone(), torch.zeros(5, 6, dtype=torch.float64)
+    for _ in range(3):
+        z = _z(opt.step_key(), 0, "w", 30).view(5, 6)
+        opt.step(lambda: (a * w).sum())
+        buf = mu * buf + (a * z).sum() * z + wd * expected
+        expected = expected - lr * buf
+    assert torch.allclose(w, expected, rtol=1e-9, atol=1e-15)
+
+
 @pytest.mark.parametrize("name,value", [("q", 2), ("estimator", "one-sided"), ("noise", "rademacher"),
                                         ("seed", 7), ("chunk", 128)])  # fmt: skip
 def test_fields_shared_by_every_group_are_refused_per_group(name, value):
@@ -325,3 +355,30 @@ def test_first_format_trajectory_files_still_replay(tmp_path):
     rebuilt.load_state_dict(start)
     replay(rebuilt.named_parameters(), tmp_path / "old.zo")
     assert bitwise_equal(snapshot(model), snapshot(rebuilt))
+
+
+@pytest.mark.parametrize("cls,kwargs", [(ZOAdam, {"lr": 1e-2}), (ZOSGD, {"lr": 1e-2, "momentum": 0.5})],
+                         ids=["ZOAdam", "ZOSGD+momentum"])  # fmt: skip
+def test_float32_buffers_of_bf16_weights_stay_float32_through_a_state_dict_round_trip(cls, kwargs):
+    """torch's load_state_dict casts optimizer state to the parameter's dtype: bf16 would round buffers."""
+    ids = batch()
+    straight, first = TinyLM(dtype=torch.bfloat16), TinyLM(dtype=torch.bfloat16)
+    opt = cls(straight.named_parameters(), eps=1e-2, seed=4, **kwargs)
+    opt1 = cls(first.named_parameters(), eps=1e-2, seed=4, **kwargs)
+    for _ in range(3):
+        opt.step(lambda: straight.loss(ids))
+        opt1.step(lambda: first.loss(ids))
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "optimizer": opt1.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    second = TinyLM(seed=9, dtype=torch.bfloat16)
+    second.load_state_dict(saved["model"])
+    opt2 = cls(second.named_parameters(), eps=1e-2, seed=4, **kwargs)
+    opt2.load_state_dict(saved["optimizer"])
+    buffers = [v for p in second.parameters() for v in opt2.state[p].values() if isinstance(v, torch.Tensor)]
+    assert buffers and all(b.dtype == torch.float32 for b in buffers)
+    for _ in range(3):
+        opt.step(lambda: straight.loss(ids))
+        opt2.step(lambda: second.loss(ids))
+    assert bitwise_equal(snapshot(straight), snapshot(second))

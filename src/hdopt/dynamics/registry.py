@@ -65,6 +65,5 @@ def names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    # Modules register their experiments on import; Local SGD's lives with the distributed package.
-    import hdopt.distributed.experiment  # noqa: F401
+    # Modules register their experiments on import (hdopt.dynamics.experiments imports all of them).
     import hdopt.dynamics.experiments  # noqa: F401

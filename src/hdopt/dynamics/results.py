@@ -9,12 +9,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from hdopt.io import atomic_write_json
+
+
+def numeric_environment() -> dict[str, Any]:
+    """What decides the last bits of a CPU run besides the seed: torch's version, its intra-op thread count
+    and the vector instruction set its kernels dispatch to (AVX512, AVX2, ...). The lab's runs are bitwise
+    repeatable when all three match; when one differs, rounding differs in the last bit and the long, noisy
+    trainings drift apart like runs with another seed (measured in docs/dynamics.md)."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
 
 
 @dataclass
 class Check:
     """One prediction compared with its measurement.
+
+    A check whose measurement (or numeric prediction) is NaN or infinite never passes, whatever ``passed``
+    was given as: a rule written as ``not (x > tol)`` must not accept a NaN.
 
     Attributes:
         name: what is compared.
@@ -29,6 +43,10 @@ class Check:
     measured: float
     passed: bool
     tolerance: str
+
+    def __post_init__(self) -> None:
+        numbers = [self.measured] + ([] if isinstance(self.predicted, str) else [self.predicted])
+        self.passed = bool(self.passed) and all(finite(x) for x in numbers)
 
     def line(self) -> str:
         pred = _fmt(self.predicted) if not isinstance(self.predicted, str) else self.predicted
@@ -48,6 +66,7 @@ class LabResult:
         runtime_s: wall-clock seconds.
         cpu_s: CPU seconds of this process (less sensitive than wall time to other jobs on the machine).
         plot: path of the PNG plot, once written.
+        environment: :func:`numeric_environment` when the result was made.
     """
 
     name: str
@@ -57,10 +76,12 @@ class LabResult:
     runtime_s: float = 0.0
     plot: str | None = None
     cpu_s: float = 0.0
+    environment: dict[str, Any] = field(default_factory=numeric_environment)
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.checks)
+        """True when there is at least one check and every check passed (no checks: nothing was shown)."""
+        return bool(self.checks) and all(c.passed for c in self.checks)
 
     def verdict(self) -> str:
         """One line: PASS/FAIL, then every check as predicted vs measured."""
@@ -74,6 +95,7 @@ class LabResult:
             "verdict": self.verdict(),
             "runtime_s": round(self.runtime_s, 2),
             "cpu_s": round(self.cpu_s, 2),
+            "environment": self.environment,
             "config": dataclasses.asdict(self.config),
             "checks": [dataclasses.asdict(c) for c in self.checks],
             "curves": self.curves,
@@ -85,6 +107,14 @@ class LabResult:
         out_dir = Path(out_dir)
         atomic_write_json(out_dir / "config.json", dataclasses.asdict(self.config))
         return atomic_write_json(out_dir / "results.json", self.to_json())
+
+
+def finite(x: object) -> bool:
+    """Whether ``x`` is a finite real number (False for NaN, inf, None and non-numbers)."""
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
 
 
 def within(measured: float, predicted: float, rel: float) -> bool:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
+from collections.abc import Iterator
 
-from hdopt.lm.evaluation import METHODS, EvalConfig, run_eval
+from hdopt.lm.evaluation import DEFAULT_DEMOS, DEFAULT_NEW_TOKENS, METHODS, EvalConfig, run_eval
 from hdopt.lm.models import DTYPES, ModelLoadError
-from hdopt.lm.tasks import DataError, TaskError, list_tasks
+from hdopt.lm.tasks import DataError, TaskError, TaskWarning, list_tasks
 
 _DEFAULTS = EvalConfig()
 
@@ -24,7 +27,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-eval", type=int, default=d.num_eval, help="test examples (0: the whole split)")
     parser.add_argument("--num-train", type=int, default=d.num_train, help="train sample the demos come from")
     parser.add_argument("--num-dev", type=int, default=d.num_dev, help="dev sample (default: the task's)")
-    parser.add_argument("--num-demos", type=int, default=d.num_demos, help="ICL demonstrations")
+    parser.add_argument(
+        "--num-demos", type=int, default=d.num_demos,
+        help=f"ICL demonstrations (default: the task file's num_fewshot, else {DEFAULT_DEMOS})",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument(
         "--data-dir",
@@ -36,12 +42,36 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per forward")
     parser.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help="padded tokens per forward")
-    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=d.max_new_tokens,
+        help=f"generation length (default: the task file's max_gen_toks, else {DEFAULT_NEW_TOKENS})",
+    )  # fmt: skip
     parser.add_argument("--dtype", default=d.dtype, choices=sorted(DTYPES))
     parser.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--cache-dir", default=d.cache_dir, help="converted-model folder")
     parser.add_argument("--output-dir", default=d.output_dir, help="run folder (default: runs/eval-...)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument(
+        "--allow-outside-data", action="store_true",
+        help="let a task file read data files outside its folder (also: HDOPT_ALLOW_OUTSIDE_DATA=1)",
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def task_warnings_to_stderr(prog: str) -> Iterator[None]:
+    """Print each :class:`TaskWarning` at once as one line ``<prog>: warning: ...`` on stderr."""
+
+    def show(message, category, *args, **kwargs) -> None:
+        if issubclass(category, TaskWarning):
+            print(f"{prog}: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            previous(message, category, *args, **kwargs)
+
+    previous = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", TaskWarning)
+        warnings.showwarning = show
+        yield
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
@@ -61,7 +91,8 @@ def format_table(results: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        results, out = run_eval(config_from_args(args))
+        with task_warnings_to_stderr("hdopt eval"):
+            results, out = run_eval(config_from_args(args))
     except (TaskError, DataError, ModelLoadError, ValueError) as error:
         print(f"hdopt eval: {error}", file=sys.stderr)
         return 2

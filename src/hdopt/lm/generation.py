@@ -1,4 +1,5 @@
-"""Greedy generation for the generation tasks (SQuAD, DROP): max 50 new tokens, stop at a newline."""
+"""Greedy generation for the generation tasks (SQuAD, DROP): max 50 new tokens, stop at a newline (or at
+the first of several stop strings, as lm-eval's ``until``)."""
 
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ def greedy_generate(
     tokenizer,
     prompts: Sequence[str],
     max_new_tokens: int = 50,
-    stop: str = "\n",
+    stop: str | Sequence[str] = "\n",
     max_length: int = 2048,
 ) -> list[str]:
-    """Greedy continuations of a batch of prompts, each cut at the first ``stop`` string.
+    """Greedy continuations of a batch of prompts, each cut at the first ``stop`` string (one string or
+    several; empty: only EOS and ``max_new_tokens`` end it).
 
     Prompts are left-padded (positions come from the attention mask) and truncated on the left to
     ``max_length - max_new_tokens`` tokens, keeping a leading BOS.
@@ -43,9 +45,11 @@ def greedy_generate(
     input_ids, mask = _left_padded(tokenizer, prompts, max_length - max_new_tokens)
     device = model.get_input_embeddings().weight.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    stops = [s for s in stops if s]
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-        stop_strings=[stop] if stop else None,
+        stop_strings=stops or None,
     )  # fmt: skip
     out = model.generate(
         input_ids=input_ids.to(device),
@@ -54,4 +58,10 @@ def greedy_generate(
         tokenizer=tokenizer,
     )
     texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
-    return [text.split(stop)[0] if stop else text for text in texts]
+    return [cut_at_stop(text, stops) for text in texts]
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the earliest occurrence of any stop string (all of it when none occurs)."""
+    ends = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return text[: min(ends)] if ends else text

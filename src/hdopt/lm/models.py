@@ -299,25 +299,47 @@ def load_model(
     """
     torch_dtype = resolve_dtype(dtype)
     name = str(name_or_path)
-    kwargs: dict = {}
-    if name in PACKAGED:
-        source, label = prepare(name, cache_dir), f"cached {name}"
-    elif Path(name).expanduser().is_file() and name.endswith(".gguf"):
-        path = Path(name).expanduser()
-        source, label, kwargs = path.parent, f"GGUF file {path}", {"gguf_file": path.name}
-    elif Path(name).expanduser().is_dir():
-        source, label = Path(name).expanduser(), f"folder {name}"
-    else:
-        source, label = name, f"hub model {name!r}"
-        if _hub_offline():
-            raise ModelLoadError(
-                f"{name!r} is not a packaged alias ({', '.join(sorted(PACKAGED))}) nor a local path, and "
-                "HF_HUB_OFFLINE is set, so it cannot be downloaded from the Hugging Face hub"
-            )
+    source, label, kwargs = _locate(name, cache_dir)
     model, tokenizer = _from_pretrained(source, label, name, torch_dtype, device, kwargs, cache_dir)
+    return model.eval(), _with_pad(tokenizer)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
+    """The tokenizer :func:`load_model` would return, without loading the weights (for checks)."""
+    from transformers import AutoTokenizer
+
+    name = str(name_or_path)
+    source, label, kwargs = _locate(name, cache_dir)
+    try:
+        if name in PACKAGED:
+            return _with_pad(_cached_tokenizer(name, source))
+        return _with_pad(AutoTokenizer.from_pretrained(source, **kwargs))
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"could not load the tokenizer of {label}: {error}") from error
+
+
+def _locate(name: str, cache_dir: str | os.PathLike | None) -> tuple[str | Path, str, dict]:
+    """``(source, label for messages, from_pretrained kwargs)`` of an alias, GGUF file, folder or hub name."""
+    if name in PACKAGED:
+        return prepare(name, cache_dir), f"cached {name}", {}
+    path = Path(name).expanduser()
+    if path.is_file() and name.endswith(".gguf"):
+        return path.parent, f"GGUF file {path}", {"gguf_file": path.name}
+    if path.is_dir():
+        return path, f"folder {name}", {}
+    if _hub_offline():
+        raise ModelLoadError(
+            f"{name!r} is not a packaged alias ({', '.join(sorted(PACKAGED))}) nor a local path, and "
+            "HF_HUB_OFFLINE is set, so it cannot be downloaded from the Hugging Face hub"
+        )
+    return name, f"hub model {name!r}", {}
+
+
+def _with_pad(tokenizer):
+    """The tokenizer, given its EOS token as pad token when it has none."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return tokenizer
 
 
 def _save_fast_tokenizer(alias: str, tokenizer, folder: Path, lock: Path | None = None) -> bool:

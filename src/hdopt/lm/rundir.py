@@ -16,6 +16,30 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
 
 
+class JsonlWriter:
+    """Append JSON lines as they come, each batch flushed to disk (a crash keeps what was written).
+
+    Use as a context manager; a finished run rewrites the file atomically (:func:`write_jsonl`).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._handle = open(self.path, "w", encoding="utf-8")  # noqa: SIM115  (closed in close())
+
+    def write(self, rows: Iterable[dict]) -> None:
+        self._handle.write("".join(json.dumps(row, default=str) + "\n" for row in rows))
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def default_run_dir(*parts: str, root: str | os.PathLike = "runs") -> Path:
     """``runs/<part>-<part>-...-<UTC timestamp>``, made unique with a suffix if it exists."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())

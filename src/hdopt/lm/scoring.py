@@ -96,6 +96,11 @@ def encode_options(
         keep_first = starts_with_bos(tokenizer, prompt_ids)
         shared: dict[tuple[int, ...], int] = {}  # this example's sequences
         for o, option in enumerate(opts):
+            if max_length < 2:
+                raise ValueError(
+                    f"max_length {max_length} leaves no room: a row needs at least one prompt token and one "
+                    "option token (max_length >= 2)"
+                )
             option_ids = tokenizer(option, add_special_tokens=False).input_ids[: max_length - 1]
             if not option_ids:
                 raise ValueError(f"option {option!r} has no tokens")
@@ -268,11 +273,15 @@ def token_logprobs(model, batch: OptionBatch, prefix: Prefix | None = None) -> t
     return torch.log_softmax(logits.float(), dim=-1).gather(1, batch.target_token[:, None])[:, 0]
 
 
-def option_scores(model, batch: OptionBatch, prefix: Prefix | None = None) -> torch.Tensor:
-    """Mean per-token log-likelihood of each option, shape [R] (differentiable)."""
+def option_scores(
+    model, batch: OptionBatch, prefix: Prefix | None = None, reduce: str = "mean"
+) -> torch.Tensor:
+    """Log-likelihood of each option, shape [R] (differentiable): the per-token ``mean`` (MeZO's score)
+    or the ``sum`` over its tokens (lm-evaluation-harness's ``acc``)."""
+    assert reduce in ("mean", "sum"), reduce
     logp = token_logprobs(model, batch, prefix)
     total = logp.new_zeros(batch.num_options).index_add(0, batch.target_option, logp)
-    return total / batch.option_length.to(logp.dtype)
+    return total if reduce == "sum" else total / batch.option_length.to(logp.dtype)
 
 
 def scores_by_example(batch: OptionBatch, scores: torch.Tensor) -> torch.Tensor:
@@ -300,7 +309,10 @@ def answer_loss(model, batch: OptionBatch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model, batch: OptionBatch, prefix: Prefix | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(predictions [E], scores [E, max options])``: argmax of the mean option log-likelihood."""
-    table = scores_by_example(batch, option_scores(model, batch, prefix))
+def predict(
+    model, batch: OptionBatch, prefix: Prefix | None = None, reduce: str = "mean"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(predictions [E], scores [E, max options])``: argmax of the option log-likelihood (per-token
+    ``mean`` or ``sum``, see :func:`option_scores`)."""
+    table = scores_by_example(batch, option_scores(model, batch, prefix, reduce))
     return table.argmax(dim=1), table

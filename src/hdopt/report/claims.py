@@ -6,8 +6,11 @@ and re-rendered without running again.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from hdopt.dynamics.results import Check, finite
 
 REPRODUCED, PARTLY, NOT_REPRODUCED = "reproduced", "partly reproduced", "not reproduced"
 VERDICTS = (REPRODUCED, PARTLY, NOT_REPRODUCED)
@@ -78,9 +81,24 @@ class Section:
         return cls(**{**doc, "claims": claims})
 
 
-def verdict_from(ok: bool, partly: bool = False) -> str:
-    """``reproduced`` when ``ok``, else ``partly reproduced`` when ``partly``, else ``not reproduced``."""
+def verdict_from(ok: bool, partly: bool = False, numbers: Iterable[object] = ()) -> str:
+    """``reproduced`` when ``ok``, else ``partly reproduced`` when ``partly``, else ``not reproduced``.
+
+    ``numbers`` are the measurements the rule read: when any of them is NaN, infinite or missing, the verdict
+    is ``not reproduced`` whatever ``ok`` and ``partly`` say (a comparison with NaN proves nothing).
+    """
+    if not all(finite(x) for x in numbers):
+        return NOT_REPRODUCED
     return REPRODUCED if ok else PARTLY if partly else NOT_REPRODUCED
+
+
+def verdict_of_checks(checks: Sequence[Check]) -> str:
+    """The verdict of a list of predicted-vs-measured checks: ``reproduced`` when every check passed,
+    ``partly reproduced`` when some did, ``not reproduced`` when none did, when there are none, or when a
+    measured or predicted number is NaN/inf."""
+    passed = [c.passed for c in checks]
+    numbers = [c.measured for c in checks] + [c.predicted for c in checks if not isinstance(c.predicted, str)]
+    return verdict_from(bool(passed) and all(passed), any(passed), numbers)
 
 
 def fmt(x: float | None, digits: int = 3) -> str:

@@ -93,7 +93,7 @@ def accuracy_claim(ctx: Context, runs: dict[str, dict], plot: str) -> Claim:
         paper="OPT-13B, SST-2, 1000 examples: zero-shot 58.8, ICL 87.0, MeZO 91.4 (20,000 steps), FT 92.0",
         measured=", ".join(f"{METHOD_NAMES[m]} {acc[m]:.1f}" for m in runs)
         + f" ({b.num_eval} test examples; MeZO {b.zo_steps} steps, FT {b.fo_steps} steps)",
-        verdict=verdict_from(above and close, above),
+        verdict=verdict_from(above and close, above, acc.values()),
         why=f"reproduced when MeZO >= best of zero-shot/ICL + {ABOVE_PROMPTING:g} points and >= FT - "
             f"{FEW_POINTS:g} points; partly when only the first holds. The paper runs 20,000 MeZO steps; "
             f"this scale runs {b.zo_steps} ({b.zo_noise} noise)",
@@ -117,7 +117,7 @@ def memory_claim(ctx: Context, peaks: dict[str, dict], plot: str) -> Claim:
         paper="OPT-13B, MultiRC, batch 1: inference = MeZO 26 GB, prefix FT 158 GB, full FT 316 GB (12x)",
         measured=f"inference {mib['inference']:,.0f} MiB, MeZO {mib['mezo']:,.0f} MiB ({zo_ratio:.2f}x), "
                  f"FT {mib['ft']:,.0f} MiB (FT / MeZO {ft_ratio:.2f}x)",
-        verdict=verdict_from(zo_ratio <= 1.05 and ft_ratio > 1.5, zo_ratio <= 1.2),
+        verdict=verdict_from(zo_ratio <= 1.05 and ft_ratio > 1.5, zo_ratio <= 1.2, mib.values()),
         why="reproduced when MeZO <= 1.05x inference and FT > 1.5x MeZO; partly when MeZO <= 1.2x inference. "
             "At 135M parameters activations weigh more than at 13B, so FT's multiple is smaller than 12x",
         command=" ; ".join(f"python -m hdopt.finetune.peak_memory --model {ctx.model} --mode {m} --batch "
@@ -138,7 +138,7 @@ def cost_claim(ctx: Context, cost: dict[str, float]) -> Claim:
               "about 4.75 forward-equivalents here, docs/zo.md)",
         measured=f"Rademacher {rad:.2f}, Gaussian {gauss:.2f} forward-equivalents per step "
                  f"(forward {cost['forward_seconds']:.3f} s, batch {b.cost_batch} x {b.cost_length})",
-        verdict=verdict_from(rad <= 2.5 and gauss <= 3.5, rad <= 2.5 or gauss <= 3.5),
+        verdict=verdict_from(rad <= 2.5 and gauss <= 3.5, rad <= 2.5 or gauss <= 3.5, (rad, gauss)),
         why="reproduced when Rademacher <= 2.5 and Gaussian <= 3.5 forward passes (hdopt.zo's goals); partly "
             "when one of them holds",
         command=f"PYTHONPATH=src python benchmarks/zo_step.py --rounds {b.cost_rounds}",

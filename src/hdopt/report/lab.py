@@ -6,7 +6,7 @@ import torch
 
 from hdopt.dynamics.registry import get
 from hdopt.dynamics.results import LabResult
-from hdopt.report.claims import Claim, Section, Table, fmt, verdict_from
+from hdopt.report.claims import Claim, Section, Table, fmt, verdict_of_checks
 from hdopt.report.context import Context
 
 # (experiment, title, the paper's statement)
@@ -45,8 +45,13 @@ IMPLICIT_BIAS = (
 LOCAL_SGD = (
     "Gu, Lyu, Huang & Arora (ICLR 2023): Local SGD with a small lr and long training drifts to flatter "
     "minima than SGD with the same global batch, faster as eta*H grows (their digits-scale check: Hessian "
-    "trace 42.0 / 34.9 / 29.7 at H = 1 / 16 / 128). Gu et al. (ICLR 2024): the Quadratic Synchronization "
-    "Rule H = max(H_base, (alpha/eta)^2) synchronizes less often at equal or better accuracy"
+    "trace 42.0 / 34.9 / 29.7 at H = 1 / 16 / 128)"
+)
+QSR = (
+    "Gu, Lyu, Arora, Zhang & Huang (ICLR 2024): with a decaying lr, the Quadratic Synchronization Rule "
+    "H = max(H_base, floor((alpha/eta)^2)) reaches equal or better test accuracy than constant H = H_base "
+    "with fewer synchronizations, and better accuracy than a constant H with the same communication "
+    "(ImageNet: ResNet-152 and ViT-B, Local SGD and Local AdamW)"
 )
 
 
@@ -95,7 +100,7 @@ def claim_from(ctx: Context, result: LabResult, title: str, paper: str, checks=N
         title=title, claim=get(result.name).claim,
         paper=f"{paper}. Predicted for this run: " + "; ".join(f"{c.name}: {_predicted(c)}" for c in checks),
         measured="; ".join(f"{c.name}: {fmt(c.measured)}" for c in checks),
-        verdict=verdict_from(all(passed), any(passed)),
+        verdict=verdict_of_checks(checks),
         why=f"{sum(passed)} of {len(passed)} predictions met within their stated tolerance",
         command=lab_command(ctx, result.name),
         tables=[table], plots=[ctx.rel(result.plot)] if result.plot else [],
@@ -124,7 +129,7 @@ def local_sgd(ctx: Context, progress=None) -> Section:
     qsr = [c for c in result.checks if c.name.startswith("QSR")]
     claims = [
         claim_from(ctx, result, "Local SGD finds flatter minima as H grows", LOCAL_SGD, sharp),
-        claim_from(ctx, result, "QSR synchronizes less at equal accuracy and sharpness", LOCAL_SGD, qsr),
+        claim_from(ctx, result, "QSR: the accuracy of constant H with fewer synchronizations", QSR, qsr),
     ]
     claims[1].plots = []  # one figure serves both claims
     return Section("local_sgd", "Local SGD",

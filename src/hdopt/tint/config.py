@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 BACKWARDS = ("reference", "exact")
-REALIZATIONS = ("structured", "explicit")
+REALIZATIONS = ("structured", "explicit", "compact")
 REDUCTIONS = ("sum", "mean")
 
 
@@ -25,12 +25,14 @@ class TinTConfig:
         update_norm_gain: update norm gains too (None: True for exact, False for reference, which updates
             LayerNorm biases only).
         fd_scale: N of the finite-difference backward of the reference rule (the reference uses 1000).
-        fd_float64: evaluate those finite differences in float64 (structured realization; the explicit one
-            computes in the model's dtype). False reproduces the reference code's model-dtype differences,
+        fd_float64: evaluate those finite differences in float64 (structured realization; the networks
+            compute in the model's dtype). False reproduces the reference code's model-dtype differences,
             which in float32 lose most digits (docs/tint.md, "float32").
-        realization: "structured" (index/einsum ops; every architecture) or "explicit" (a transformer with
-            fixed-pattern weights and prefix tokens holding the auxiliary weights; GPT-2/OPT and Llama-family
-            auxiliaries, reference backward rule).
+        realization: "structured" (index/einsum ops; every architecture), "explicit" (a transformer with
+            fixed-pattern weights and one prefix token per auxiliary weight row; GPT-2/OPT and Llama-family
+            auxiliaries, reference backward rule; tiny auxiliaries only) or "compact" (the same kind of
+            network packed as the paper packs it, small enough to run on a real auxiliary:
+            :mod:`hdopt.tint.compact`).
         max_len: longest input (tokens) the explicit realization is built for (sizes its position registers).
     """
 
@@ -66,8 +68,8 @@ class TinTConfig:
                              "use backward='exact' for attn_score_grad / update_norm_gain")
         if self.fd_scale <= 0:
             raise ValueError(f"fd_scale must be > 0, got {self.fd_scale}")
-        if self.realization == "explicit" and exact:
-            raise ValueError("the explicit realization implements the reference rule: "
+        if self.realization in ("explicit", "compact") and exact:
+            raise ValueError(f"the {self.realization} realization implements the reference rule: "
                              "set backward='reference'"
                              " (or use realization='structured')")
         if self.max_len < 2:

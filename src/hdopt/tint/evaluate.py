@@ -3,7 +3,8 @@
 Methods compared (same auxiliary model, same data):
 * ``icl``: in-context learning (the demonstrations are only context);
 * ``tint``: a TinT forward pass (simulated SGD on the demonstrations, then the query with the demonstrations
-  in context);
+  in context), by the structured realization (:func:`label_logits_many`) or by the compact explicit network's
+  own forward pass (:func:`compact_label_logits`);
 * ``ft``: explicit fine-tuning with torch autograd (:func:`hdopt.tint.baselines.sgd_finetune`), same rule.
 With 0 shots the context is the test input itself (TinT and FT take one step on its language-modelling loss).
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from hdopt.tint.baselines import sgd_finetune
+from hdopt.tint.compact import CompactTinT
 from hdopt.tint.config import TinTConfig
 from hdopt.tint.data import Example
 from hdopt.tint.structured import StructuredTinT
@@ -90,7 +92,21 @@ def classify(method: str, model, tokenizer, tint: StructuredTinT, demos: list[Ex
 
 def classify_many(runs: dict[str, tuple[str, StructuredTinT]], model, tokenizer, demos: list[Example],
                   tests: list[Example], batch: int = 32) -> dict[str, float]:
-    """Accuracies of several (method, TinT) runs on the same data, e.g. lr candidates.
+    """Accuracies of several (method, TinT) runs on the same data, e.g. lr candidates
+    (see :func:`label_logits_many`)."""
+    labels = torch.tensor([y for _, y in tests])
+    logits = label_logits_many(runs, model, tokenizer, demos, tests, batch)
+    return {name: accuracy(lg, labels) for name, lg in logits.items()}
+
+
+def accuracy(label_logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of rows of (n, 2) label-word logits whose larger entry is the label."""
+    return float((label_logits.argmax(-1) == labels).float().mean())
+
+
+def label_logits_many(runs: dict[str, tuple[str, StructuredTinT]], model, tokenizer, demos: list[Example],
+                      tests: list[Example], batch: int = 32) -> dict[str, torch.Tensor]:
+    """(n, 2) logits of the two label words at each test query, for several (method, TinT) runs.
 
     The frozen blocks below the simulated ones are the same for every run, so their outputs (context and
     queries) are computed once; each run then only pays for its adaptation and its top blocks.
@@ -101,14 +117,13 @@ def classify_many(runs: dict[str, tuple[str, StructuredTinT]], model, tokenizer,
             raise ValueError(f"{name}: unknown method {method!r}; choose from {METHODS}")
     base = next(iter(runs.values()))[1]
     words = label_ids(tokenizer)
-    labels = torch.tensor([y for _, y in tests])
     queries = [query_ids(tokenizer, s) for s, _ in tests]
     if not demos:  # 0 shots: adapt to each query itself (one fine-tuned copy per query: small batches)
-        preds = {name: [] for name in runs}
+        parts = {name: [] for name in runs}
         for i in range(0, len(queries), 8):
-            for name, p in _zero_shot(runs, model, base, queries[i:i + 8], words).items():
-                preds[name].append(p)
-        return {name: float((torch.cat(p) == labels).float().mean()) for name, p in preds.items()}
+            for name, lg in _zero_shot(runs, model, base, queries[i:i + 8], words).items():
+                parts[name].append(lg)
+        return {name: torch.cat(lg) for name, lg in parts.items()}
     prompt = build_prompt(tokenizer, demos)
     ctx = torch.tensor([prompt.ids])
     targets = _targets(ctx.shape[1], prompt.label_positions)  # label-token-only loss
@@ -125,10 +140,34 @@ def classify_many(runs: dict[str, tuple[str, StructuredTinT]], model, tokenizer,
         elif method == "ft":
             top, _ = sgd_finetune(model, ctx, targets, cfg.n_layers, cfg.n_steps, cfg.inner_lr, cfg.reduction)
         _, top_past = tint.upper(h_ctx, top, logits_from=ctx.shape[1] - 1, want_cache=True)
-        preds = torch.cat([tint.upper(h, top, past=top_past, positions=last)[0][:, 0, words].argmax(-1)
-                           for h, last in batches])
-        out[name] = float((preds == labels).float().mean())
+        out[name] = torch.cat([tint.upper(h, top, past=top_past, positions=last)[0][:, 0, words]
+                               for h, last in batches])
     return out
+
+
+def compact_label_logits(net: CompactTinT, tokenizer, demos: list[Example], tests: list[Example],
+                         batch: int = 25) -> torch.Tensor:
+    """(n, 2) label-word logits from the compact TinT network's own forward pass.
+
+    With demonstrations, ``batch`` queries share one pass (:meth:`CompactTinT.packed_logits`: each sees the
+    demonstrations and itself); with none, each query is its own context (one pass per query).
+    """
+    words = label_ids(tokenizer)
+    queries = [query_ids(tokenizer, s) for s, _ in tests]
+    if not demos:
+        return torch.stack([net(torch.tensor([q]), context_len=len(q)).query_logits[0, -1, words]
+                            for q in queries])
+    prompt = build_prompt(tokenizer, demos)
+    return torch.cat([net.packed_logits(prompt.ids, prompt.label_positions, queries[i:i + batch])[:, words]
+                      for i in range(0, len(queries), batch)])
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """How two (n, 2) label-logit tables agree: prediction agreement rate, largest |logit difference|, and the
+    smallest margin |l_1 - l_0| of either (a disagreement needs a margin below the logit difference)."""
+    return {"agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
+            "max_abs_logit_diff": float((a.double() - b.double()).abs().max()),
+            "min_margin": float(torch.cat([(t[:, 1] - t[:, 0]).abs() for t in (a, b)]).min())}
 
 
 def _zero_shot(runs, model, base: StructuredTinT, queries: list[list[int]], words) -> dict[str, torch.Tensor]:
@@ -145,19 +184,19 @@ def _zero_shot(runs, model, base: StructuredTinT, queries: list[list[int]], word
         else:
             out[name] = _zero_shot_ft(model, tint, queries, words)
             continue
-        out[name] = tint.upper(h, top, positions=last)[0][:, 0, words].argmax(-1)
+        out[name] = tint.upper(h, top, positions=last)[0][:, 0, words]
     return out
 
 
 def _zero_shot_ft(model, tint: StructuredTinT, queries: list[list[int]], words) -> torch.Tensor:
-    cfg, preds = tint.config, []
+    cfg, out = tint.config, []
     for q in queries:
         ids = torch.tensor([q])
         targets = torch.ones_like(ids, dtype=torch.bool)
         top, _ = sgd_finetune(model, ids, targets, cfg.n_layers, cfg.n_steps, cfg.inner_lr, cfg.reduction)
         logits, _ = tint.run(ids, tint.blocks_with(top), positions=ids.new_tensor([len(q) - 1]))
-        preds.append(logits[:, 0, words].argmax(-1))
-    return torch.cat(preds)
+        out.append(logits[:, 0, words])
+    return torch.cat(out)
 
 
 def continuation_nll(method: str, model, tint: StructuredTinT, ids: list[int],

@@ -10,6 +10,8 @@ and replay) and :mod:`~hdopt.zo.registry` (the optimizers by name).
 
 from hdopt.zo.base import NonFiniteLossError, Reduce, ZOOptimizer
 from hdopt.zo.directions import Directions
+from hdopt.zo.fzoo import FZOO
+from hdopt.zo.hizoo import HiZOO
 from hdopt.zo.noise import GAUSSIAN, RADEMACHER, NoiseGenerator, derive_key, noise
 from hdopt.zo.optim import ZOSGD, ZOAdam, ZOConservative, ZOSign
 from hdopt.zo.registry import OPTIMIZERS, optimizer_class, optimizer_name
@@ -20,6 +22,8 @@ __all__ = [
     "OPTIMIZERS",
     "RADEMACHER",
     "Directions",
+    "FZOO",
+    "HiZOO",
     "NoiseGenerator",
     "NonFiniteLossError",
     "Reduce",

@@ -383,6 +383,12 @@ class ZOOptimizer(Optimizer):
         """The step's projected gradients from the micro-batch sums, combined across workers."""
         return self.reduce_values([g / pending.count for g in pending.grads], "projected_gradients")
 
+    def reduced_losses(self, pending: Pending) -> list[float]:
+        """Every evaluation's loss of the step (in :meth:`estimate`'s order), averaged over micro-batches and
+        combined across workers: for a rule whose step needs the losses themselves (their spread, a second
+        difference), which overrides :meth:`projected_gradients` to reduce these instead."""
+        return self.reduce_values([v / pending.count for v in pending.losses], "losses")
+
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> float:
         """One update. With a closure: estimate on it, then update. Without: update from :meth:`estimate`
@@ -546,9 +552,10 @@ class ZOOptimizer(Optimizer):
         body, layout = zo.pop("trajectory"), zo.pop("trajectory_layout")
         zo.pop("optimizer")
         super().load_state_dict({**state_dict, "state": {**state_dict["state"], "zo": zo}})
+        self._restore_state_dtypes(state_dict)
         for group in self.param_groups:
             check_group(group)
-        raw = body.to(torch.uint8).numpy().tobytes()
+        raw = body.to("cpu", torch.uint8).numpy().tobytes()  # accelerate may have moved it to the GPU
         trajectory = Trajectory.unpack(raw, *layout, where="the state dict")
         if len(trajectory) != self.step_count or any(r.step != t for t, r in enumerate(trajectory)):
             raise ValueError(
@@ -558,3 +565,18 @@ class ZOOptimizer(Optimizer):
         self.trajectory = trajectory
         self._directions.clear()
         self._pending, self._failure = None, None
+
+    def _restore_state_dtypes(self, state_dict: dict[str, Any]) -> None:
+        """torch casts every floating state tensor to its parameter's dtype on load; buffers of half-precision
+        parameters are float32 here (:func:`state_dtype`), so they are taken again from the saved values."""
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params, strict=True):
+            for name, value in state_dict["state"].get(saved_id, {}).items():
+                loaded = self.state[p].get(name)
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.is_floating_point()
+                    and loaded.dtype != value.dtype
+                ):
+                    self.state[p][name] = value.to(dtype=state_dtype(p), device=p.device)

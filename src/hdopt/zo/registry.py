@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from hdopt.registry import Registry
 from hdopt.zo.base import ZOOptimizer
+from hdopt.zo.fzoo import FZOO
+from hdopt.zo.hizoo import HiZOO
 from hdopt.zo.optim import ZOSGD, ZOAdam, ZOConservative, ZOSign
 
 OPTIMIZERS: Registry[type[ZOOptimizer]] = Registry("zeroth-order optimizer", listing="known:", sort=False)
@@ -14,6 +16,8 @@ OPTIMIZERS.register("zosgd", ZOSGD)
 OPTIMIZERS.register("zoadam", ZOAdam)
 OPTIMIZERS.register("zosign", ZOSign)
 OPTIMIZERS.register("zoconservative", ZOConservative)
+OPTIMIZERS.register("fzoo", FZOO)
+OPTIMIZERS.register("hizoo", HiZOO)
 
 
 def optimizer_class(name: str) -> type[ZOOptimizer]:

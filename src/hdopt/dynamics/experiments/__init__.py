@@ -1,3 +1,3 @@
 """The lab's experiments, one readable recipe per module; importing this package registers them."""
 
-from hdopt.dynamics.experiments import eos, equilibrium, explr, mirror, sde  # noqa: F401
+from hdopt.dynamics.experiments import eos, equilibrium, explr, localsgd, mirror, sde  # noqa: F401

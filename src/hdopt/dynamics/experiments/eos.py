@@ -110,6 +110,42 @@ def tail_values(values: list[float], tail: float) -> np.ndarray:
     return np.asarray(values[-max(1, int(len(values) * tail)):])
 
 
+def summarize(config: EoSConfig, gd: dict[float, dict[str, list]], ngd_ratio: list[float],
+              sqrt_ratio: list[float], sqrt_sharpness: list[float]) -> dict:
+    """The settled values the checks read: per GD lr the initial and settled (median of the tail) sharpness;
+    the settled edge ratios of normalized GD and GD on sqrt(L); GD on sqrt(L)'s final / peak sharpness and
+    whether its peak came before the end."""
+    peak = int(np.argmax(sqrt_sharpness))
+    return {
+        "gd": {lr: {"initial": log["sharpness"][0],
+                    "settled": float(np.median(tail_values(log["sharpness"], config.tail)))}
+               for lr, log in gd.items()},
+        "ngd_ratio": float(np.median(tail_values(ngd_ratio, config.tail))),
+        "sqrt_ratio": float(np.median(tail_values(sqrt_ratio, config.tail))),
+        "sqrt_drop": sqrt_sharpness[-1] / sqrt_sharpness[peak],
+        "sqrt_peak_before_end": peak < len(sqrt_sharpness) - 1,
+    }  # fmt: skip
+
+
+def judge(config: EoSConfig, m: dict) -> list[Check]:
+    """The edge-of-stability predictions against the settled values ``m`` (see :func:`summarize`)."""
+    checks = []
+    for lr, v in m["gd"].items():
+        checks.append(Check(f"GD lr {lr:g}: initial sharpness below 2/eta", f"< {2 / lr:.3g}", v["initial"],
+                            v["initial"] < 2 / lr, "progressive sharpening has room to act"))
+        checks.append(Check(f"GD lr {lr:g}: settled sharpness", 2 / lr, v["settled"],
+                            within(v["settled"], 2 / lr, config.rel_tol), f"median of last {config.tail:.0%} "
+                            f"within {config.rel_tol:.0%} of 2/eta"))
+    tail = f"median of last {config.tail:.0%} within {2 * config.rel_tol:.0%} of 2"
+    checks.append(Check(f"normalized GD lr {config.ngd_lr:g}: sharpness * eta / ||g||", 2.0, m["ngd_ratio"],
+                        within(m["ngd_ratio"], 2.0, 2 * config.rel_tol), tail))
+    checks.append(Check(f"GD on sqrt(L) lr {config.sqrt_lr:g}: sharpness * eta / (2 sqrt L)", 2.0,
+                        m["sqrt_ratio"], within(m["sqrt_ratio"], 2.0, 2 * config.rel_tol), tail))
+    checks.append(Check("GD on sqrt(L): final / peak sharpness", "< 0.9 (sharpness reduction)",
+                        m["sqrt_drop"], m["sqrt_drop"] < 0.9 and m["sqrt_peak_before_end"], "< 0.9"))
+    return checks
+
+
 def run(config: EoSConfig, out_dir: str | Path, data: TensorData | None = None) -> LabResult:
     """GD at each lr and normalized GD; compare settled sharpness with 2/eta (and 2||g||/eta for NGD)."""
     with Timer() as timer:
@@ -117,31 +153,10 @@ def run(config: EoSConfig, out_dir: str | Path, data: TensorData | None = None) 
         gd = {lr: train(config, data, "gd", lr, config.steps) for lr in config.lrs}
         ngd = train(config, data, "ngd", config.ngd_lr, config.ngd_steps)
         sqrt = train(config, data, "sqrt", config.sqrt_lr, config.sqrt_steps)
-    checks = []
-    for lr, log in gd.items():
-        settled = float(np.median(tail_values(log["sharpness"], config.tail)))
-        checks.append(Check(f"GD lr {lr:g}: initial sharpness below 2/eta", f"< {2 / lr:.3g}",
-                            log["sharpness"][0],
-                            log["sharpness"][0] < 2 / lr, "progressive sharpening has room to act"))
-        checks.append(Check(f"GD lr {lr:g}: settled sharpness", 2 / lr, settled,
-                            within(settled, 2 / lr, config.rel_tol), f"median of last {config.tail:.0%} "
-                            f"within {config.rel_tol:.0%} of 2/eta"))
     ratio = np.asarray(ngd["sharpness"]) * config.ngd_lr / np.maximum(np.asarray(ngd["grad_norm"]), 1e-30)
-    settled_ratio = float(np.median(tail_values(ratio.tolist(), config.tail)))
-    checks.append(Check(f"normalized GD lr {config.ngd_lr:g}: sharpness * eta / ||g||", 2.0, settled_ratio,
-                        within(settled_ratio, 2.0, 2 * config.rel_tol),
-                        f"median of last {config.tail:.0%} within {2 * config.rel_tol:.0%} of 2"))
     # GD on sqrt(L) steps with lr / (2 sqrt(L)): its edge is sharpness * lr / (2 sqrt(L)) = 2
     sqrt_ratio = np.asarray(sqrt["sharpness"]) * config.sqrt_lr / (2 * np.sqrt(sqrt["measured_loss"]))
-    settled_sqrt = float(np.median(tail_values(sqrt_ratio.tolist(), config.tail)))
-    checks.append(Check(f"GD on sqrt(L) lr {config.sqrt_lr:g}: sharpness * eta / (2 sqrt L)", 2.0,
-                        settled_sqrt,
-                        within(settled_sqrt, 2.0, 2 * config.rel_tol),
-                        f"median of last {config.tail:.0%} within {2 * config.rel_tol:.0%} of 2"))
-    peak = int(np.argmax(sqrt["sharpness"]))
-    drop = sqrt["sharpness"][-1] / sqrt["sharpness"][peak]
-    checks.append(Check("GD on sqrt(L): final / peak sharpness", "< 0.9 (sharpness reduction)", drop,
-                        drop < 0.9 and peak < len(sqrt["sharpness"]) - 1, "< 0.9"))
+    checks = judge(config, summarize(config, gd, ratio.tolist(), sqrt_ratio.tolist(), sqrt["sharpness"]))
     curves = {f"gd lr={lr:g}/{k}": v for lr, log in gd.items() for k, v in log.items()}
     curves.update({f"sqrt lr={config.sqrt_lr:g}/{k}": v for k, v in sqrt.items()})
     curves[f"sqrt lr={config.sqrt_lr:g}/ratio"] = sqrt_ratio.tolist()

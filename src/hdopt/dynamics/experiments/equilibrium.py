@@ -112,6 +112,37 @@ def equilibrium_time(norms: np.ndarray, band: float, fraction: float = 0.25) -> 
     return int(inside[0]) if len(inside) else len(norms)
 
 
+def summarize(config: EquilibriumConfig, runs: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:
+    """The four measurements of runs A, B and C: the tail RMS angular update of A, the tail norm ratio A / B,
+    and the times (in units of eta*lambda*t) at which A and C reach equilibrium."""
+    lam_e = config.lr * config.weight_decay
+    return {
+        "angle": tail_rms(runs["A"]["angle"]),
+        "norm_ratio": tail_rms(runs["A"]["norm"]) / tail_rms(runs["B"]["norm"]),
+        "time_a": equilibrium_time(runs["A"]["norm"], config.band) * lam_e,
+        "time_c": equilibrium_time(runs["C"]["norm"], config.band) * lam_e,
+    }
+
+
+def judge(config: EquilibriumConfig, m: dict[str, float]) -> list[Check]:
+    """The predictions for ``config`` against the measurements ``m`` (see :func:`summarize`)."""
+    f = config.partner_factor
+    predicted_angle = equilibrium_angular_update(config.lr, config.weight_decay)
+    predicted_ratio = (1.0 / f**2) ** 0.25
+    predicted_delay = math.log(config.init_scale)
+    delay = m["time_c"] - m["time_a"]
+    return [
+        Check("RMS angular update", predicted_angle, m["angle"],
+              within(m["angle"], predicted_angle, config.rel_tol), f"within {config.rel_tol:.0%}"),
+        Check(f"norm ratio (eta/lambda x{1 / f**2:g})", predicted_ratio, m["norm_ratio"],
+              within(m["norm_ratio"], predicted_ratio, config.rel_tol), f"within {config.rel_tol:.0%}"),
+        Check("eta*lambda*t to equilibrium", "O(1), in [0.25, 4]", m["time_a"], 0.25 <= m["time_a"] <= 4.0,
+              "in [0.25, 4]"),
+        Check(f"delay from {config.init_scale:g}x init (eta*lambda*t)", predicted_delay, delay,
+              within(delay, predicted_delay, 2 * config.rel_tol), f"within {2 * config.rel_tol:.0%}"),
+    ]  # fmt: skip
+
+
 def run(config: EquilibriumConfig, out_dir: str | Path, data: TensorData | None = None) -> LabResult:
     """Run the three trainings, compare with the predictions, write results.json and equilibrium.png."""
     with Timer() as timer:
@@ -123,22 +154,7 @@ def run(config: EquilibriumConfig, out_dir: str | Path, data: TensorData | None 
             "B": train_run(config, data, config.lr * f, config.weight_decay / f, 1.0),
             "C": train_run(config, data, config.lr, config.weight_decay, config.init_scale),
         }
-        angle = tail_rms(runs["A"]["angle"])
-        ratio = tail_rms(runs["A"]["norm"]) / tail_rms(runs["B"]["norm"])
-        t_a = equilibrium_time(runs["A"]["norm"], config.band) * lam_e
-        t_c = equilibrium_time(runs["C"]["norm"], config.band) * lam_e
-    predicted_angle = equilibrium_angular_update(config.lr, config.weight_decay)
-    predicted_ratio = (1.0 / f**2) ** 0.25
-    predicted_delay = math.log(config.init_scale)
-    checks = [
-        Check("RMS angular update", predicted_angle, angle, within(angle, predicted_angle, config.rel_tol),
-              f"within {config.rel_tol:.0%}"),
-        Check(f"norm ratio (eta/lambda x{1 / f**2:g})", predicted_ratio, ratio,
-              within(ratio, predicted_ratio, config.rel_tol), f"within {config.rel_tol:.0%}"),
-        Check("eta*lambda*t to equilibrium", "O(1), in [0.25, 4]", t_a, 0.25 <= t_a <= 4.0, "in [0.25, 4]"),
-        Check(f"delay from {config.init_scale:g}x init (eta*lambda*t)", predicted_delay, t_c - t_a,
-              within(t_c - t_a, predicted_delay, 2 * config.rel_tol), f"within {2 * config.rel_tol:.0%}"),
-    ]
+    checks = judge(config, summarize(config, runs))
     curves = {"eta_lambda_t": thin(np.arange(1, config.steps + 1) * lam_e)}
     for key, r in runs.items():
         curves[f"{key}/angle"] = thin(moving_average(r["angle"], max(1, config.steps // 100)))

@@ -96,21 +96,33 @@ def train_pair(config: ExpLRConfig, data: TensorData, momentum: float) -> dict[s
     return log
 
 
+def summarize(logs: dict[float, dict[str, list[float]]]) -> dict[float, dict[str, float]]:
+    """Per momentum: the largest output difference of the pair, of the weight-scale identity, and of the
+    control over the run."""
+    return {m: {"diff": max(log["diff"]), "scale_error": max(log["scale_error"]),
+                "control": max(log["control_diff"])} for m, log in logs.items()}  # fmt: skip
+
+
+def judge(config: ExpLRConfig, measured: dict[float, dict[str, float]]) -> list[Check]:
+    """Three checks per momentum: outputs and weight scale agree within ``tol``; the control run does not."""
+    checks = []
+    for m, v in measured.items():
+        checks.append(Check(f"max |output diff|, momentum {m:g}", f"< {config.tol:g}", v["diff"],
+                            v["diff"] < config.tol, f"< {config.tol:g}"))
+        checks.append(Check(f"max |w_t|/(alpha^t |w~_t|) - 1, momentum {m:g}", f"< {config.tol:g}",
+                            v["scale_error"], v["scale_error"] < config.tol, f"< {config.tol:g}"))
+        checks.append(Check(f"control (no wd, constant lr) diff, momentum {m:g}", "> 1e3 x tol", v["control"],
+                            v["control"] > 1e3 * config.tol,
+                            "> 1e3 x tol (the comparison can tell runs apart)"))
+    return checks
+
+
 def run(config: ExpLRConfig, out_dir: str | Path, data: TensorData | None = None) -> LabResult:
     """Train the pairs, check max |f_wd - f_explr| < tol (and the control is far), write results and plot."""
     with Timer() as timer:
         data = data or load_data(config.data, config.n_train, seed=config.seed)
         logs = {m: train_pair(config, data, m) for m in config.momenta}
-    checks = []
-    for m, log in logs.items():
-        diff, control = max(log["diff"]), max(log["control_diff"])
-        checks.append(Check(f"max |output diff|, momentum {m:g}", f"< {config.tol:g}", diff,
-                            diff < config.tol, f"< {config.tol:g}"))
-        scale_error = max(log["scale_error"])
-        checks.append(Check(f"max |w_t|/(alpha^t |w~_t|) - 1, momentum {m:g}", f"< {config.tol:g}",
-                            scale_error, scale_error < config.tol, f"< {config.tol:g}"))
-        checks.append(Check(f"control (no wd, constant lr) diff, momentum {m:g}", "> 1e3 x tol", control,
-                            control > 1e3 * config.tol, "> 1e3 x tol (the comparison can tell runs apart)"))
+    checks = judge(config, summarize(logs))
     curves = {f"momentum={m:g}/{k}": thin(v) for m, log in logs.items() for k, v in log.items()}
     curves["alpha"] = {f"momentum={m:g}": explr_alpha(config.lr, config.weight_decay, m)
                        for m in config.momenta}

@@ -73,6 +73,22 @@ def trajectory_gap(X: np.ndarray, y: np.ndarray, alpha: float, lr: float, steps:
     return gap / float(np.linalg.norm(w_md))
 
 
+def judge(config: MirrorConfig, m: dict[str, float]) -> list[Check]:
+    """Checks on ``m``: the worst GD-vs-MD gap over alphas, the gap's ratio when the step halves, the l1 norm
+    of the smallest alpha's limit over the minimum, the largest alpha's distance to the min-l2 solution."""
+    small, large = min(config.alphas), max(config.alphas)
+    return [
+        Check("max GD-vs-MD trajectory gap (relative)", f"< {config.traj_tol:g}", m["worst_gap"],
+              m["worst_gap"] < config.traj_tol, f"< {config.traj_tol:g} for every alpha"),
+        Check(f"gap(step)/gap(step/2) at alpha {small:g}", 2.0, m["halving"], 1.6 <= m["halving"] <= 2.4,
+              "in [1.6, 2.4]: the gap is discretization error, O(step)"),
+        Check(f"alpha {small:g}: ||w||_1 / min ||w||_1", 1.0, m["l1_ratio"],
+              abs(m["l1_ratio"] - 1) < config.l1_tol, f"within {config.l1_tol:.0%}"),
+        Check(f"alpha {large:g}: ||w - w_min_l2|| / ||w_min_l2||", 0.0, m["l2_dist"],
+              m["l2_dist"] < config.l2_tol, f"< {config.l2_tol:g}"),
+    ]
+
+
 def run(config: MirrorConfig, out_dir: str | Path, data: object = None) -> LabResult:
     """Sweep alpha; check GD == MD (gap O(step)), small alpha -> min-l1, large alpha -> min-l2."""
     if data is not None:
@@ -94,19 +110,12 @@ def run(config: MirrorConfig, out_dir: str | Path, data: object = None) -> LabRe
         lr_small = config.lr / max(1.0, small**2)
         halving = trajectory_gap(X, y, small, lr_small, config.compare_steps) / trajectory_gap(
             X, y, small, lr_small / 2, 2 * config.compare_steps)
-    l1_ratio = float(np.abs(finals[small]).sum() / np.abs(w_l1).sum())
-    l2_dist = float(np.linalg.norm(finals[large] - w_l2) / np.linalg.norm(w_l2))
-    worst_gap = max(gaps.values())
-    checks = [
-        Check("max GD-vs-MD trajectory gap (relative)", f"< {config.traj_tol:g}", worst_gap,
-              worst_gap < config.traj_tol, f"< {config.traj_tol:g} for every alpha"),
-        Check(f"gap(step)/gap(step/2) at alpha {small:g}", 2.0, halving, 1.6 <= halving <= 2.4,
-              "in [1.6, 2.4]: the gap is discretization error, O(step)"),
-        Check(f"alpha {small:g}: ||w||_1 / min ||w||_1", 1.0, l1_ratio, abs(l1_ratio - 1) < config.l1_tol,
-              f"within {config.l1_tol:.0%}"),
-        Check(f"alpha {large:g}: ||w - w_min_l2|| / ||w_min_l2||", 0.0, l2_dist, l2_dist < config.l2_tol,
-              f"< {config.l2_tol:g}"),
-    ]
+    checks = judge(config, {
+        "worst_gap": max(gaps.values()),
+        "halving": halving,
+        "l1_ratio": float(np.abs(finals[small]).sum() / np.abs(w_l1).sum()),
+        "l2_dist": float(np.linalg.norm(finals[large] - w_l2) / np.linalg.norm(w_l2)),
+    })
     curves = {
         "alphas": list(config.alphas),
         "l1_norm": [float(np.abs(finals[a]).sum()) for a in config.alphas],

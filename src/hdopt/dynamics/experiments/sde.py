@@ -146,6 +146,27 @@ def curve_gap(curve: list[float], reference: list[float]) -> float:
     return float(np.mean(np.abs(np.asarray(curve) - ref)) / np.mean(np.abs(ref)))
 
 
+def judge(config: SDEConfig, m: dict) -> list[Check]:
+    """Checks on the curve gaps ``m``: ``svag`` {l: gap to l = first}, ``control`` (plain SGD at lr/l_max),
+    ``adam`` {"sqrt rule" | "linear rule" | "no scaling": gap to the baseline}."""
+    first, l_max = config.svag_ls[0], max(config.svag_ls)
+    checks = [Check(f"SVAG l={l} gap to l={first}", f"< {config.svag_tol:g}", gap, gap < config.svag_tol,
+                    f"mean |dL| / mean L < {config.svag_tol:g}") for l, gap in m["svag"].items()]
+    worst_svag = max(m["svag"].values(), default=float("nan"))
+    checks.append(Check(f"control: SGD lr/{l_max}, {l_max}x steps, no SVAG", "> 2 x largest SVAG gap",
+                        m["control"], m["control"] > 2 * worst_svag,
+                        f"> 2 x {worst_svag:.3g} (the noise matters)"))
+    gaps = m["adam"]
+    checks.append(Check(f"Adam sqrt rule gap (kappa={config.kappa:g})", f"< {config.rule_tol:g}",
+                        gaps["sqrt rule"], gaps["sqrt rule"] < config.rule_tol,
+                        f"mean |dL| / mean L < {config.rule_tol:g}"))
+    for name in ("linear rule", "no scaling"):
+        checks.append(Check(f"Adam {name} gap", f"> {config.rule_tol:g}", gaps[name],
+                            gaps[name] > config.rule_tol,
+                            f"mean |dL| / mean L > {config.rule_tol:g} (the rule matters)"))
+    return checks
+
+
 def run(config: SDEConfig, out_dir: str | Path, data: TensorData | None = None) -> LabResult:
     """SVAG curves for each l, Adam under three batch-scaling choices; compare gaps with the tolerances."""
     with Timer() as timer:
@@ -165,25 +186,13 @@ def run(config: SDEConfig, out_dir: str | Path, data: TensorData | None = None) 
                           ("no scaling", dict(base))):
             adam[name] = run_adam(config, data, cfg, big_batch, big_steps, name)
 
-    reference = svag[config.svag_ls[0]]
-    checks = [Check(f"SVAG l={l} gap to l={config.svag_ls[0]}", f"< {config.svag_tol:g}",
-                    curve_gap(c, reference), curve_gap(c, reference) < config.svag_tol,
-                    f"mean |dL| / mean L < {config.svag_tol:g}")
-              for l, c in svag.items() if l != config.svag_ls[0]]
-    control = curve_gap(small_lr, reference)
-    worst_svag = max(c.measured for c in checks)
-    checks.append(Check(f"control: SGD lr/{max(config.svag_ls)}, {max(config.svag_ls)}x steps, no SVAG",
-                        "> 2 x largest SVAG gap", control, control > 2 * worst_svag,
-                        f"> 2 x {worst_svag:.3g} (the noise matters)"))
-    baseline = adam["baseline"][0]
-    gaps = {name: curve_gap(curve, baseline) for name, (curve, _) in adam.items() if name != "baseline"}
-    checks.append(Check(f"Adam sqrt rule gap (kappa={config.kappa:g})", f"< {config.rule_tol:g}",
-                        gaps["sqrt rule"], gaps["sqrt rule"] < config.rule_tol,
-                        f"mean |dL| / mean L < {config.rule_tol:g}"))
-    for name in ("linear rule", "no scaling"):
-        checks.append(Check(f"Adam {name} gap", f"> {config.rule_tol:g}", gaps[name],
-                            gaps[name] > config.rule_tol,
-                            f"mean |dL| / mean L > {config.rule_tol:g} (the rule matters)"))
+    reference, baseline = svag[config.svag_ls[0]], adam["baseline"][0]
+    measured = {
+        "svag": {l: curve_gap(c, reference) for l, c in svag.items() if l != config.svag_ls[0]},
+        "control": curve_gap(small_lr, reference),
+        "adam": {name: curve_gap(curve, baseline) for name, (curve, _) in adam.items() if name != "baseline"},
+    }
+    checks = judge(config, measured)
     curves = {f"svag l={l}": c for l, c in svag.items()}
     curves[f"sgd lr/{max(config.svag_ls)} control"] = small_lr
     curves.update({f"adam {name}": c for name, (c, _) in adam.items()})

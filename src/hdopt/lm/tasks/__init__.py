@@ -1,4 +1,5 @@
-"""Task registry: the MeZO task suite, LM-BFF single-sentence sets, and custom tasks from YAML/JSON.
+"""Task registry: the MeZO task suite, LM-BFF single-sentence sets, and custom tasks from YAML/JSON
+(hdopt's format or lm-evaluation-harness task files).
 
 >>> from hdopt.lm.tasks import get_task, load_split
 >>> task = get_task("sst2")
@@ -14,6 +15,7 @@ from hdopt.lm.tasks.base import (
     HubSource,
     Task,
     TaskError,
+    TaskWarning,
     get_task,
     list_tasks,
     register_task,
@@ -21,7 +23,7 @@ from hdopt.lm.tasks.base import (
 )
 from hdopt.lm.tasks.custom import load_task_file, resolve_task, with_overrides
 from hdopt.lm.tasks.data import load_split, resolve_data_dir
-from hdopt.lm.tasks.sampling import Splits, sample_per_class, sample_protocol
+from hdopt.lm.tasks.sampling import Splits, sample_per_class, sample_protocol, shared_prompts
 
 __all__ = [
     "DataError",
@@ -31,6 +33,7 @@ __all__ = [
     "Splits",
     "Task",
     "TaskError",
+    "TaskWarning",
     "get_task",
     "list_tasks",
     "load_split",
@@ -40,6 +43,7 @@ __all__ = [
     "resolve_task",
     "sample_per_class",
     "sample_protocol",
+    "shared_prompts",
     "unregister_task",
     "with_overrides",
 ]

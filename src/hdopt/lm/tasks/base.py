@@ -11,11 +11,16 @@ from __future__ import annotations
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hdopt.registry import Registry
 
-METRICS = ("accuracy", "f1")
+if TYPE_CHECKING:
+    from hdopt.lm.tasks.jinja import DocTemplates
+
+METRICS = ("accuracy", "f1", "em")
+OPTION_SCORES = ("mean", "sum")
+SPLITS = ("train", "eval", "fewshot")
 
 
 class TaskError(ValueError):
@@ -24,6 +29,10 @@ class TaskError(ValueError):
 
 class DataError(ValueError):
     """A data file is missing or malformed; the message names the file and line."""
+
+
+class TaskWarning(UserWarning):
+    """Something about a task or its data that is allowed but probably not meant (shared prompts, ...)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,8 @@ class DataFile:
         minus: another split whose rows are removed from this one (MR/CR train = all minus test).
         fold: ``(i, n)`` keeps the rows of every n-th group starting at i (a disjoint split of one file;
             a group is an article for SQuAD, else a row).
+        typed: CSV/TSV cells of a column that are all integers (or all numbers) become ints (floats), as
+            the Hugging Face ``csv`` loader reads them (lm-eval task files).
     """
 
     path: str
@@ -47,6 +58,7 @@ class DataFile:
     encoding: str = "utf-8"
     minus: str | None = None
     fold: tuple[int, int] | None = None
+    typed: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,14 @@ class Task:
         num_dev: dev examples of the sampling protocol (100 for CB and COPA, else 500).
         hub: the Hugging Face ``datasets`` source, if any.
         source: where the task was defined (``builtin`` or a file path), for messages.
+        doc: lm-eval style Jinja fields (doc_to_text / doc_to_choice / doc_to_target) that build the
+            examples instead of ``template`` and the label fields (see :mod:`hdopt.lm.tasks.jinja`);
+            ``label_words`` then holds the fixed choices, if any, for reporting and probes.
+        demo_separator: text between ICL demonstrations and before the test prompt.
+        num_fewshot: ICL demonstrations when the run does not say (None: the evaluation's default).
+        option_score: ``mean`` (per-token mean log-likelihood, MeZO) or ``sum`` (lm-eval's ``acc``).
+        stop: generation ends at the first of these strings (and at EOS).
+        max_new_tokens: generation length when the run does not say (None: the evaluation's default).
     """
 
     name: str
@@ -96,9 +116,42 @@ class Task:
     hub: HubSource | None = None
     description: str = ""
     source: str = "builtin"
+    doc: DocTemplates | None = None
+    demo_separator: str = "\n\n"
+    num_fewshot: int | None = None
+    option_score: str = "mean"
+    stop: tuple[str, ...] = ("\n",)
+    max_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
         where = f"task {self.name!r} ({self.source})"
+        if self.doc is None:
+            self._check_label_fields(where)
+        repeated = sorted({w for w in self.label_words if self.label_words.count(w) > 1})
+        if repeated:
+            raise TaskError(
+                f"{where}: two classes share the label word(s) {', '.join(map(repr, repeated))}; the model "
+                "could not tell them apart: give every class its own word"
+            )
+        if self.metric not in METRICS:
+            raise TaskError(f"{where}: unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
+        if self.option_score not in OPTION_SCORES:
+            raise TaskError(f"{where}: option_score must be one of {', '.join(OPTION_SCORES)}")
+        if "eval" not in self.files:
+            raise TaskError(f"{where}: files must name an 'eval' split (and usually 'train')")
+        for name, spec in self.files.items():
+            if name not in SPLITS:
+                raise TaskError(f"{where}: unknown split {name!r}; splits: {', '.join(SPLITS)}")
+            if spec.minus is not None and (spec.minus not in self.files or spec.minus == name):
+                raise TaskError(f"{where}: split {name!r} subtracts unknown split {spec.minus!r}")
+        try:
+            placeholders = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
+        except ValueError as error:
+            raise TaskError(f"{where}: bad template {self.template!r}: {error}") from error
+        if any(not p.isidentifier() for p in placeholders):
+            raise TaskError(f"{where}: template placeholders must be plain column names: {self.template!r}")
+
+    def _check_label_fields(self, where: str) -> None:
         kinds = [bool(self.label_words), self.options_column is not None, self.target_column is not None]
         if sum(kinds) != 1:
             raise TaskError(f"{where}: give exactly one of label_words, options_column or target_column")
@@ -109,27 +162,24 @@ class Task:
             )
         if (self.label_words or self.options_column) and not self.label_column:
             raise TaskError(f"{where}: a classification task needs label_column")
-        if self.metric not in METRICS:
-            raise TaskError(f"{where}: unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
-        if "eval" not in self.files:
-            raise TaskError(f"{where}: files must name an 'eval' split (and usually 'train')")
-        for name, spec in self.files.items():
-            if spec.minus is not None and spec.minus not in self.files:
-                raise TaskError(f"{where}: split {name!r} subtracts unknown split {spec.minus!r}")
-        try:
-            placeholders = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
-        except ValueError as error:
-            raise TaskError(f"{where}: bad template {self.template!r}: {error}") from error
-        if any(not p.isidentifier() for p in placeholders):
-            raise TaskError(f"{where}: template placeholders must be plain column names: {self.template!r}")
 
     @property
     def is_generation(self) -> bool:
+        if self.doc is not None:
+            return self.doc.generation
         return self.target_column is not None
 
     @property
     def placeholders(self) -> tuple[str, ...]:
         return tuple(f for _, f, _, _ in string.Formatter().parse(self.template) if f)
+
+    @property
+    def columns(self) -> frozenset[str]:
+        """The row columns the task reads (before ``prepare``, which may create some of them)."""
+        if self.doc is not None:
+            return self.doc.columns
+        named = (self.label_column, self.options_column, self.target_column)
+        return frozenset(self.placeholders) | {c for c in named if c}
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +45,15 @@ def _read_split(task: Task, split: str, data_dir: Path) -> list[Record]:
             f"or point --data-dir / ${DATA_ENV} at a folder with {spec.path}"
         )
     records = read_file(path, spec)
+    _check_header(task, split, spec, path, records)
     if spec.fold is not None:
         i, n = spec.fold
         records = [r for r in records if r.group % n == i]
     if spec.minus is not None:  # a multiset difference: each row of the other split removes one copy
-        removed = Counter(_identity(task, r.data) for r in _read_split(task, spec.minus, data_dir))
+        removed = Counter(_identity(task, r) for r in _read_split(task, spec.minus, data_dir))
         kept = []
         for record in records:
-            key = _identity(task, record.data)
+            key = _identity(task, record)
             if removed[key] > 0:
                 removed[key] -= 1
             else:
@@ -60,9 +62,27 @@ def _read_split(task: Task, split: str, data_dir: Path) -> list[Record]:
     return records
 
 
-def _identity(task: Task, row: dict[str, Any]) -> tuple:
-    """What makes two rows the same example (for ``minus``): the template's columns, whitespace-stripped."""
-    return tuple(str(row.get(col, "")).strip() for col in task.placeholders)
+def _check_header(task: Task, split: str, spec: DataFile, path: Path, records: list[Record]) -> None:
+    """A CSV/TSV header that lacks the task's columns is probably a first data row: say ``columns:``."""
+    fmt = spec.format or path.suffix.lstrip(".")
+    if spec.columns or fmt not in ("csv", "tsv") or not records or task.prepare:
+        return
+    header = list(records[0].data)
+    missing = sorted(task.columns - set(header))
+    if missing:
+        raise DataError(
+            f"{path}:1: the first line was read as the header ({', '.join(header)}), but task {task.name!r} "
+            f"reads the column(s) {', '.join(missing)}. If the file has no header line, name its columns "
+            f"with `columns: [...]` (for this file only: data: {{{split}: {{path: ..., columns: [...]}}}})"
+        )
+
+
+def _identity(task: Task, record: Record) -> tuple:
+    """What makes two rows the same example (for ``minus``): the template's columns, whitespace-stripped
+    (the rendered prompt for a task with Jinja doc templates)."""
+    if task.doc is not None:
+        return (task.doc.prompt(record.data, record.where),)
+    return tuple(str(record.data.get(col, "")).strip() for col in task.placeholders)
 
 
 def _hub_records(task: Task, split: str) -> list[Record]:
@@ -102,6 +122,8 @@ def _hub_records(task: Task, split: str) -> list[Record]:
 
 def to_example(task: Task, record: Record, uid: str, label_values: tuple[str, ...] = ()) -> Example:
     """Fill the template of ``task`` from one record, checking columns and label values."""
+    if task.doc is not None:
+        return task.doc.example(uid, record.data, record.where)
     row = record.data
     if task.prepare:
         try:
@@ -116,6 +138,15 @@ def to_example(task: Task, record: Record, uid: str, label_values: tuple[str, ..
             f"{record.where}: missing column(s) {', '.join(missing)} for task {task.name!r} "
             f"(row has: {', '.join(map(str, row))})"
         )
+    for column in task.placeholders:
+        if isinstance(row[column], Mapping | list | tuple):
+            shown = repr(row[column])
+            raise DataError(
+                f"{record.where}: column {column!r} holds a {type(row[column]).__name__} "
+                f"({shown if len(shown) <= 60 else shown[:57] + '...'}), not text; the template can only "
+                "paste text: name a row function in `prepare`, or write the task file in the lm-eval "
+                "format, whose Jinja templates can pick a part ({{ column.key }})"
+            )
     prompt = task.template.format(**{c: row[c] for c in task.placeholders})
     if task.is_generation:
         answers = row.get(task.target_column)
@@ -169,7 +200,8 @@ def load_split(task: Task, split: str, data_dir: str | os.PathLike | None = None
     if split not in task.files:
         raise DataError(f"task {task.name!r} has no {split!r} split (splits: {', '.join(task.files)})")
     folder = resolve_data_dir(data_dir)
-    if folder is None and not all(Path(spec.path).is_absolute() for spec in task.files.values()):
+    from_hub = folder is None and not all(Path(spec.path).is_absolute() for spec in task.files.values())
+    if from_hub:
         records = _hub_records(task, split)
         values = task.hub.label_values if task.hub and task.hub.label_values else task.label_values
     else:
@@ -177,4 +209,8 @@ def load_split(task: Task, split: str, data_dir: str | os.PathLike | None = None
         values = task.label_values
     examples = [to_example(task, r, f"{task.name}/{split}/{i}", values) for i, r in enumerate(records)]
     # ReCoRD queries whose answer is not among the passage entities cannot be scored: drop them
-    return [e for e in examples if task.is_generation or e.label is not None]
+    examples = [e for e in examples if task.is_generation or e.label is not None]
+    if not examples:
+        where = f"hub {task.hub.path}" if from_hub and task.hub else task.files[split].path
+        raise DataError(f"task {task.name!r}: the {split} split ({where}) has no examples")
+    return examples

@@ -59,8 +59,13 @@ def _read_delimited(path: Path, spec: DataFile, delimiter: str) -> list[Record]:
         try:
             for row in reader:
                 if not columns:
-                    columns = [c.strip() for c in row]  # header line
+                    columns = _header(path, [c.strip() for c in row])
                     continue
+                if not records and [c.strip() for c in row] == columns:
+                    raise DataError(
+                        f"{path}:{reader.line_num}: this line repeats the column names {columns}: the file "
+                        "has a header line, so drop `columns:` for this file"
+                    )
                 if not any(cell.strip() for cell in row):
                     continue
                 if len(row) != len(columns):
@@ -73,7 +78,38 @@ def _read_delimited(path: Path, spec: DataFile, delimiter: str) -> list[Record]:
                 )
         except (csv.Error, UnicodeDecodeError) as error:
             raise DataError(f"{path}:{reader.line_num}: unreadable row ({error})") from error
-    return records
+    return _typed(records) if spec.typed else records
+
+
+def _header(path: Path, names: list[str]) -> list[str]:
+    """The first line as column names; empty or repeated names mean it is probably data."""
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if "" in names or repeated:
+        problem = "an empty column name" if "" in names else f"the repeated name(s) {', '.join(repeated)}"
+        raise DataError(
+            f"{path}:1: the first line is read as the header but has {problem}; if the file has no header "
+            "line, name its columns with `columns: [...]`"
+        )
+    return names
+
+
+def _typed(records: list[Record]) -> list[Record]:
+    """Columns whose cells are all integers become ints, all numbers floats (as the hub's csv loader)."""
+    if not records:
+        return records
+    converted: dict[str, Any] = {}
+    for column in records[0].data:
+        cells = [r.data[column] for r in records]
+        for kind in (int, float):
+            try:
+                converted[column] = [kind(c) for c in cells]
+                break
+            except ValueError:
+                continue
+    return [
+        Record(r.where, {k: converted[k][i] if k in converted else v for k, v in r.data.items()}, r.group)
+        for i, r in enumerate(records)
+    ]
 
 
 def read_tsv(path: Path, spec: DataFile) -> list[Record]:
@@ -101,6 +137,21 @@ def _load_json(path: Path, spec: DataFile) -> Any:
         return json.loads(path.read_text(encoding=spec.encoding))
     except json.JSONDecodeError as error:
         raise DataError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from error
+
+
+def read_json(path: Path, spec: DataFile) -> list[Record]:
+    """A JSON array of objects (one record each), or JSON Lines (as the hub's ``json`` loader reads both)."""
+    try:
+        doc = json.loads(path.read_text(encoding=spec.encoding))
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: cannot decode as {spec.encoding} ({error}); set its encoding") from error
+    except json.JSONDecodeError:
+        return read_jsonl(path, spec)  # several documents: JSON Lines
+    if isinstance(doc, dict):
+        return [Record(f"{path}:1", doc, 0)]  # JSON Lines with one line
+    if not isinstance(doc, list) or not all(isinstance(row, dict) for row in doc):
+        raise DataError(f"{path}: expected a JSON array of objects (or one object per line)")
+    return [Record(f"{path}: [{i}]", row, i) for i, row in enumerate(doc)]
 
 
 def read_squad(path: Path, spec: DataFile) -> list[Record]:
@@ -166,6 +217,7 @@ def read_record(path: Path, spec: DataFile) -> list[Record]:
 
 READERS: dict[str, Callable[[Path, DataFile], list[Record]]] = {
     "jsonl": read_jsonl,
+    "json": read_json,
     "tsv": read_tsv,
     "csv": read_csv,
     "label_text": read_label_text,
@@ -180,7 +232,14 @@ def read_file(path: Path, spec: DataFile) -> list[Record]:
     """Read ``path`` with the reader named by ``spec.format`` (or guessed from the suffix)."""
     fmt = spec.format or SUFFIX_FORMATS.get(path.suffix, "")
     if fmt not in READERS:
-        raise DataError(f"{path}: unknown data format {fmt or path.suffix!r}; formats: {', '.join(READERS)}")
+        raise DataError(
+            f"{path}: unknown data format {fmt or path.suffix!r}; give `format:` one of {', '.join(READERS)}"
+        )
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    return READERS[fmt](path, spec)
+    try:
+        return READERS[fmt](path, spec)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: cannot decode as {spec.encoding} ({error}); set its encoding") from error
+    except OSError as error:
+        raise DataError(f"{path}: cannot read the file ({error.strerror or error})") from error

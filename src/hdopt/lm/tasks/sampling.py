@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from hdopt.lm.tasks.base import Example
+from hdopt.lm.tasks.base import Example, TaskWarning
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,19 @@ def sample_protocol(
 
     A small pool gives fewer: all of it is drawn, dev keeps ``num_dev`` and train gets the rest (so WSC,
     554 rows with dev 500, trains on 54; CB, 250 rows with dev 100, on 150). ``num_eval=None`` keeps the
-    whole eval pool.
+    whole eval pool. Eval prompts that also appear in the train pool are counted in a warning (a train
+    file that contains the test rows leaks them into training and demonstrations).
     """
+    shared = shared_prompts(train_pool, eval_pool)
+    if shared:
+        task = eval_pool[0].uid.split("/")[0]
+        warnings.warn(
+            f"task {task!r}: {shared} of the {len(eval_pool)} eval prompts also appear in the train split, "
+            "so training and demonstrations may include test examples; if the train file is a pool that "
+            "holds the test rows, subtract them (task file: data: {train: {path: ..., minus: eval}})",
+            TaskWarning,
+            stacklevel=2,
+        )
     drawn = _permuted(train_pool, seed)[: num_train + num_dev]
     n_dev = min(num_dev, max(len(drawn) - 1, 0))  # never leave train empty
     train, dev = drawn[: len(drawn) - n_dev], drawn[len(drawn) - n_dev :]
@@ -47,6 +59,12 @@ def sample_protocol(
     if num_eval is not None:
         evaluation = evaluation[:num_eval]
     return Splits(train=train[:num_train], dev=dev, eval=evaluation)
+
+
+def shared_prompts(train_pool: Sequence[Example], eval_pool: Sequence[Example]) -> int:
+    """How many examples of ``eval_pool`` have a prompt that some example of ``train_pool`` has too."""
+    train = {e.prompt for e in train_pool}
+    return sum(e.prompt in train for e in eval_pool)
 
 
 def sample_per_class(examples: Sequence[Example], k: int, seed: int) -> list[Example]:
