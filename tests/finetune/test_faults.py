@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +156,89 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(task_file, model_dir, tmp_path
     assert main(["finetune", "--resume", str(out), "--no-progress"]) == 0
     results = json.loads((out / rundir.RESULTS).read_text())
     assert results["status"] == "completed" and results["steps"] == 6 and not math.isnan(results["test"])
+
+
+def _weights_sha256(folder) -> str:
+    return load_checkpoint(folder / rundir.CHECKPOINT)[2]["weights_sha256"]
+
+
+def test_a_sigterm_during_the_loss_exchange_still_stops_the_run(task_file, model_dir, tmp_path, capsys,
+                                                                monkeypatch):  # fmt: skip
+    """The loop read the stop flag into the exchange of the step's loss and assigned the agreed flag back: a
+    signal arriving during the exchange was dropped and the run went on to its end (exit 0)."""
+    from hdopt.finetune.data_parallel import OneProcess
+
+    real = OneProcess.agree
+
+    def signalled_at_2(self, loss, stop, step):
+        if step == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return real(self, loss, stop, step)
+
+    full, out = tmp_path / "full", tmp_path / "out"
+    assert main(_flags(task_file, model_dir, full, "--steps", "8", "--lr", "1e-2")) == 0
+    monkeypatch.setattr(OneProcess, "agree", signalled_at_2)
+    assert main(_flags(task_file, model_dir, out, "--steps", "8", "--lr", "1e-2")) == 143
+    assert load_checkpoint(out / rundir.CHECKPOINT)[2]["step"] == 4  # the step after the exchange
+    monkeypatch.setattr(OneProcess, "agree", real)
+    assert main(["finetune", "--resume", str(out), "--no-progress"]) == 0
+    assert _weights_sha256(out) == _weights_sha256(full)
+    assert json.loads((out / rundir.RESULTS).read_text())["test"] == json.loads(
+        (full / rundir.RESULTS).read_text())["test"]  # fmt: skip
+
+
+def test_a_sigterm_during_the_first_dev_evaluation_stops_after_step_1(task_file, model_dir, tmp_path, capsys,
+                                                                      monkeypatch):  # fmt: skip
+    """The first dev evaluation ran before the signal handler was installed: a SIGTERM there killed the run
+    with nothing saved (here the test's own handler would see it)."""
+    from hdopt.finetune import trainer
+
+    real = trainer.evaluate_and_select
+    calls = []
+
+    def signalled_at_0(s, state, log):
+        if state.step == 0 and not calls:
+            calls.append(0)
+            signal.raise_signal(signal.SIGTERM)
+        return real(s, state, log)
+
+    def outside(signum, frame):
+        raise AssertionError("SIGTERM reached the process's own handler, not the run's")
+
+    monkeypatch.setattr(trainer, "evaluate_and_select", signalled_at_0)
+    previous = signal.signal(signal.SIGTERM, outside)
+    try:
+        out = tmp_path / "out"
+        assert main(_flags(task_file, model_dir, out, "--steps", "6", "--lr", "1e-2")) == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert load_checkpoint(out / rundir.CHECKPOINT)[2]["step"] == 1
+
+
+def test_a_real_sigterm_then_resume_ends_bitwise_where_a_straight_run_ends(task_file, model_dir, tmp_path,
+                                                                          capsys):  # fmt: skip
+    """A real SIGTERM to ``python -m hdopt finetune`` mid-way (ZO, no stored weights): exit 143, and the
+    resumed run ends with the uninterrupted run's weights (sha256) and metrics."""
+    steps = ["--steps", "300", "--eval-every", "100", "--lr", "1e-3", "--log-every", "1"]
+    full, out = tmp_path / "full", tmp_path / "out"
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "hdopt", *_flags(task_file, model_dir, out, *steps)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        rows = rundir.read_metrics(out) if (out / rundir.METRICS).is_file() else []
+        if any("loss" in r for r in rows):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    stopped = load_checkpoint(out / rundir.CHECKPOINT)[2]["step"]
+    assert 0 < stopped < 300
+    assert main(["finetune", "--resume", str(out), "--no-progress"]) == 0
+    assert main(_flags(task_file, model_dir, full, *steps)) == 0
+    assert _weights_sha256(out) == _weights_sha256(full)
+    results = [json.loads((f / rundir.RESULTS).read_text()) for f in (out, full)]
+    assert [(r["test"], r["best_step"], r["steps"]) for r in results[:1]] == [
+        (r["test"], r["best_step"], r["steps"]) for r in results[1:]]  # fmt: skip

@@ -327,16 +327,18 @@ def train_loop(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog,
     fwd, bwd = s.kind.passes_per_step()
     guarded = s.cfg.method.objective == "loss"
     s.model.train(s.kind.training_mode())
-    if state.step == 0 and t.eval_every and evaluate_and_select(s, state, log):
-        save_best(s, state, folder)
     bar = tqdm(total=t.steps, initial=state.step, desc=s.method.name, unit="step",
                disable=not (t.progress and s.writer))  # fmt: skip
     status = "completed"
-    with StopRequest() as stop:
+    with StopRequest() as stop:  # from the first dev evaluation: a signal during it stops after step 1
+        if state.step == 0 and t.eval_every and evaluate_and_select(s, state, log):
+            save_best(s, state, folder)
         while state.step < t.steps:
             start = time.perf_counter()
             loss = train_step(s, state.step)
-            loss, stop.requested = s.workers.agree(loss, stop.requested, state.step)
+            # the flag is read once, here: a signal arriving during the exchange stops after the next step
+            # (assigning the agreed flag back to it would drop that signal)
+            loss, stopping = s.workers.agree(loss, stop.requested, state.step)
             s.scheduler.step()
             state.step += 1
             state.forwards, state.backwards = state.forwards + fwd, state.backwards + bwd
@@ -351,11 +353,11 @@ def train_loop(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog,
             improved = improved and evaluate_and_select(s, state, log)
             if on_step is not None:
                 on_step(state.step)
-            if improved or state.step % t.save_every == 0 or state.step == t.steps or stop.requested:
+            if improved or state.step % t.save_every == 0 or state.step == t.steps or stopping:
                 save_resume_point(s, state, folder)
             if improved:
                 save_best(s, state, folder)
-            if stop.requested and state.step < t.steps:
+            if stopping and state.step < t.steps:
                 status, s.stopped_by = "interrupted", stop.signal
                 break
     bar.close()
