@@ -242,3 +242,59 @@ def test_a_real_sigterm_then_resume_ends_bitwise_where_a_straight_run_ends(task_
     results = [json.loads((f / rundir.RESULTS).read_text()) for f in (out, full)]
     assert [(r["test"], r["best_step"], r["steps"]) for r in results[:1]] == [
         (r["test"], r["best_step"], r["steps"]) for r in results[1:]]  # fmt: skip
+
+
+@pytest.mark.parametrize("length", ["1", "4"])
+def test_a_max_length_without_room_is_refused_before_any_forward_pass(length, task_file, model_dir, tmp_path,
+                                                                      capsys):  # fmt: skip
+    """The options ' no' / ' yes' are 4 byte tokens: --max-length 1 failed in the first dev evaluation with
+    the scorer's message, and 4 cut the options short and scored what was left."""
+    out = tmp_path / "out"
+    assert main(_flags(task_file, model_dir, out, "--steps", "2", "--max-length", length)) == 2
+    _one_error_line(capsys, f"--max-length {length} leaves no room", "' yes' is 4 token(s)", "--max-length 5")
+    assert not out.exists()
+
+
+def _copy_task(task_file, folder, **rows) -> Path:
+    """The toy task copied into ``folder``, a split replaced by ``rows[split]`` (a list of rows or text)."""
+    folder.mkdir()
+    for name in ("toy.yaml", "train.jsonl", "eval.jsonl"):
+        (folder / name).write_text((task_file.parent / name).read_text())
+    for split, content in rows.items():
+        text = content if isinstance(content, str) else "".join(json.dumps(r) + "\n" for r in content)
+        (folder / f"{split}.jsonl").write_text(text)
+    return folder / "toy.yaml"
+
+
+def test_an_empty_evaluation_file_is_reported_before_training(task_file, model_dir, tmp_path, capsys):
+    task = _copy_task(task_file, tmp_path / "task", eval="")
+    out = tmp_path / "out"
+    assert main(_flags(task, model_dir, out, "--steps", "2")) == 2
+    _one_error_line(capsys, "the eval split", "eval.jsonl", "has no examples")
+    assert not out.exists()
+
+
+def test_a_dict_valued_field_is_refused_not_pasted_into_the_prompt(task_file, model_dir, tmp_path, capsys):
+    rows = [{"text": {"a": [1, 2]}, "label": "0"}] + [{"text": f"good {i}", "label": "1"} for i in range(30)]
+    task = _copy_task(task_file, tmp_path / "task", train=rows)
+    assert main(_flags(task, model_dir, tmp_path / "out", "--steps", "2")) == 2
+    _one_error_line(capsys, "train.jsonl:1: column 'text' holds a dict ({'a': [1, 2]}), not text")
+
+
+def test_task_data_outside_the_task_folder_needs_allow_outside_data(task_file, model_dir, tmp_path, capsys,
+                                                                    monkeypatch):  # fmt: skip
+    """A task file naming ``../secret.jsonl`` is refused without reading it (no line of it echoed);
+    ``--allow-outside-data`` (a field of the run's config) lets it read the file."""
+    monkeypatch.delenv("HDOPT_ALLOW_OUTSIDE_DATA", raising=False)
+    task = _copy_task(task_file, tmp_path / "task")
+    (tmp_path / "secret.jsonl").write_text((task_file.parent / "train.jsonl").read_text())
+    text = task.read_text().replace("train: train.jsonl", "train: ../secret.jsonl")
+    assert "../secret.jsonl" in text
+    task.write_text(text)
+    out = tmp_path / "out"
+    assert main(_flags(task, model_dir, out, "--steps", "1")) == 2
+    line = _one_error_line(capsys, "'../secret.jsonl' is outside the task file's folder",
+                           "--allow-outside-data")
+    assert "good" not in line and "bad" not in line and not out.exists()
+    assert main(_flags(task, model_dir, out, "--steps", "1", "--allow-outside-data")) == 0
+    assert json.loads((out / rundir.CONFIG).read_text())["data"]["allow_outside_data"] is True

@@ -115,6 +115,7 @@ class DataConfig:
     num_eval: int | None = 1000
     max_length: int = 256  # tokens per training row (prompt truncated on the left)
     data_seed: int = 0
+    allow_outside_data: bool = False  # a task file may read data files outside its folder
 
     def __post_init__(self) -> None:
         check_types(self)

@@ -40,7 +40,8 @@ def run_config(folder: str | Path) -> RunConfig:
 
 def run_method(cfg: RunConfig) -> Method:
     """The method that ran for ``cfg`` (``lp`` on a task without label words: head tuning)."""
-    return get_method(cfg.method.method).for_task(resolve_task(cfg.data.task))
+    task = resolve_task(cfg.data.task, allow_outside=cfg.data.allow_outside_data or None)
+    return get_method(cfg.method.method).for_task(task)
 
 
 @dataclass

@@ -70,7 +70,7 @@ from hdopt.finetune.methods import Method, get_method
 from hdopt.finetune.optimizers import paper_defaults
 from hdopt.finetune.trained import check_start
 from hdopt.io import atomic_write_json
-from hdopt.lm.evaluation import EvalConfig, EvalResult, context_length, evaluate
+from hdopt.lm.evaluation import EvalConfig, EvalResult, check_room, context_length, evaluate
 from hdopt.lm.models import load_model
 from hdopt.lm.tasks import Splits, Task, load_split, resolve_task, sample_protocol
 
@@ -179,7 +179,7 @@ def setup(cfg: RunConfig, model=None, tokenizer=None, comm: Communicator | None 
     (torchrun), every rank checks that it runs the same config from the same weights before the first step.
     """
     workers = workers_for(comm if comm is not None else Communicator.single())
-    task = resolve_task(cfg.data.task)
+    task = resolve_task(cfg.data.task, allow_outside=cfg.data.allow_outside_data or None)
     method = get_method(cfg.method.method).for_task(task)  # lp without label words: head tuning
     cfg = resolve(cfg, method, task)
     workers.check(cfg, method)
@@ -192,6 +192,8 @@ def setup(cfg: RunConfig, model=None, tokenizer=None, comm: Communicator | None 
         m = cfg.model
         m.check_available()
         model, tokenizer = load_model(m.model, m.dtype, m.device, m.cache_dir)
+    # before any forward pass: --max-length must hold a prompt token and the longest option (or the answer)
+    check_room(task, [*splits.train, *splits.dev, *splits.eval], tokenizer, eval_config(model, task, cfg))
     model = prepare_model(model, method.adapter, cfg.method, cfg.train.seed)
     if cfg.method.lp_init:
         label_head = label_head or _fit_label_head(cfg, method, task, splits, model, tokenizer)
@@ -217,18 +219,22 @@ def _device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def evaluate_examples(model, tokenizer, task: Task, cfg: RunConfig, examples) -> EvalResult:
-    """hdopt.lm's zero-shot evaluation of ``model`` on ``examples``, as a run of ``cfg`` evaluates dev/test
-    (eval mode during the evaluation; the model's mode is restored after)."""
+def eval_config(model, task: Task, cfg: RunConfig) -> EvalConfig:
+    """The evaluation settings of a run of ``cfg`` (dev and test)."""
     answer_room = MAX_NEW_TOKENS if task.is_generation else 0  # max_length bounds the prompt
-    ecfg = EvalConfig(
+    return EvalConfig(
         model=cfg.model.model, task=task.name, batch_size=cfg.train.eval_batch_size,
         max_length=context_length(model, cfg.data.max_length + answer_room),
         max_new_tokens=MAX_NEW_TOKENS, progress=False,
     )  # fmt: skip
+
+
+def evaluate_examples(model, tokenizer, task: Task, cfg: RunConfig, examples) -> EvalResult:
+    """hdopt.lm's zero-shot evaluation of ``model`` on ``examples``, as a run of ``cfg`` evaluates dev/test
+    (eval mode during the evaluation; the model's mode is restored after)."""
     was_training = model.training
     model.eval()
-    result = evaluate(model, tokenizer, task, examples, [], ecfg)
+    result = evaluate(model, tokenizer, task, examples, [], eval_config(model, task, cfg))
     model.train(was_training)
     return result
 
