@@ -73,13 +73,14 @@ class Context:
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=self.env(),
                               timeout=timeout)  # fmt: skip
 
-    def finetune_flags(self, out: Path, *extra) -> list[str]:
-        return ["finetune", "--model", self.model, "--task", self.task, "--num-train", "16", "--num-dev",
-                "8", "--num-eval", "8", "--max-length", "32", "--batch-size", "8", "--output-dir", out,
-                "--no-progress", "--lr", "1e-2", *extra]  # fmt: skip
+    def finetune_flags(self, out: Path, *extra, task: Path | None = None) -> list[str]:
+        return ["finetune", "--model", self.model, "--task", task or self.task, "--num-train", "16",
+                "--num-dev", "8", "--num-eval", "8", "--max-length", "32", "--batch-size", "8",
+                "--output-dir", out, "--no-progress", "--lr", "1e-2", *extra]  # fmt: skip
 
-    def finetune(self, out: Path, *extra, timeout: float = 300) -> subprocess.CompletedProcess:
-        return self.hdopt(*self.finetune_flags(out, *extra), timeout=timeout)
+    def finetune(self, out: Path, *extra, timeout: float = 300, task: Path | None = None
+                 ) -> subprocess.CompletedProcess:  # fmt: skip
+        return self.hdopt(*self.finetune_flags(out, *extra, task=task), timeout=timeout)
 
 
 def classify(done: subprocess.CompletedProcess, code: int, right: bool = True) -> Outcome:
@@ -299,6 +300,132 @@ def leftover_temp(ctx: Context) -> Outcome:
     return Outcome("silent", "the temporary file of a killed write is left") if left else classify(done, 0)
 
 
+def _task_copy(ctx: Context, **splits: str) -> Path:
+    """The toy task copied into a new folder, the named splits' files replaced by ``splits[name]``."""
+    folder = ctx.work / f"task{ctx.n}"
+    ctx.n += 1
+    shutil.copytree(ctx.task.parent, folder)
+    for split, text in splits.items():
+        (folder / f"{split}.jsonl").write_text(text)
+    return folder / ctx.task.name
+
+
+def _refused_before_training(ctx: Context, task: Path, *flags: str) -> Outcome:
+    out = ctx.folder()
+    return classify(ctx.finetune(out, "--steps", "2", *flags, task=task), 2, right=not out.exists())
+
+
+def empty_eval(ctx: Context) -> Outcome:
+    return _refused_before_training(ctx, _task_copy(ctx, eval=""))
+
+
+def dict_field(ctx: Context) -> Outcome:
+    rows = (ctx.task.parent / "train.jsonl").read_text().splitlines()
+    rows[0] = json.dumps({"text": {"a": [1, 2]}, "label": "0"})
+    return _refused_before_training(ctx, _task_copy(ctx, train="\n".join(rows) + "\n"))
+
+
+def max_length(ctx: Context, length: str) -> Outcome:
+    """The toy's options are 4 byte tokens: 1 leaves no room for them, 4 none for a prompt token."""
+    out = ctx.folder()
+    done = ctx.finetune(out, "--steps", "2", "--max-length", length)
+    if done.returncode == 0:
+        return Outcome("silent", f"exit 0: trained and tested with --max-length {length}")
+    return classify(done, 2, right=f"--max-length {length}" in done.stderr and not out.exists())
+
+
+def outside_data(ctx: Context, allowed: bool) -> Outcome:
+    """A task file whose train split is ``../secret.jsonl``: refused without echoing a line of it, unless
+    ``--allow-outside-data``."""
+    task = _task_copy(ctx)
+    secret = task.parent.parent / f"secret{ctx.n}.jsonl"
+    secret.write_text('{"text": "the secret line", "label": "1"}\n' * 32)
+    task.write_text(task.read_text().replace("train: train.jsonl", f"train: ../{secret.name}"))
+    out = ctx.folder()
+    done = ctx.finetune(out, "--steps", "1", *(["--allow-outside-data"] if allowed else []), task=task)
+    if "the secret line" in (done.stderr or "") + (done.stdout or ""):
+        return Outcome("silent", "a line of the outside file is echoed")
+    if allowed:
+        return classify(done, 0, right=(out / "results.json").is_file())
+    if done.returncode == 0:
+        return Outcome("silent", "exit 0: the outside file was read")
+    return classify(done, 2, right=not out.exists())
+
+
+def eval_unwritable(ctx: Context) -> Outcome:
+    """``hdopt eval --output-dir`` under a regular file (root ignores read-only modes): refused before the
+    model is evaluated, within seconds."""
+    blocker = ctx.work / f"a-file{ctx.n}"
+    blocker.write_text("not a folder")
+    done = ctx.hdopt("eval", "--model", ctx.model, "--task", ctx.task, "--num-eval", "8", "--no-progress",
+                     "--output-dir", blocker / "run")  # fmt: skip
+    return classify(done, 2)
+
+
+def eval_late_failure(ctx: Context) -> Outcome:
+    """A failure in the third batch of ``hdopt eval`` (batches of 4): the first two batches' predictions
+    must be in predictions.jsonl."""
+    out = ctx.folder()
+    done = ctx.python(f"""
+import sys
+from hdopt.lm import evaluation
+real, calls = evaluation.predict, []
+def predict(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        raise RuntimeError("a late failure")
+    return real(*args, **kwargs)
+evaluation.predict = predict
+from hdopt.cli import main
+try:
+    main(["eval", "--model", "{ctx.model}", "--task", "{ctx.task}", "--num-eval", "16", "--batch-size", "4",
+          "--no-progress", "--output-dir", "{out}"])
+except RuntimeError:
+    pass
+""")  # fmt: skip
+    path = out / "predictions.jsonl"
+    rows = len(path.read_text().splitlines()) if path.is_file() else 0
+    if rows < 8:
+        return Outcome("lost", f"{rows} predictions kept of the 8 made before the failure")
+    return Outcome("clear", f"{rows} predictions of the 8 made before the failure are in predictions.jsonl"
+                   if done.returncode == 0 else f"exit {done.returncode}; {rows} predictions kept")
+
+
+def rank0_dies(ctx: Context) -> Outcome:
+    """torchrun, 2 processes: rank 0 is killed (-9) mid-run; rank 1 must name it, in one line."""
+    out = ctx.folder()
+    flags = ctx.finetune_flags(out, "--steps", "3000", "--eval-every", "1000", "--lr", "1e-3", "--log-every",
+                               "1", "--dist-timeout", "30")  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "hdopt", *map(str, flags)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=ctx.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and '"loss"' in (out / "metrics.jsonl").read_text():
+            break
+        time.sleep(0.1)
+    ranks = {}
+    for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        ranks.update({int(e[5:]): int(pid) for e in env if e.startswith(b"RANK=")})
+    if 0 not in ranks:
+        proc.kill()
+        return Outcome("no answer", "rank 0 was not found among the launcher's processes")
+    os.kill(ranks[0], signal.SIGKILL)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return Outcome("no answer", "rank 1 still running 300 s after rank 0 died")
+    said = [line for line in stderr.splitlines() if line.startswith("hdopt.distributed:")]
+    if not said:
+        return Outcome("silent", "rank 1 said nothing about its peer")
+    line = said[0]
+    if "frame #" in stderr or "never joined" in line or "rank 0" not in line:
+        return Outcome("silent", line[:160])
+    return Outcome("clear", line[line.find("collective #"):][:160])
+
+
 CASES: list[tuple[str, str, Callable[[Context], Outcome]]] = [
     ("2", "two `hdopt finetune --output-dir SAME` started 3 s apart", lock),
     ("1", "kill -9 after a new best's dev evaluation, then `--resume --steps 5`", stale_best),
@@ -335,6 +462,15 @@ CASES: list[tuple[str, str, Callable[[Context], Outcome]]] = [
                                 c.folder(), timeout=300), 2)),  # fmt: skip
     ("8", "a temporary file of a killed checkpoint write, then a fresh run", leftover_temp),
     ("8", "SIGTERM during a run, then resume", sigterm),
+    ("5", "`hdopt eval --output-dir` that cannot be written", eval_unwritable),
+    ("5", "`hdopt eval` failing in its third batch: predictions of the first two kept", eval_late_failure),
+    ("7", "an empty evaluation file", empty_eval),
+    ("7", "`--max-length 1` (options of 4 tokens)", lambda c: max_length(c, "1")),
+    ("7", "`--max-length 4` (options of 4 tokens: no prompt token left)", lambda c: max_length(c, "4")),
+    ("7", "torchrun, 2 processes: rank 0 killed (-9) mid-run", rank0_dies),
+    ("7", "a dict-valued field of a data row", dict_field),
+    ("9", "a custom task whose data path is `../secret.jsonl`", lambda c: outside_data(c, False)),
+    ("9", "the same with `--allow-outside-data`", lambda c: outside_data(c, True)),
 ]
 
 
