@@ -20,6 +20,10 @@ written into the weights (hdopt's ``perturb="inplace"``) and lr = 0, the fractio
 from the start after 100 steps in float32, bfloat16 and float16, for hdopt and for the reference round trip;
 saved to benchmarks/results/zo_restore.json (and .md).
 
+A mode may also be any registered optimizer (``hdopt.zo.OPTIMIZERS``: ``lozo``, ``sparse-mezo``, ...) or
+``lozo-m`` (LOZO with momentum 0.9), built with its paper's own hyperparameters (``paper_defaults``: rank,
+interval, sparsity) and the benchmark's lr and eps.
+
 Run:  python benchmarks/zo_step.py [--rounds 7] [--device cpu|cuda] [--modes forward,zosgd-gaussian]
                                    [--wait-idle 600] [--restore-only] [--trainable all|last-block]
 Saves benchmarks/results/zo_step.json (and .md) unless --out says otherwise. ``--modes`` times (and probes the
@@ -54,6 +58,7 @@ RESULTS = Path(__file__).parent / "results"
 MODES = ("forward", "zosgd-gaussian", "zosgd-rademacher", "reference", "fzoo", "hizoo")
 DEFAULT_MODES = MODES[:4]
 TRAINABLE = ("all", "last-block")
+RULE_VARIANTS = {"lozo-m": ("lozo", {"momentum": 0.9})}  # a mode name -> (registry name, extra arguments)
 
 
 # -- the reference algorithm, from the paper's description ---------------------------------------------
@@ -106,10 +111,13 @@ def _runner(mode: str, model, closure, args):
     if mode == "reference":
         counter = iter(range(10**9))
         return lambda: reference_step(params, closure, args.lr, args.eps, seed=next(counter))
-    if mode in ("fzoo", "hizoo"):  # the paper's defaults (q, noise, estimator, the rule's own)
-        opt = OPTIMIZERS.get(mode)(named, lr=args.lr, eps=args.eps, seed=1)
-    else:
+    if mode.startswith("zosgd-"):
         opt = ZOSGD(named, lr=args.lr, eps=args.eps, noise=mode.split("-")[1], seed=1)
+    else:  # a registered rule with its paper's defaults (q, noise, estimator, the rule's own)
+        name, extra = RULE_VARIANTS.get(mode, (mode, {}))
+        cls = OPTIMIZERS.get(name)
+        kwargs = {**cls.paper_defaults, "lr": args.lr, "eps": args.eps, **extra}
+        opt = cls(named, seed=1, **kwargs)
     return lambda: opt.step(closure)
 
 
@@ -379,15 +387,16 @@ def main() -> int:
                         help="measure only the exact restore (seconds) and save it to --restore-out")
     parser.add_argument("--restore-out", type=Path, default=RESULTS / "zo_restore.json")
     parser.add_argument("--restore-cycles", type=int, default=100)
-    parser.add_argument("--memory-probe", choices=MODES, help=argparse.SUPPRESS)
+    known = (*MODES, *OPTIMIZERS, *RULE_VARIANTS)
+    parser.add_argument("--memory-probe", choices=known, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.restore_only:
         save_restore(args.restore_out, args.restore_cycles)
         return 0
-    unknown = set(args.modes.split(",")) - set(MODES)
+    unknown = set(args.modes.split(",")) - set(known)
     if unknown:
-        parser.error(f"unknown modes {sorted(unknown)}; choose from {MODES}")
-    args.modes = ["forward"] + [m for m in MODES[1:] if m in args.modes.split(",")]
+        parser.error(f"unknown modes {sorted(unknown)}; choose from {known}")
+    args.modes = ["forward"] + [m for m in dict.fromkeys(args.modes.split(",")) if m != "forward"]
     if args.memory_probe:
         print(memory_probe(args.memory_probe, args))
         return 0

@@ -12,13 +12,16 @@ from hdopt.zo.base import NonFiniteLossError, Reduce, ZOOptimizer
 from hdopt.zo.directions import Directions
 from hdopt.zo.fzoo import FZOO
 from hdopt.zo.hizoo import HiZOO
+from hdopt.zo.lozo import LOZO
 from hdopt.zo.noise import GAUSSIAN, RADEMACHER, NoiseGenerator, derive_key, noise
 from hdopt.zo.optim import ZOSGD, ZOAdam, ZOConservative, ZOSign
 from hdopt.zo.registry import OPTIMIZERS, optimizer_class, optimizer_name
+from hdopt.zo.sparse_mezo import SparseMeZO
 from hdopt.zo.trajectory import Trajectory, UpdateRecord, replay
 
 __all__ = [
     "GAUSSIAN",
+    "LOZO",
     "OPTIMIZERS",
     "RADEMACHER",
     "Directions",
@@ -27,6 +30,7 @@ __all__ = [
     "NoiseGenerator",
     "NonFiniteLossError",
     "Reduce",
+    "SparseMeZO",
     "Trajectory",
     "UpdateRecord",
     "ZOAdam",

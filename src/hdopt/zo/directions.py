@@ -34,11 +34,23 @@ class Directions:
 
     def __init__(self, generator: NoiseGenerator):
         self.generator = generator
+        self._scratch: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     @property
     def chunk(self) -> int:
         """The largest number of elements one call may produce."""
         return self.generator.chunk
+
+    def scratch(self, name: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A temporary of ``numel`` elements kept between calls (valid until ``name`` is asked for again): a
+        subclass that shapes directions reuses its temporaries, as fresh large allocations page-fault. It is
+        allocated once at a chunk's size or more: buffers freed and regrown leave the allocator's heap
+        fragmented (peak memory then grows by far more than the buffers)."""
+        buf = self._scratch.get((name, dtype))
+        if buf is None or buf.numel() < numel:
+            size = max(numel, self.chunk)
+            buf = self._scratch[(name, dtype)] = torch.empty(size, dtype=dtype, device=self.generator.device)
+        return buf[:numel]
 
     def pieces(
         self, slot: ParamSlot, key: int, start: int, length: int

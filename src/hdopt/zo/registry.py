@@ -9,7 +9,9 @@ from hdopt.registry import Registry
 from hdopt.zo.base import ZOOptimizer
 from hdopt.zo.fzoo import FZOO
 from hdopt.zo.hizoo import HiZOO
+from hdopt.zo.lozo import LOZO
 from hdopt.zo.optim import ZOSGD, ZOAdam, ZOConservative, ZOSign
+from hdopt.zo.sparse_mezo import SparseMeZO
 
 OPTIMIZERS: Registry[type[ZOOptimizer]] = Registry("zeroth-order optimizer", listing="known:", sort=False)
 OPTIMIZERS.register("zosgd", ZOSGD)
@@ -18,6 +20,8 @@ OPTIMIZERS.register("zosign", ZOSign)
 OPTIMIZERS.register("zoconservative", ZOConservative)
 OPTIMIZERS.register("fzoo", FZOO)
 OPTIMIZERS.register("hizoo", HiZOO)
+OPTIMIZERS.register("lozo", LOZO)
+OPTIMIZERS.register("sparse-mezo", SparseMeZO)
 
 
 def optimizer_class(name: str) -> type[ZOOptimizer]:
