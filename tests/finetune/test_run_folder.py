@@ -81,7 +81,11 @@ def test_a_zo_folder_holds_seeds_and_rebuilds_the_weights_bitwise(method, family
     assert steps == 6 and all(torch.equal(p, last[n]) for n, p in params)
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(optimizer="zoadam", lr=1e-2)], ids=["zosgd", "zoadam"])
+@pytest.mark.parametrize("overrides", [
+    {}, dict(optimizer="zoadam", lr=1e-2),
+    dict(optimizer="lozo", momentum=0.9, optimizer_args={"interval": 2}, lr=1e-3),  # LOZO-M's factor
+    dict(optimizer="hizoo", lr=1e-3),  # the Hessian estimate, rebuilt from the records' curvatures
+], ids=["zosgd", "zoadam", "lozo-m", "hizoo"])  # fmt: skip
 def test_a_seeds_only_run_resumes_bitwise_by_replay(overrides, task_file, tokenizer, tmp_path):
     full, _ = run(task_file, tmp_path / "full", tokenizer=tokenizer, **overrides)
     with pytest.raises(Killed):
