@@ -14,7 +14,8 @@ processes on a tiny random Llama and a toy task built here, and classifies the o
 * ``lost``: a run's output overwritten or never saved;
 * ``no answer``: no result within the case's time limit.
 
-Results: benchmarks/results/faults[_TAG].json and .md (the table in docs/finetune.md). The same cases, in
+Results: benchmarks/results/faults[_TAG].json; without ``--tag``, also faults.md, the table of the cases with
+their outcome before (faults_before.json) and after (the table in docs/finetune.md). The same cases, in
 process and faster, are tests in tests/finetune/test_faults.py and tests/finetune/test_run_folder.py.
 """
 
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -37,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 VERDICTS = ("clear", "traceback", "silent", "lost", "no answer")
+WORK = re.compile(r"(?:/[\w.-]+)*/hdopt-faults-\w+")  # the cases' temporary folder, in the messages they print
 
 
 @dataclass
@@ -544,6 +547,10 @@ def main() -> None:
     from hdopt.io import atomic_write_json
 
     atomic_write_json(RESULTS / f"{name}.json", doc)
+    if not args.tag and (RESULTS / "faults_before.json").is_file():
+        from hdopt.io import atomic_write_text
+
+        atomic_write_text(RESULTS / "faults.md", table() + "\n")
     print(json.dumps(counts))
 
 
@@ -558,8 +565,8 @@ def table() -> str:
              "| case | item | before | after: what it says |", "|---|---|---|---|"]  # fmt: skip
     for r in after["rows"]:
         was = old.get(r["case"], {}).get("verdict", "-")
-        lines.append(f"| {r['case']}. {r['what']} | {r['item']} | {was} | {r['verdict']}: "
-                     f"{r['detail'].replace('|', '/')} |")  # fmt: skip
+        detail = WORK.sub("WORK", r["detail"]).replace("|", "/")  # the temporary folder of the run
+        lines.append(f"| {r['case']}. {r['what']} | {r['item']} | {was} | {r['verdict']}: {detail} |")
     for name, doc in (("before", before), ("after", after)):
         counts = ", ".join(f"{doc['counts'][v]} {v}" for v in VERDICTS)
         lines.append(f"\n{name}: {counts} (of {len(doc['rows'])} cases)")
