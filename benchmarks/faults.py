@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 VERDICTS = ("clear", "traceback", "silent", "lost", "no answer")
-WORK = re.compile(r"(?:/[\w.-]+)*/hdopt-faults-\w+")  # the cases' temporary folder, in the messages they print
+WORK = re.compile(r"(?:/[\w.-]+)*/hdopt-faults-\w+")  # the cases' temporary folder, in their messages
 
 
 @dataclass

@@ -179,7 +179,7 @@ def test_a_sigterm_during_the_loss_exchange_still_stops_the_run(task_file, model
     assert main(_flags(task_file, model_dir, full, "--steps", "8", "--lr", "1e-2")) == 0
     monkeypatch.setattr(OneProcess, "agree", signalled_at_2)
     assert main(_flags(task_file, model_dir, out, "--steps", "8", "--lr", "1e-2")) == 143
-    assert load_checkpoint(out / rundir.CHECKPOINT)[2]["step"] == 4  # the step after the exchange
+    assert load_checkpoint(out / rundir.CHECKPOINT)[2]["step"] == 3  # the step of the exchange
     monkeypatch.setattr(OneProcess, "agree", real)
     assert main(["finetune", "--resume", str(out), "--no-progress"]) == 0
     assert _weights_sha256(out) == _weights_sha256(full)

@@ -342,8 +342,8 @@ def train_loop(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog,
         while state.step < t.steps:
             start = time.perf_counter()
             loss = train_step(s, state.step)
-            # the flag is read once, here: a signal arriving during the exchange stops after the next step
-            # (assigning the agreed flag back to it would drop that signal)
+            # the ranks agree on the flag as it is now; a signal arriving later stays in it for the next
+            # exchange (assigning the agreed flag back to it dropped such a signal)
             loss, stopping = s.workers.agree(loss, stop.requested, state.step)
             s.scheduler.step()
             state.step += 1
@@ -359,6 +359,7 @@ def train_loop(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog,
             improved = improved and evaluate_and_select(s, state, log)
             if on_step is not None:
                 on_step(state.step)
+            stopping = stopping or (stop.requested and s.workers.world_size == 1)  # one process: any signal
             if improved or state.step % t.save_every == 0 or state.step == t.steps or stopping:
                 save_resume_point(s, state, folder)
             if improved:
