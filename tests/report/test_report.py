@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,12 +57,20 @@ def test_summary_markdown_lists_every_claim(smoke_report):
 def test_forward_only_section_measures_all_methods(smoke_report):
     _, _, sections = smoke_report
     section = next(s for s in sections if s.key == "forward_only")
-    accuracy, memory, cost = section.claims
+    accuracy, top, memory, cost = section.claims
     methods = [row[0] for row in accuracy.tables[0].rows]
-    assert methods == ["zero-shot", "ICL", "FT (AdamW)", "MeZO"]
+    assert methods == ["zero-shot", "ICL", "FT (AdamW)", "MeZO", "ZO, top block"]
     b = budget("smoke")
     steps = {row[0]: int(row[3]) for row in accuracy.tables[0].rows}
-    assert steps == {"zero-shot": 0, "ICL": 0, "FT (AdamW)": b.fo_steps, "MeZO": b.zo_steps}
+    assert steps == {"zero-shot": 0, "ICL": 0, "FT (AdamW)": b.fo_steps, "MeZO": b.zo_steps,
+                     "ZO, top block": b.top_steps}  # fmt: skip
+    assert [row[0] for row in top.tables[0].rows] == ["FT (AdamW)", "MeZO", "ZO, top block"]
+    forwards = {row[0]: float(row[3]) for row in top.tables[0].rows}
+    # a top-block step's two forwards count 1/L each; the FT and MeZO counts are whole
+    ctx = smoke_report[0]
+    layers = json.loads((Path(ctx.model) / "config.json").read_text())["num_hidden_layers"]
+    assert layers > 1 and forwards["ZO, top block"] == pytest.approx(b.top_steps * 2 / layers, abs=0.01)
+    assert forwards["MeZO"] == 2 * b.zo_steps
     for row in accuracy.tables[0].rows:
         assert 0.0 <= float(row[2]) <= 100.0
     peaks = {row[0]: float(row[1].replace(",", "")) for row in memory.tables[0].rows}

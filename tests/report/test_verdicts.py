@@ -17,7 +17,7 @@ from hdopt.dynamics.registry import get
 from hdopt.dynamics.results import Check, LabResult
 from hdopt.report import Context, lab
 from hdopt.report.claims import NOT_REPRODUCED, PARTLY, REPRODUCED, verdict_from, verdict_of_checks
-from hdopt.report.finetune import accuracy_claim, cost_claim, memory_claim
+from hdopt.report.finetune import accuracy_claim, cost_claim, memory_claim, top_block_claim
 
 NAN = float("nan")
 LN8 = math.log(8)
@@ -187,6 +187,23 @@ def _runs(zero_shot: float, icl: float, ft: float, mezo: float) -> dict:
 def test_mezo_accuracy_claim(accuracies, verdict, tmp_path):
     claim = accuracy_claim(Context("quick", tmp_path), _runs(*accuracies), "dev.png")
     assert claim.verdict == verdict
+
+
+@pytest.mark.parametrize("accuracies, verdict", [
+    ((55.0, 60.0, 90.0, 88.0), REPRODUCED),       # top block >= 60 + 5 and >= 90 - 5
+    ((55.0, 60.0, 90.0, 84.0), PARTLY),           # well above prompting, 6 points below FT
+    ((55.0, 60.0, 90.0, 64.0), NOT_REPRODUCED),   # close to ICL
+    ((55.0, 60.0, 64.0, 63.0), NOT_REPRODUCED),   # close to FT but not above prompting
+    ((55.0, 60.0, NAN, 88.0), NOT_REPRODUCED),
+    ((55.0, 60.0, 90.0, NAN), NOT_REPRODUCED),
+])  # fmt: skip
+def test_best_forward_only_claim(accuracies, verdict, tmp_path):
+    zero_shot, icl, ft, top = accuracies
+    runs = _runs(zero_shot, icl, ft, 50.0)
+    runs["top"] = {**runs["mezo"], "test": top, "cache_mib": 12.0, "seconds": 60.0}
+    claim = top_block_claim(Context("quick", tmp_path), runs)
+    assert claim.verdict == verdict
+    assert f"ZO, top block {top:.1f}" in claim.measured  # the verdict's number is the one reported
 
 
 def _peaks(inference: float, mezo: float, ft: float) -> dict:

@@ -139,6 +139,7 @@ class MethodConfig:
     lora_targets: list[str] | None = None
     prefix_tokens: int | None = None
     prefix_init: str | None = None
+    zo_blocks: int | None = None  # ZO: train only the top K blocks, the bottom's outputs cached (None: all)
     lp_init: bool = False  # one-token label words: start from a linear probe written into the LM head
     lp_c: float | None = None  # the probe's inverse L2 strength (lp, --lp-init); None: picked on dev
 
@@ -153,7 +154,7 @@ class MethodConfig:
         _check(self.noise in (None, "gaussian", "rademacher"),
                f"noise must be gaussian or rademacher, got {self.noise!r}")  # fmt: skip
         _check(self.estimator in (None, "central", "one-sided"), "estimator must be central or one-sided")
-        _positive(self, "q")
+        _positive(self, "q", "zo_blocks")
         _check(self.lp_c is None or self.lp_c > 0, f"lp_c must be > 0, got {self.lp_c}")
         check_adapter_settings(self)
 

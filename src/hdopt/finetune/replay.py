@@ -11,7 +11,14 @@ from hdopt.finetune.adapters import trainable_parameters
 from hdopt.finetune.checkpoint import load_checkpoint, tensors_digest
 from hdopt.finetune.kinds import ZOKind
 from hdopt.finetune.methods import get_method
-from hdopt.finetune.trained import RunRecord, check_start, replay_to, run_config, starting_model
+from hdopt.finetune.trained import (
+    RunRecord,
+    check_start,
+    replay_to,
+    run_config,
+    starting_model,
+    trained_subset,
+)
 from hdopt.lm.models import load_model
 
 
@@ -38,7 +45,7 @@ def rebuild(folder: str | Path, model=None, tokenizer=None, upto: int | None = N
         model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.device, cfg.model.cache_dir)
     model = starting_model(model, cfg, method, folder)
     check_start(model, record.loop.get("start_sha256"), folder)
-    params = trainable_parameters(model)
+    params = trained_subset(folder, cfg, trainable_parameters(model))  # --zo-blocks: the top blocks'
     steps = replay_to(folder, params, upto, record)
     return model, params, steps
 

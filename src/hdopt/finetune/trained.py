@@ -86,6 +86,17 @@ def starting_model(model: nn.Module, cfg: RunConfig, method: Method, folder: str
     return model
 
 
+def trained_subset(folder: Path, cfg: RunConfig, params: list[tuple[str, torch.Tensor]]
+                   ) -> list[tuple[str, torch.Tensor]]:  # fmt: skip
+    """The parameters the run trained: with ``--zo-blocks``, those of the top blocks its trajectory names
+    (the checkpoints and digests hold those), else ``params``."""
+    if cfg.method.zo_blocks is None:
+        return params
+    header, _ = rundir.load_trajectory(Path(folder) / rundir.TRAJECTORY)
+    names = {name for group in header["groups"] for name in group["names"] or ()}
+    return [(name, p) for name, p in params if name in names] if names else params
+
+
 def replay_to(folder: Path, params, steps: int | None, record: RunRecord) -> int:
     """Replay the run's trajectory.bin (checked) from the starting ``params`` to ``steps`` (default: all of
     it, which must reach the checkpoint's step); returns the number of steps replayed."""
@@ -130,7 +141,7 @@ def load_trained(folder: str | Path, model: nn.Module | None = None,
         model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.device, cfg.model.cache_dir)
     model = starting_model(model, cfg, method, folder)
     check_start(model, record.loop.get("start_sha256"), folder)
-    params = trainable_parameters(model)
+    params = trained_subset(folder, cfg, trainable_parameters(model))
     best = record.loop.get("best_step") if cfg.train.keep_best else None
     if record.weights or record.step is None:  # weights kept (backprop, keep_weights), or an older folder
         load_weights(params, _kept_weights(folder, cfg, best))

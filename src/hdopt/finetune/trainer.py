@@ -183,7 +183,8 @@ def setup(cfg: RunConfig, model=None, tokenizer=None, comm: Communicator | None 
     method = get_method(cfg.method.method).for_task(task)  # lp without label words: head tuning
     cfg = resolve(cfg, method, task)
     workers.check(cfg, method)
-    method.kind.check(cfg, task)
+    kind = method.kind.variant(cfg)
+    kind.check(cfg, task)
     torch.manual_seed(cfg.train.seed)  # dropout masks and any other draw from torch's global generator
     splits = load_data(cfg, task)
     if not splits.train:
@@ -200,7 +201,7 @@ def setup(cfg: RunConfig, model=None, tokenizer=None, comm: Communicator | None 
         apply_label_head(model, label_head)
     params = trainable_parameters(model)
     s = Setup(cfg, method, task, splits, model, tokenizer, params, _device(model), workers, label_head)
-    s.kind = method.kind(s)
+    s.kind = kind(s)
     workers.start(s)
     return s
 
@@ -463,6 +464,7 @@ def finish(s: Setup, state: LoopState, folder: Path, status: str = "completed", 
         test = test or evaluate_split(s, s.splits.eval)
         results.update({f"test_{k}": v for k, v in test.items()})
         results["test"] = test[s.task.metric]
+    results.update(s.kind.results())
     results["peak_memory_mib"] = round(rundir.peak_memory_mib(s.device), 1)
     results.update(s.workers.record())  # torchrun: the number of processes and the bytes they exchanged
     if s.writer:

@@ -183,10 +183,8 @@ def _can_split(inner) -> bool:
     return getattr(inner, "base_model", inner) is not inner and inner.get_output_embeddings() is not None
 
 
-def _head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Apply the LM head (and the output transforms some families add) to hidden states [M, H]."""
-    logits = model.get_output_embeddings()(hidden)
-    config = model.config
+def head_transform(config, logits: torch.Tensor) -> torch.Tensor:
+    """The output transforms some families apply to the LM head's logits (elementwise)."""
     scaling = getattr(config, "logits_scaling", None)  # Granite
     if scaling:
         logits = logits / scaling
@@ -194,6 +192,11 @@ def _head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def _head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the LM head (and the output transforms some families add) to hidden states [M, H]."""
+    return head_transform(model.config, model.get_output_embeddings()(hidden))
 
 
 def _check_head(inner) -> bool:
@@ -256,6 +259,18 @@ def _model_inputs(module, batch: OptionBatch, prefix: Prefix | None) -> dict:
     }
 
 
+def logprobs_from_states(model, batch: OptionBatch, states: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of every option token [M] from the body's output at the positions that predict
+    them, ``states`` [M, H] (the LM head is applied there only)."""
+    logits = _head_logits(model, states)  # [M, V]
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, batch.target_token[:, None])[:, 0]
+
+
+def logprobs_from_hidden(model, batch: OptionBatch, hidden: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of every option token [M] from the body's output ``hidden`` [S, T, H]."""
+    return logprobs_from_states(model, batch, hidden[batch.target_seq, batch.target_pos])
+
+
 def token_logprobs(model, batch: OptionBatch, prefix: Prefix | None = None) -> torch.Tensor:
     """Log-probabilities of every option token (after the shared ``prefix``, when given).
 
@@ -263,14 +278,20 @@ def token_logprobs(model, batch: OptionBatch, prefix: Prefix | None = None) -> t
         ``logp`` of shape [M]: ``logp[m] = log p(target_token[m] | the tokens before it)``.
         Differentiable with respect to the model's parameters.
     """
-    seq, pos = batch.target_seq, batch.target_pos
     inner = unwrap_peft(model)
     if inner is not None and _can_split(inner) and _check_head(inner):
         hidden = inner.base_model(**_model_inputs(inner.base_model, batch, prefix))[0]  # [S, T, H]
-        logits = _head_logits(inner, hidden[seq, pos])  # [M, V]: only the positions we need
-    else:  # full-vocabulary logits at every position, then gather (any model, slower)
-        logits = model(**_model_inputs(model, batch, prefix)).logits[seq, pos]
+        return logprobs_from_hidden(inner, batch, hidden)
+    # full-vocabulary logits at every position, then gather (any model, slower)
+    logits = model(**_model_inputs(model, batch, prefix)).logits[batch.target_seq, batch.target_pos]
     return torch.log_softmax(logits.float(), dim=-1).gather(1, batch.target_token[:, None])[:, 0]
+
+
+def option_scores_from_logprobs(batch: OptionBatch, logp: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    """Option scores [R] from the option tokens' log-probabilities [M]: their ``mean`` or ``sum``."""
+    assert reduce in ("mean", "sum"), reduce
+    total = logp.new_zeros(batch.num_options).index_add(0, batch.target_option, logp)
+    return total if reduce == "sum" else total / batch.option_length.to(logp.dtype)
 
 
 def option_scores(
@@ -278,10 +299,7 @@ def option_scores(
 ) -> torch.Tensor:
     """Log-likelihood of each option, shape [R] (differentiable): the per-token ``mean`` (MeZO's score)
     or the ``sum`` over its tokens (lm-evaluation-harness's ``acc``)."""
-    assert reduce in ("mean", "sum"), reduce
-    logp = token_logprobs(model, batch, prefix)
-    total = logp.new_zeros(batch.num_options).index_add(0, batch.target_option, logp)
-    return total if reduce == "sum" else total / batch.option_length.to(logp.dtype)
+    return option_scores_from_logprobs(batch, token_logprobs(model, batch, prefix), reduce)
 
 
 def scores_by_example(batch: OptionBatch, scores: torch.Tensor) -> torch.Tensor:

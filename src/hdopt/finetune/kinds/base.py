@@ -55,6 +55,16 @@ class MethodKind:
         self.scheduler = build_scheduler(self.optimizer, o.schedule, t.steps) if self.optimizer else None
 
     @classmethod
+    def variant(cls, cfg: RunConfig) -> type[MethodKind]:
+        """The kind that trains ``cfg`` (this one, or a variant of it chosen by the config)."""
+        if cfg.method.zo_blocks is not None:
+            from hdopt.finetune.config import ConfigError
+
+            raise ConfigError(f"--zo-blocks trains with forward passes only; {cls.how} cannot: use a ZO "
+                              "method (mezo, mezo-lora)")  # fmt: skip
+        return cls
+
+    @classmethod
     def check(cls, cfg: RunConfig, task: Task) -> None:
         """Refuse, before anything is loaded, what this kind cannot train."""
         check_objective(task, cfg.method.objective, cls.any_objective)
@@ -107,6 +117,10 @@ class MethodKind:
 
     def check_files(self, folder: Path, step: int) -> None:
         """On resume, after its state was restored from the checkpoint of ``step``: check its own files."""
+
+    def results(self) -> dict[str, Any]:
+        """What it adds to results.json (nothing by default)."""
+        return {}
 
     def fit(self) -> tuple[dict, Path]:
         """A kind that takes no steps fits here and writes its run folder; returns ``(results, folder)``."""

@@ -44,6 +44,15 @@ class ZOKind(MethodKind):
     any_objective = True
     forward_fraction: float = 1.0  # the share of the model one forward pass runs (top-block variants: K/L)
 
+    @classmethod
+    def variant(cls, cfg) -> type[MethodKind]:
+        """:class:`~hdopt.finetune.kinds.top_block.TopBlockZOKind` with ``--zo-blocks K``, else this kind."""
+        if cfg.method.zo_blocks is None:
+            return cls
+        from hdopt.finetune.kinds.top_block import TopBlockZOKind
+
+        return TopBlockZOKind
+
     def build_optimizer(self) -> ZOOptimizer:
         cfg, run = self.run.cfg, self.run
         m, o = cfg.method, cfg.optim

@@ -1,0 +1,340 @@
+"""Forward-pass and CPU-time budgets of forward-only fine-tuning: MeZO, its successors, top-block ZO, and FT.
+
+    python benchmarks/zo_convergence.py run [--plan sst2] [--only NAME ...]   # the plan's missing runs
+    python benchmarks/zo_convergence.py report                                # tables, plots, results JSON
+
+Every run is ``hdopt finetune`` on the SST-2 setup of docs/finetune.md (SmolLM2-135M, 1000 train / 100 dev /
+200 test examples, 64 tokens, data seed 0), from the prompt (no --lp-init), in a fresh process with
+``HDOPT_BENCH_THREADS`` torch threads (default 2: run it alone on the machine). Its folder goes under
+``benchmarks/results/zo_convergence/NAME`` with ``timing.json``: the wall-clock seconds from the start of the
+process (imports and model loading included) to the end of every step (the step's dev evaluation included)
+and to the end of the run (the test evaluation included). A run that exists is not run again.
+
+The plan lists, per task, the grids (one learning rate per run; the grid is stated in the table) and the
+final runs (the chosen setting with three seeds). ``report`` reads whatever runs exist and writes
+``benchmarks/results/zo_convergence.{json,md}`` and ``docs/img/zo_convergence_{forwards,minutes}.png``:
+dev accuracy against forward passes (a forward through K of L blocks counts K/L; the bottom's cache counts
+too) and against minutes, and per method the best dev accuracy, the test accuracy at the best-dev step, and
+the forward passes and minutes it took to reach tuned MeZO's final dev accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hdopt.io import atomic_write_json, atomic_write_text, save_figure
+from hdopt.plotting import pyplot
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS = RESULTS / "zo_convergence"
+PLOTS = {"forwards": ROOT / "docs" / "img" / "zo_convergence_forwards.png",
+         "minutes": ROOT / "docs" / "img" / "zo_convergence_minutes.png"}  # fmt: skip
+THREADS = os.environ.get("HDOPT_BENCH_THREADS", "2")
+DATA_DIR = os.environ.get("HDOPT_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+PROTOCOL = {"model": "smollm2-135m", "num_train": 1000, "num_dev": 100, "num_eval": 200, "max_length": 64,
+            "data_seed": 0, "batch_size": 16}  # fmt: skip
+
+
+def _run(name: str, group: str, label: str, task: str = "sst2", seed: int = 0, **flags) -> dict:
+    """One planned run: ``group`` is the method row it belongs to, ``label`` its line in the plots."""
+    return {"name": name, "group": group, "label": label, "task": task, "seed": seed, "flags": flags}
+
+
+def _grid(prefix: str, group: str, lrs, task: str = "sst2", **flags) -> list[dict]:
+    return [_run(f"{prefix}-lr{lr:g}", group, f"{group} lr {lr:g}", task, lr=lr, **flags) for lr in lrs]
+
+
+def _seeds(prefix: str, group: str, task: str = "sst2", seeds=(1, 2), **flags) -> list[dict]:
+    return [_run(f"{prefix}-seed{s}", group, f"{group} seed {s}", task, seed=s, **flags) for s in seeds]
+
+
+# -- the plan ------------------------------------------------------------------------------------------------
+# The whole-model MeZO grid gets FORWARDS forward passes per run (about 8 CPU-minutes at one thread); the
+# top-block grids (K = 1 of SmolLM2's 30 blocks) get TOP_FORWARDS, counted K/L per block forward, for every
+# rule: 3000 MeZO steps (2 block forwards a step), 667 FZOO steps (N + 1 = 9), 2000 HiZOO steps (3). Each grid
+# has three learning rates. The finals (``run --finals``) rerun each chosen setting with seeds 1 and 2, and
+# the chosen top-block MeZO for the paper's 20k steps.
+FORWARDS = 200
+TOP_FORWARDS = 200
+BLOCK = 1 / 30
+ZO = dict(method="mezo", schedule="constant")
+TOP = dict(ZO, zo_blocks=1, eval_every=250)
+
+
+def _top_grid(prefix: str, group: str, optimizer: str, lrs, per_step: int, **flags) -> list[dict]:
+    steps = round(TOP_FORWARDS / (per_step * BLOCK))
+    return _grid(prefix, group, lrs, optimizer=optimizer, steps=steps, **TOP, **flags)
+
+
+PLANS: dict[str, list[dict]] = {
+    "sst2": [
+        *_grid("mezo", "MeZO", (3e-6, 1e-5, 3e-5), optimizer="zosgd", eps=1e-3, steps=FORWARDS // 2,
+               eval_every=25, **ZO),
+        *_top_grid("top1-mezo", "MeZO, top block", "zosgd", (1e-4, 3e-4, 1e-3), 2, eps=1e-3),
+        *_top_grid("top1-fzoo", "FZOO, top block", "fzoo", (1e-4, 5e-4, 2e-3), 9),
+        *_top_grid("top1-hizoo", "HiZOO, top block", "hizoo", (1e-4, 3e-4, 1e-3), 3),
+        *_top_grid("top1-lozo", "LOZO, top block", "lozo", (1e-4, 3e-4, 1e-3), 2),
+        *_top_grid("top1-sparse", "Sparse-MeZO, top block", "sparse-mezo", (3e-4, 1e-3, 3e-3), 2),
+    ],
+}
+# The final runs: each chosen setting with these seeds, and the chosen top-block MeZO for LONG_STEPS steps.
+FINAL_SEEDS = (1, 2)
+FINAL_GROUPS = ("MeZO", "MeZO, top block", "best successor, top block")
+LONG_STEPS = 20000
+# FT (AdamW, 250 steps) is not rerun: its row is read from the run docs/finetune.md reports.
+FT_RUN = RESULTS / "finetune_runs" / "sst2-ft-250"
+
+
+# -- running -------------------------------------------------------------------------------------------------
+def _flags(run: dict) -> list[str]:
+    values = {**PROTOCOL, **run["flags"], "task": run["task"], "seed": run["seed"],
+              "output_dir": str(RUNS / run["name"]), "data_dir": DATA_DIR, "progress": False}  # fmt: skip
+    out = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def finals(plan: str) -> list[dict]:
+    """The final runs, from the grids' choices (none before a grid has results)."""
+    chosen = choose(plan)
+    successors = [g for g in chosen if g.endswith(", top block") and not g.startswith("MeZO")]
+    best = max(successors, key=lambda g: _score(chosen[g]), default=None)
+    out = []
+    for group in FINAL_GROUPS:
+        pick = chosen.get(best if group == "best successor, top block" else group)
+        if pick is None:
+            continue
+        prefix = pick["name"].rsplit("-lr", 1)[0] + f"-lr{pick['flags']['lr']:g}"
+        out += [_run(f"{prefix}-seed{s}", pick["group"], f"{pick['group']} seed {s}", pick["task"], seed=s,
+                     **pick["flags"]) for s in FINAL_SEEDS]  # fmt: skip
+        if group == "MeZO, top block":
+            flags = {**pick["flags"], "steps": LONG_STEPS, "eval_every": 1000}
+            out.append(_run(f"{prefix}-long", f"MeZO, top block, {LONG_STEPS // 1000}k steps",
+                            f"MeZO, top block, {LONG_STEPS} steps", pick["task"], **flags))  # fmt: skip
+    return out
+
+
+def planned(plan: str) -> list[dict]:
+    return PLANS[plan] + finals(plan)
+
+
+def run_one(plan: str, name: str) -> None:
+    """(In the child process.) Run the planned run ``name`` and write its timing.json."""
+    start = time.perf_counter()
+    from hdopt.finetune.cli import config_overrides, configure
+    from hdopt.finetune.config import RunConfig
+    from hdopt.finetune.trainer import finetune
+
+    run = next(r for r in planned(plan) if r["name"] == name)
+    marks: dict[int, float] = {}
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    cfg = RunConfig().replace(**config_overrides(parser.parse_args(_flags(run))))
+    results, folder = finetune(cfg, on_step=lambda step: marks.__setitem__(step, time.perf_counter() - start))
+    timing = {"steps": marks, "total": time.perf_counter() - start, "threads": THREADS, "env": _env()}
+    atomic_write_json(Path(folder) / "timing.json", timing)
+    print(json.dumps({"name": name, "test": results.get("test"), "seconds": round(timing["total"], 1)}))
+
+
+def _env() -> dict:
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}  # fmt: skip
+
+
+def run(args) -> None:
+    """The missing runs of the grids (or, with ``--finals``, of the finals), ``--jobs`` at a time."""
+    runs = finals(args.plan) if args.finals else PLANS[args.plan]
+    todo = [r for r in runs if (not args.only or r["name"] in args.only)
+            and not (RUNS / r["name"] / "timing.json").is_file()]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": THREADS}
+    active: list[tuple[str, subprocess.Popen]] = []
+    while todo or active:
+        while todo and len(active) < args.jobs:
+            r = todo.pop(0)
+            print(f"{time.strftime('%H:%M:%S')} start {r['name']}", flush=True)
+            log = open(RUNS.parent / f".zo_convergence-{r['name']}.log", "w")  # noqa: SIM115 - closed below
+            child = subprocess.Popen([sys.executable, __file__, "_one", args.plan, r["name"]], env=env,
+                                     stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+            active.append((r["name"], child, log))
+        time.sleep(2)
+        for item in list(active):
+            name, child, log = item
+            if child.poll() is None:
+                continue
+            active.remove(item)
+            log.close()
+            text = Path(log.name).read_text().strip().splitlines()
+            print(f"{time.strftime('%H:%M:%S')} {name}: "
+                  f"{text[-1] if child.returncode == 0 and text else 'failed: ' + chr(10).join(text[-15:])}",
+                  flush=True)  # fmt: skip
+
+
+# -- the report ----------------------------------------------------------------------------------------------
+def _read(run: dict) -> dict | None:
+    folder = RUNS / run["name"]
+    if not (folder / "results.json").is_file() or not (folder / "timing.json").is_file():
+        return None
+    results = json.loads((folder / "results.json").read_text())
+    timing = json.loads((folder / "timing.json").read_text())
+    marks = {int(k): v for k, v in timing["steps"].items()}
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    cache = results.get("cache_forwards", 0.0)
+    curve = [(r["forwards"] + cache, marks.get(r["step"], 0.0) / 60, r["dev_accuracy"], r["step"])
+             for r in rows if "dev_accuracy" in r]  # fmt: skip
+    return {**run, "results": results, "curve": curve, "minutes": timing["total"] / 60}
+
+
+def _first_reaching(curve, target: float):
+    """``(forwards, minutes)`` of the first evaluation at or above ``target`` (None if never)."""
+    for forwards, minutes, dev, _ in curve:
+        if dev >= target:
+            return forwards, minutes
+    return None
+
+
+def _score(run: dict) -> tuple[float, int]:
+    """A grid's order: the highest best-dev accuracy, ties to the earlier step (a run that diverged before
+    any dev evaluation counts as nothing)."""
+    best = run["results"].get("best_dev")
+    return (float("-inf"), 0) if best is None else (best, -(run["results"].get("best_step") or 0))
+
+
+def choose(plan: str) -> dict[str, dict]:
+    """Each grid's chosen run (seed 0), by group."""
+    groups: dict[str, list[dict]] = {}
+    for r in (_read(run) for run in PLANS[plan]):
+        if r is not None:
+            groups.setdefault(r["group"], []).append(r)
+    return {g: max(rs, key=_score) for g, rs in groups.items()}
+
+
+def _ft_row() -> dict | None:
+    """FT's row from the run docs/finetune.md reports (AdamW, 250 steps; not rerun here)."""
+    if not (FT_RUN / "results.json").is_file():
+        return None
+    res = json.loads((FT_RUN / "results.json").read_text())
+    rows = [json.loads(x) for x in (FT_RUN / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    elapsed = {r["step"]: r["elapsed"] for r in rows if "elapsed" in r}
+    curve = [(r["forwards"], elapsed.get(r["step"], 0.0) / 60, r["dev_accuracy"], r["step"])
+             for r in rows if "dev_accuracy" in r]  # fmt: skip
+    return {"group": "FT (AdamW, whole model)", "flags": {"lr": json.loads(
+        (FT_RUN / "config.json").read_text())["optim"]["lr"]}, "results": res, "curve": curve,
+        "minutes": res["wall_seconds"] / 60, "backwards": res["backwards"]}  # fmt: skip
+
+
+def report(args) -> None:
+    chosen = choose(args.plan)
+    done = [r for r in (_read(run) for run in planned(args.plan)) if r is not None]
+    groups: dict[str, list[dict]] = {}
+    for r in done:
+        groups.setdefault(r["group"], []).append(r)
+    for group, runs in groups.items():
+        chosen.setdefault(group, runs[0])  # a group of one run (the long run)
+    mezo = chosen.get("MeZO")
+    target = max(p[2] for p in mezo["curve"][-1:]) if mezo else None
+    table = []
+    rows = list(chosen.values()) + ([ft] if (ft := _ft_row()) else [])
+    for best in rows:
+        group, res = best["group"], best["results"]
+        same = [r for r in groups.get(group, [best]) if r["flags"] == best["flags"]]
+        reach = _first_reaching(best["curve"], target) if target is not None else None
+        table.append({
+            "method": group, "grid": sorted({r["flags"].get("lr") for r in groups.get(group, [best])}),
+            "chosen_lr": best["flags"].get("lr"), "steps": res.get("steps"), "status": res.get("status"),
+            "best_dev": res.get("best_dev"), "best_step": res.get("best_step"),
+            "test_at_best_dev": res.get("test"), "test_seeds": [r["results"].get("test") for r in same],
+            "forwards": round(best["curve"][-1][0], 1) if best["curve"] else None,
+            "backwards": best.get("backwards", 0), "minutes": round(best["minutes"], 1),
+            "cache_mib": res.get("cache_mib"), "cache_seconds": res.get("cache_seconds"),
+            "forwards_to_mezo_final": None if reach is None else round(reach[0], 1),
+            "minutes_to_mezo_final": None if reach is None else round(reach[1], 1),
+        })  # fmt: skip
+    out = {"protocol": PROTOCOL, "plan": args.plan, "threads": THREADS, "mezo_final_dev": target,
+           "env": _env(), "rows": table,
+           "runs": [{k: r[k] for k in ("name", "group", "flags", "seed", "minutes", "curve")} | {
+               "results": r["results"]} for r in done]}  # fmt: skip
+    atomic_write_json(RESULTS / "zo_convergence.json", out)
+    atomic_write_text(RESULTS / "zo_convergence.md", markdown(out))
+    plot(rows)
+    print(markdown(out))
+
+
+def _num(value, fmt: str = "{:g}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def markdown(out: dict) -> str:
+    lines = [f"Tuned MeZO's final dev accuracy (the target): {_num(out['mezo_final_dev'])}", "",
+             "| method | lr grid | chosen lr | steps | best dev | test at best dev | test, seeds 0/1/2 | "
+             "forward passes | minutes | forwards to the target | minutes to it |",
+             "|" + "---|" * 11]  # fmt: skip
+    for r in out["rows"]:
+        seeds = " / ".join(_num(t, "{:.1f}") for t in r["test_seeds"])
+        forwards = _num(r["forwards"]) + (f" (+{r['backwards']} backward)" if r["backwards"] else "")
+        status = "" if r["status"] in (None, "completed") else f" ({r['status']})"
+        lines.append(f"| {r['method']}{status} | {', '.join(f'{x:g}' for x in r['grid'])} | "
+                     f"{_num(r['chosen_lr'])} | {_num(r['steps'])} | {_num(r['best_dev'], '{:.1f}')} | "
+                     f"{_num(r['test_at_best_dev'], '{:.1f}')} | {seeds} | {forwards} | {r['minutes']:g} | "
+                     f"{_num(r['forwards_to_mezo_final'])} | {_num(r['minutes_to_mezo_final'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict]) -> None:
+    plt = pyplot()
+    axes = (("forwards", 0, "forward passes (K/L for a forward through K of L blocks)"),
+            ("minutes", 1, f"minutes ({THREADS} torch thread(s), shared 2-core CPU)"))
+    for axis, index, label in axes:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for run in rows:
+            if not run["curve"]:
+                continue
+            xs = [max(point[index], 1e-2) for point in run["curve"]]
+            ax.plot(xs, [point[2] for point in run["curve"]], marker=".",
+                    label=f"{run['group']} (lr {run['flags'].get('lr'):g})")  # fmt: skip
+        ax.set_xlabel(label)
+        ax.set_ylabel("dev accuracy (%)")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        save_figure(fig, PLOTS[axis])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run")
+    p.add_argument("--plan", default="sst2", choices=sorted(PLANS))
+    p.add_argument("--only", nargs="*")
+    p.add_argument("--finals", action="store_true", help="the final runs, chosen from the grids' results")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (with HDOPT_BENCH_THREADS threads)")
+    p = sub.add_parser("report")
+    p.add_argument("--plan", default="sst2", choices=sorted(PLANS))
+    p = sub.add_parser("_one")
+    p.add_argument("plan")
+    p.add_argument("name")
+    args = parser.parse_args()
+    if args.command == "_one":
+        run_one(args.plan, args.name)
+    elif args.command == "run":
+        run(args)
+    else:
+        report(args)
+
+
+if __name__ == "__main__":
+    main()
