@@ -30,3 +30,52 @@ def test_every_subcommand_module_implements_the_contract(name, module):
 def test_subcommand_names_are_unique():
     names = [n for n, _, _ in SUBCOMMANDS]
     assert len(names) == len(set(names))
+
+
+@pytest.fixture
+def fake_command(monkeypatch):
+    """A subcommand ``fake`` whose run raises the exception the test puts in ``raised``."""
+    import sys
+    import types
+
+    raised: list[BaseException] = []
+    module = types.ModuleType("fake_hdopt_command")
+    module.configure = lambda parser: None
+
+    def run(args):
+        raise raised[0]
+
+    module.run = run
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr("hdopt.cli.SUBCOMMANDS", [("fake", "raises", module.__name__)])
+    return raised
+
+
+def test_user_errors_are_one_line_and_exit_2(fake_command, capsys):
+    import yaml
+
+    from hdopt.lm.models import ModelLoadError
+
+    for err in (ValueError("bad\nvalue"), FileNotFoundError("no such file"), ModelLoadError("no model"),
+                yaml.YAMLError("bad yaml"), SystemExit("hdopt fake: a message")):  # fmt: skip
+        fake_command[:] = [err]
+        assert main(["fake"]) == 2
+        err_text = capsys.readouterr().err
+        assert err_text.count("\n") == 1 and "Traceback" not in err_text
+    assert err_text == "hdopt fake: a message\n"
+
+
+def test_bugs_keep_their_traceback_and_debug_shows_user_errors(fake_command, capsys):
+    for bug in (KeyError("k"), TypeError("t"), RuntimeError("r"), AssertionError("a")):
+        fake_command[:] = [bug]
+        with pytest.raises(type(bug)):
+            main(["fake"])
+    fake_command[:] = [ValueError("bad value")]
+    with pytest.raises(ValueError, match="bad value"):
+        main(["--debug", "fake"])
+    fake_command[:] = [SystemExit(3)]  # a plain exit status passes through
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fake"])
+    assert exit_info.value.code == 3
+    fake_command[:] = [KeyboardInterrupt()]
+    assert main(["fake"]) == 130

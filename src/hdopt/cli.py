@@ -3,6 +3,11 @@
 Each subcommand lives in the module that owns the work and exposes ``configure(parser)`` and
 ``run(args) -> int``; this file only lists them. Modules are imported when their subcommand runs, so
 ``hdopt --help`` stays fast.
+
+One error policy for every subcommand (:func:`main`): an error the user can fix (a bad value or file name:
+``ValueError``, ``OSError``, :class:`hdopt.lm.models.ModelLoadError`, a YAML error, or ``SystemExit`` with
+a message) is printed on one line and the exit status is 2; anything else is a bug and shows its
+traceback. ``hdopt --debug COMMAND ...`` shows the traceback of user errors too. Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Any
 
 from hdopt import __version__
 
@@ -70,10 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
         "in-context fine-tuning (TinT) and the implicit bias of training.",
     )
     parser.add_argument("--version", action="version", version=f"hdopt {__version__}")
+    parser.add_argument("--debug", action="store_true", dest="_debug",
+                        help="show the traceback of user errors too (a bad value, file or model name)")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=_LazyParser)
     for name, help_text, module in SUBCOMMANDS:
         subparsers.add_parser(name, help=help_text, description=help_text, module=module)
     return parser
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a user causes and can fix (see the module docstring); every other one is a bug."""
+    import yaml
+
+    from hdopt.lm.models import ModelLoadError
+
+    return ValueError, OSError, ModelLoadError, yaml.YAMLError
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (its type when it has none)."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,11 +104,28 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "_module"):
         parser.print_help()
         return 2
+    command = args._module
     try:
-        return int(importlib.import_module(args._module).run(args) or 0)
+        return int(importlib.import_module(command).run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SystemExit as exit_:
+        if not isinstance(exit_.code, str):  # argparse's own errors (2), or a plain exit status
+            raise
+        return _report(exit_.code, args, exit_)
+    except Exception as err:
+        if not isinstance(err, user_errors()):
+            raise
+        return _report(f"error: {one_line(err)}", args, err)
+
+
+def _report(message: str, args: Any, err: BaseException) -> int:
+    """Print a user error's one line (or raise it again under ``--debug``); returns the exit status 2."""
+    if args._debug:
+        raise err
+    print(" ".join(message.split()), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

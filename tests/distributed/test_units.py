@@ -129,6 +129,26 @@ def test_diagnosis_names_the_rank_that_did_not_join():
     assert issubclass(RankFailureError, RuntimeError)
 
 
+class DeadStore(FakeStore):
+    """The store of a job whose host (rank 0, or the launcher) died: every read fails."""
+
+    def check(self, keys):
+        raise RuntimeError("Connection reset by peer\nException raised from recvBytes\nframe #0: c10::Error")
+
+
+def test_diagnosis_blames_the_store_host_when_the_store_cannot_be_read():
+    """Rank 0 died with the store: the heartbeats are unreadable, not absent ("never joined a collective"
+    would blame every rank that joined ~170 collectives)."""
+    comm = Communicator.single()
+    comm.world_size, comm.rank, comm._seq, comm.timeout_s = 2, 1, 170, 5.0
+    comm.store = DeadStore({})
+    message = comm.diagnose("ZO all-reduce", RuntimeError("Connection closed by peer\nframe #0: c10::Error"))
+    assert "the rendezvous store is unreachable: rank 0 or the launcher died" in message
+    assert "never joined" not in message and "frame #" not in message and "\n" not in message
+    comm.store = FakeStore({"hdopt/heartbeat/0": "170", "hdopt/heartbeat/1": "170"})  # the store outlived it
+    assert "every rank had joined it, so rank 0 died during it" in comm.diagnose("x", RuntimeError("reset"))
+
+
 # -- checkpoints ------------------------------------------------------------------------------------------
 def test_checkpoint_round_trip_and_world_size_check(tmp_path):
     comm = Communicator.single()

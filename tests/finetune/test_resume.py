@@ -17,8 +17,8 @@ from hdopt.finetune.replay import compare_with_checkpoint, rebuild
 from tests.finetune.conftest import make_model, toy_config
 
 CASES = [  # (method, family, overrides); GPT-2 has dropout, so ft also checks the RNG state
-    ("mezo", "llama", dict(lr=1e-2)),
-    ("mezo-lora", "opt", dict(lr=0.1, optimizer="zoadam", grad_accum=2)),
+    ("mezo", "llama", dict(lr=1e-2, keep_weights=True)),  # ZO runs store weights only with keep_weights
+    ("mezo-lora", "opt", dict(lr=0.1, optimizer="zoadam", grad_accum=2, keep_weights=True)),
     ("ft", "gpt2", dict(lr=1e-2)),
     ("ft-prefix", "llama", dict(lr=1e-2, schedule="linear")),
 ]
@@ -82,7 +82,8 @@ def test_every_run_file_has_the_mode_of_a_normal_new_file(task_file, tokenizer, 
     """Checkpoints, trajectory, JSON alike: 0666 minus the umask (0644 under the usual 022), not 0600."""
     mask = os.umask(0o022)
     try:
-        _run(task_file, tmp_path, "mezo-prefix", dict(steps=2, eval_every=1), "llama", tokenizer)
+        _run(task_file, tmp_path, "mezo-prefix", dict(steps=2, eval_every=1, keep_weights=True), "llama",
+             tokenizer)  # fmt: skip
     finally:
         os.umask(mask)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir() if p.is_file()}
@@ -139,7 +140,7 @@ def test_prefix_replay_starts_from_the_saved_initial_prefix(task_file, tokenizer
 
 
 def test_resume_with_more_steps_equals_the_longer_run(task_file, tokenizer, tmp_path):
-    method, family, overrides = "mezo", "llama", dict(steps=10, eval_every=2)
+    method, family, overrides = "mezo", "llama", dict(steps=10, eval_every=2, keep_weights=True)
     long, _ = _run(task_file, tmp_path / "long", method, overrides, family, tokenizer)
     _run(task_file, tmp_path / "short", method, dict(overrides, steps=6), family, tokenizer)
     extended, _ = resume(tmp_path / "short", make_model(family), tokenizer, steps=10)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hdopt.finetune import rundir
+from hdopt.finetune import resume, rundir
 from hdopt.finetune.batches import make_closure, step_indices
+from hdopt.finetune.checkpoint import load_checkpoint
 from hdopt.finetune.config import ConfigError
 from hdopt.finetune.replay import compare_with_checkpoint, rebuild
-from hdopt.finetune.trainer import LoopState, finetune, load_data, setup, train_loop
+from hdopt.finetune.trained import load_trained
+from hdopt.finetune.trainer import LoopState, evaluate_examples, finetune, load_data, setup, train_loop
 from hdopt.lm.tasks import resolve_task
 from hdopt.lm.top_blocks import TopBlocksError
 from hdopt.zo import ZOSGD
@@ -113,3 +115,31 @@ def test_every_zo_rule_trains_the_top_block_and_replays_bitwise_on_the_whole_mod
     assert compare_with_checkpoint(params, folder / rundir.CHECKPOINT) == (True, 0.0)
     moved = [n for n, v in model.state_dict().items() if not torch.equal(v, start[n])]
     assert moved and all("layers.2." in n or n == "model.norm.weight" for n in moved)
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL: leaves the loop without saving anything."""
+
+
+def _kill_at_3(step: int) -> None:
+    if step == 3:
+        raise Killed
+
+
+def test_a_top_block_run_folder_resumes_bitwise_and_rebuilds_its_best_weights(task_file, tokenizer, tmp_path):
+    """Seeds, not weights: the checkpoint's and the best step's sha256 are of the top blocks' parameters,
+    which resume and load_trained rebuild by replay on the whole model."""
+    def cfg(out):
+        return toy_config(task_file, out, "mezo", zo_blocks=1, lr=5e-2, eps=1e-3, q=2, steps=6, eval_every=2)
+
+    full, folder = finetune(cfg(tmp_path / "full"), _deep_llama(), tokenizer)
+    with pytest.raises(Killed):
+        finetune(cfg(tmp_path / "killed"), _deep_llama(), tokenizer, on_step=_kill_at_3)
+    resumed, _ = resume(tmp_path / "killed", _deep_llama(), tokenizer)
+    digests = [load_checkpoint(f / rundir.CHECKPOINT)[2]["weights_sha256"]
+               for f in (folder, tmp_path / "killed")]  # fmt: skip
+    assert digests[0] == digests[1] and resumed["test"] == full["test"]
+    model, _ = load_trained(folder, _deep_llama(), tokenizer)
+    task = resolve_task(cfg(folder).data.task)
+    test = evaluate_examples(model, tokenizer, task, cfg(folder), load_data(cfg(folder), task).eval)
+    assert test.metrics["accuracy"] == full["test"]

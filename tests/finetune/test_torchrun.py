@@ -244,7 +244,8 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_at_the_same_step(two):
 
 def test_torchrun_runs_the_finetune_cli(task_file, tokenizer, tmp_path, capsys):
     """``python -m torch.distributed.run --nproc_per_node 2 -m hdopt finetune`` on a saved tiny model, in
-    float32 with the real losses, against the same command in one process."""
+    float32 with the real losses, against the same command in one process (run folders without weights:
+    each rebuilt from its trajectory)."""
     model_dir = tmp_path / "tiny-llama"
     make_model("llama").save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -267,7 +268,7 @@ def test_torchrun_runs_the_finetune_cli(task_file, tokenizer, tmp_path, capsys):
     # float32 losses: the shard mean and the batch loss differ by about an ulp, which 1 / (2 eps) amplifies
     grads_two, grads_one = _grads(two), _grads(one)
     worst = float(((grads_two - grads_one).abs() / grads_one.abs()).max())
-    w_two, w_one = (_flat(load_checkpoint(f / rundir.CHECKPOINT)[0]) for f in (two, one))
+    w_two, w_one = (_flat(dict(rebuild(f)[1])) for f in (two, one))
     print(f"torchrun: {seconds:.1f} s; float32: projected gradients max relative difference {worst:.2e}; "
           f"weights relative difference {_relative(w_two, w_one):.2e}")
     assert worst <= 1e-3 and _relative(w_two, w_one) <= 1e-4  # measured: 4.3e-4 and 2.7e-5

@@ -1,4 +1,5 @@
-"""``hdopt finetune --optimizer fzoo|hizoo``: the post-MeZO rules run through the CLI and replay bitwise."""
+"""``hdopt finetune --optimizer fzoo|hizoo|lozo|sparse-mezo``: the post-MeZO rules run through the CLI and
+replay bitwise (run folders without weights: replay rebuilds them from the trajectory)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from .test_cli import _toy_flags, parse
 FLAGS = {
     "fzoo": ["--q", "4", "--lr", "1e-3"],  # one-sided Rademacher: its paper_defaults
     "hizoo": ["--lr", "1e-3"],
+    "lozo": ["--lr", "1e-3"],
+    "sparse-mezo": ["--lr", "1e-3"],
 }
 
 

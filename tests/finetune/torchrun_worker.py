@@ -27,7 +27,7 @@ from hdopt.lm import scoring
 from tests.finetune.conftest import byte_tokenizer, make_model, toy_config
 
 STEPS = 4
-COMMON = dict(steps=STEPS, batch_size=4, eval_every=2)  # batch 4: 2 examples per rank
+COMMON = dict(steps=STEPS, batch_size=4, eval_every=2, keep_weights=True)  # batch 4: 2 examples per rank
 RUNS = {  # name -> (method, task, overrides)
     "mezo": ("mezo", "toy", dict(q=2, momentum=0.5, lr=1e-2)),
     "lora": ("mezo-lora", "toy", dict(optimizer="zoadam", lr=0.1, grad_accum=2)),

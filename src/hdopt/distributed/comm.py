@@ -152,14 +152,12 @@ class Communicator:
             self.store = None
 
     def heartbeats(self) -> dict[int, int | None]:
-        """The last collective each rank joined (None: never, or unknown)."""
+        """The last collective each rank joined (None: never). A store that cannot be read raises (its host,
+        rank 0 or the launcher, died): "never joined" would blame every rank."""
         seen: dict[int, int | None] = {}
         for r in range(self.world_size):
             key = f"{_HEARTBEAT}{r}"
-            try:
-                seen[r] = int(self.store.get(key)) if self.store.check([key]) else None
-            except Exception:  # noqa: BLE001
-                seen[r] = None
+            seen[r] = int(self.store.get(key)) if self.store.check([key]) else None
         return seen
 
     def diagnose(self, what: str, err: BaseException) -> str:
@@ -175,7 +173,9 @@ class Communicator:
             return f"{head}; the rendezvous store is unreachable: rank 0 or the launcher died. Cause: {cause}"
         late = {r: s for r, s in seen.items() if r != self.rank and (s is None or s < self._seq)}
         if not late:
-            return (f"{head}; every rank had joined it, so a rank died during it "
+            others = [r for r in range(self.world_size) if r != self.rank]
+            who = f"rank {others[0]}" if len(others) == 1 else "a rank"
+            return (f"{head}; every rank had joined it, so {who} died during it "
                     f"(check the other ranks' logs). Cause: {cause}")
         names = ", ".join(
             f"rank {r} ({'never joined a collective' if s is None else f'last joined #{s}'})"

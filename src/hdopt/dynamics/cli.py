@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -66,9 +67,12 @@ def _parse_like(example, text: str, where: str):
             raise SystemExit(f"hdopt lab: {where}: expected true or false")
         return text.lower() in ("true", "1")
     try:
-        return type(example)(text)
+        value = type(example)(text)
     except ValueError:
         raise SystemExit(f"hdopt lab: {where}: expected a {type(example).__name__}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SystemExit(f"hdopt lab: {where}: expected a finite number")
+    return value
 
 
 def build_config(args: argparse.Namespace):
@@ -85,6 +89,8 @@ def build_config(args: argparse.Namespace):
         if field not in fields:
             raise SystemExit(f"hdopt lab {args.name}: --{flag.replace('_', '-')} does not apply "
                              f"(this experiment builds its own problem)")
+        if flag == "n_train" and value < 1:
+            raise SystemExit(f"hdopt lab {args.name}: --n-train must be at least 1, got {value}")
         overrides[field] = value
     overrides.update(parse_settings(experiment, getattr(args, "settings", [])))
     config = experiment.config(args.scale, **overrides)

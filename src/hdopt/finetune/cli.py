@@ -8,7 +8,9 @@ sections first and flags override it. ``--resume RUN_DIR`` continues an interrup
         --num-train 1000
     torchrun --nproc_per_node 4 -m hdopt finetune --method mezo ...   # data-parallel forward-only
 
-Under torchrun only rank 0 prints the summary and writes the run folder.
+Under torchrun only rank 0 prints the summary and writes the run folder. A user error (a bad value, file or
+model) is one line and exit status 2 (``hdopt --debug finetune ...`` shows the traceback); a divergence 3,
+a torchrun peer that died or hangs 4; a run stopped by Ctrl-C 130, by SIGTERM 143 (both saved a checkpoint).
 """
 
 from __future__ import annotations
@@ -19,14 +21,16 @@ import json
 import sys
 from typing import Any
 
-from hdopt.distributed import ConfigMismatchError, exit_on_rank_failure
+from hdopt.distributed import exit_on_rank_failure
 from hdopt.finetune.config import SECTIONS, ConfigError, RunConfig
-from hdopt.finetune.methods import MethodError, get_method, list_methods
+from hdopt.finetune.data_parallel import AGREED_ERRORS
+from hdopt.finetune.methods import get_method, list_methods
 from hdopt.finetune.optimizers import DivergenceError, optimizer_names
+from hdopt.lm.models import ModelLoadError
 
 RESUME_FLAGS = ("progress", "tensorboard", "dist_timeout", "steps")  # the fields a resumed run may change
-EXIT_DIVERGED, EXIT_RANK_FAILURE, EXIT_INTERRUPTED = 3, 4, 130
-AGREED = (ConfigError, ConfigMismatchError, DivergenceError, MethodError)  # every torchrun rank raises these
+EXIT_DIVERGED, EXIT_RANK_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED = 3, 4, 130, 143
+USER_ERRORS = (ValueError, OSError, ModelLoadError)  # a bad value, file or model: one line, exit status 2
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -103,16 +107,18 @@ def _summary(results: dict, folder) -> str:
 
 
 def _error(err: Exception, rank: int) -> None:
-    """Print a user error: once (rank 0) for errors every rank raises alike, else with the rank's number."""
+    """Print a user error on one line: once (rank 0) for errors every rank raises alike, else with the
+    rank's number."""
+    text = " ".join(str(err).split()) or type(err).__name__
     if rank == 0:
-        print(f"error: {err}", file=sys.stderr)
-    elif not isinstance(err, AGREED):
-        print(f"error (rank {rank}): {err}", file=sys.stderr)
+        print(f"error: {text}", file=sys.stderr)
+    elif not isinstance(err, AGREED_ERRORS):
+        print(f"error (rank {rank}): {text}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
     """Start or resume a run; prints a summary. Exit codes: 0 done, 2 bad input, 3 diverged, 4 a torchrun
-    peer died or hung, 130 stopped."""
+    peer died or hung, 130 stopped by Ctrl-C, 143 by SIGTERM."""
     from hdopt.finetune.data_parallel import launched_world
     from hdopt.finetune.trainer import finetune, resume
 
@@ -134,16 +140,22 @@ def run(args: argparse.Namespace) -> int:
     except DivergenceError as err:
         _error(err, rank)
         return EXIT_DIVERGED
-    except (ConfigError, MethodError, FileNotFoundError, FileExistsError, ValueError) as err:
+    except USER_ERRORS as err:
+        if getattr(args, "_debug", False):
+            raise
         _error(err, rank)
         return 2
-    if rank != 0:
-        return EXIT_INTERRUPTED if results["status"] == "interrupted" else 0
-    print(_summary(results, folder))
-    if results["status"] == "interrupted":
-        print(f"stopped: continue with `hdopt finetune --resume {folder}`")
-        return EXIT_INTERRUPTED
-    return 0
+    if results["status"] != "interrupted":
+        code = 0
+    else:
+        code = EXIT_TERMINATED if results.get("stopped_by") == "SIGTERM" else EXIT_INTERRUPTED
+    if rank == 0:
+        print(_summary(results, folder))
+    if rank == 0 and code:
+        by = results.get("stopped_by") or "another process"
+        print(f"stopped by {by} after saving a checkpoint (exit status {code}): continue with "
+              f"`hdopt finetune --resume {folder}`")  # fmt: skip
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,13 +44,14 @@ from hdopt.distributed import (
 from hdopt.finetune.adapters import ADAPTERS
 from hdopt.finetune.batches import encode, uses_answer_loss
 from hdopt.finetune.config import RunConfig
-from hdopt.finetune.errors import ConfigError, DivergenceError
+from hdopt.finetune.errors import ConfigError, DivergenceError, RunFolderError
 from hdopt.finetune.methods import Method, MethodError, get_method, list_methods
 
 if TYPE_CHECKING:
     from hdopt.finetune.trainer import Setup
 
-AGREED_ERRORS = (ConfigError, ConfigMismatchError, DivergenceError, MethodError)  # raised on every rank alike
+AGREED_ERRORS = (ConfigError, ConfigMismatchError, DivergenceError, MethodError, RunFolderError,
+                 FileExistsError)  # raised on every rank alike  # fmt: skip
 
 
 def launched_world() -> tuple[int, int]:
@@ -227,6 +228,11 @@ class OneProcess:
     def barrier(self, what: str) -> None:
         """Wait for the other processes (none)."""
 
+    def raise_for(self, failure: Exception | None, what: str) -> None:
+        """Raise rank 0's ``failure`` (a user error of something only rank 0 does) on every rank."""
+        if failure is not None:
+            raise failure
+
     def run_folder(self, folder: Path) -> Path:
         """The run folder every process uses (a default name holds a timestamp)."""
         return folder
@@ -269,6 +275,15 @@ class DataParallel(OneProcess):
 
     def barrier(self, what: str) -> None:
         self.comm.barrier(what)
+
+    def raise_for(self, failure: Exception | None, what: str) -> None:
+        sent = (type(failure).__name__, str(failure)) if failure is not None else None
+        kind_message = self.comm.all_gather_object(sent, what)[0]
+        if failure is not None:
+            raise failure
+        if kind_message is not None:
+            kind, message = kind_message
+            raise (FileExistsError if kind == "FileExistsError" else RunFolderError)(message)
 
     def run_folder(self, folder: Path) -> Path:
         return Path(self.comm.all_gather_object(str(folder), "agreement on the run folder")[0])

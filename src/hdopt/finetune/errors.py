@@ -9,3 +9,7 @@ class ConfigError(ValueError):
 
 class DivergenceError(RuntimeError):
     """Training diverged (non-finite loss or weights, or a loss far above the first one)."""
+
+
+class RunFolderError(ValueError):
+    """A run folder cannot be used as asked: a file is damaged or stale, or another process holds it."""

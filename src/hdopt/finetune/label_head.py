@@ -18,6 +18,7 @@ starting model without refitting.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from hdopt.finetune.checkpoint import load_checkpoint, save_checkpoint
 from hdopt.finetune.head import untie_head
@@ -43,8 +45,10 @@ class LabelHead:
     c: float  # the regularisation picked
     train_accuracy: float  # the probe's, in percent
     dev_accuracy: float | None  # the probe's on dev (None without dev examples)
+    seconds: float = 0.0  # the time the fit took (feature passes included); part of the run's wall time
 
     def meta(self) -> dict:
+        """The probe's record (what it is; its time is kept apart, as results.json's ``probe_seconds``)."""
         return {"token_ids": self.token_ids, "c": self.c, "train_accuracy": self.train_accuracy,
                 "dev_accuracy": self.dev_accuracy}  # fmt: skip
 
@@ -73,11 +77,11 @@ def label_token_ids(tokenizer, task: Task) -> list[int]:
 
 @torch.no_grad()
 def head_inputs(model: nn.Module, tokenizer, examples: Sequence[Example], max_length: int,
-                batch_size: int = 32) -> np.ndarray:  # fmt: skip
+                batch_size: int = 32, progress: str | None = None) -> np.ndarray:  # fmt: skip
     """``[N, hidden]`` float64: the LM head's input where it predicts each example's (one-token) option.
 
     Runs the scoring path of the training loss (:func:`hdopt.lm.scoring.token_logprobs`, adapters
-    included) and records what the head receives.
+    included) and records what the head receives. ``progress``: a tqdm bar with that description.
     """
     inner = unwrap_peft(model) or model
     head = inner.get_output_embeddings()
@@ -87,8 +91,9 @@ def head_inputs(model: nn.Module, tokenizer, examples: Sequence[Example], max_le
     was_training = model.training
     model.eval()
     out = []
+    starts = range(0, len(examples), batch_size)
     try:
-        for i in range(0, len(examples), batch_size):
+        for i in tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False):
             batch = encode_examples(tokenizer, examples[i : i + batch_size], max_length).to(device)
             if int(batch.option_length.max()) != 1:
                 raise ValueError("head_inputs needs one-token options (see label_token_ids)")
@@ -169,15 +174,19 @@ def fit_label_head(
     c: float | None = None,
     seed: int = 0,
     batch_size: int = 32,
+    progress: bool = False,
 ) -> LabelHead:
     """Fit the probe on ``model``'s head inputs and return the label-word rows that implement it.
 
     Only the differences between the rows matter to the classifier; the rows returned are the model's
     own rows moved by the least change that gives those differences (a common shift removed).
+    ``progress`` shows a bar for each feature pass; the time it all took is the head's ``seconds``.
     """
+    start = time.perf_counter()
     ids = label_token_ids(tokenizer, task)
-    train_x = head_inputs(model, tokenizer, train, max_length, batch_size)
-    dev_x = head_inputs(model, tokenizer, dev, max_length, batch_size) if dev else None
+    bar = (lambda split: f"--lp-init features ({split})") if progress else (lambda split: None)
+    train_x = head_inputs(model, tokenizer, train, max_length, batch_size, bar("train"))
+    dev_x = head_inputs(model, tokenizer, dev, max_length, batch_size, bar("dev")) if dev else None
     train_y = np.array([e.label for e in train])
     dev_y = np.array([e.label for e in dev]) if dev else None
     weights, c, train_acc, dev_acc = fit_probe(train_x, train_y, dev_x, dev_y, len(ids), c, seed)
@@ -185,7 +194,8 @@ def fit_label_head(
     old = head.weight.detach()[ids].double().cpu()
     target = torch.from_numpy(weights)
     rows = target - (target - old).mean(dim=0, keepdim=True)  # nearest to ``old`` with target's differences
-    return LabelHead(ids, rows.to(head.weight.dtype), c, train_acc, dev_acc)
+    seconds = round(time.perf_counter() - start, 2)
+    return LabelHead(ids, rows.to(head.weight.dtype), c, train_acc, dev_acc, seconds)
 
 
 def apply_label_head(model: nn.Module, label_head: LabelHead) -> None:
@@ -198,11 +208,12 @@ def apply_label_head(model: nn.Module, label_head: LabelHead) -> None:
 
 def save_label_head(path: str | Path, label_head: LabelHead) -> None:
     """Write the rows and the probe's record to a safetensors file (atomically)."""
-    save_checkpoint(Path(path), [("rows", label_head.rows)], meta=label_head.meta())
+    meta = {**label_head.meta(), "seconds": label_head.seconds}
+    save_checkpoint(Path(path), [("rows", label_head.rows)], meta=meta)
 
 
 def load_label_head(path: str | Path) -> LabelHead:
     """Read what :func:`save_label_head` wrote."""
     weights, _, meta = load_checkpoint(Path(path))
-    record = (float(meta["c"]), float(meta["train_accuracy"]), meta["dev_accuracy"])
+    record = (float(meta["c"]), float(meta["train_accuracy"]), meta["dev_accuracy"], meta.get("seconds", 0.0))
     return LabelHead(list(meta["token_ids"]), weights["rows"], *record)

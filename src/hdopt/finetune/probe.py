@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from hdopt.finetune import rundir
 from hdopt.finetune.checkpoint import save_checkpoint
@@ -25,12 +26,15 @@ from hdopt.io import atomic_write_json
 
 
 @torch.no_grad()
-def last_token_features(model, tokenizer, examples, max_length: int, batch_size: int) -> np.ndarray:
-    """``[N, hidden]`` float64 features: the body's output at each prompt's last token."""
+def last_token_features(model, tokenizer, examples, max_length: int, batch_size: int,
+                        progress: str | None = None) -> np.ndarray:  # fmt: skip
+    """``[N, hidden]`` float64 features: the body's output at each prompt's last token (``progress``: a
+    tqdm bar with that description)."""
     device = model.get_input_embeddings().weight.device
     body = model.base_model
     out = []
-    for i in range(0, len(examples), batch_size):
+    starts = range(0, len(examples), batch_size)
+    for i in tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False):
         rows = [tokenizer(e.prompt).input_ids[-max_length:] for e in examples[i : i + batch_size]]
         width = max(len(r) for r in rows)
         ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -50,24 +54,29 @@ def linear_probe(s) -> tuple[dict, Path]:
             f"the logistic-regression probe needs fixed label words and {s.task.name!r} has none: run lp "
             "through hdopt.finetune.finetune, which tunes the LM head on such tasks"
         )
+    folder = rundir.new_run_dir(s.cfg.train.output_dir, s.task.name, s.method.name, s.cfg.model.model)
+    with rundir.claim(folder, fresh=True):
+        return _fit_and_write(s, folder), folder
+
+
+def _fit_and_write(s, folder: Path) -> dict:
     cfg = s.cfg
-    folder = rundir.new_run_dir(cfg.train.output_dir, s.task.name, s.method.name, cfg.model.model)
     atomic_write_json(folder / rundir.CONFIG, cfg.to_dict(), default=str)
     start = time.perf_counter()
     s.model.eval()
 
-    def feats(examples):
-        size = cfg.train.eval_batch_size
-        return last_token_features(s.model, s.tokenizer, examples, cfg.data.max_length, size)
+    def feats(examples, split: str):
+        size, bar = cfg.train.eval_batch_size, f"lp features ({split})" if cfg.train.progress else None
+        return last_token_features(s.model, s.tokenizer, examples, cfg.data.max_length, size, bar)
 
     def labels(examples) -> np.ndarray:
         return np.array([e.label for e in examples])
 
-    dev_x = feats(s.splits.dev) if s.splits.dev else None
+    dev_x = feats(s.splits.dev, "dev") if s.splits.dev else None
     dev_y = labels(s.splits.dev) if s.splits.dev else None
-    coef, c, _, dev = fit_probe(feats(s.splits.train), labels(s.splits.train), dev_x, dev_y,
+    coef, c, _, dev = fit_probe(feats(s.splits.train, "train"), labels(s.splits.train), dev_x, dev_y,
                                 len(s.task.label_words), cfg.method.lp_c, cfg.train.seed)  # fmt: skip
-    predicted = np.argmax(feats(s.splits.eval) @ coef.T, axis=1)
+    predicted = np.argmax(feats(s.splits.eval, "test") @ coef.T, axis=1)
     test = round(100.0 * float(np.mean(predicted == labels(s.splits.eval))), 2)
     save_checkpoint(folder / rundir.BEST, [("coef", torch.from_numpy(coef))], meta={"dev": dev, "c": c})
     results = {
@@ -80,4 +89,4 @@ def linear_probe(s) -> tuple[dict, Path]:
     }  # fmt: skip
     rundir.write_jsonl(folder / rundir.METRICS, [{"step": 0, "dev_accuracy": dev}])
     atomic_write_json(folder / rundir.RESULTS, results, default=str)
-    return results, folder
+    return results

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
-from hdopt.finetune import rundir
 from hdopt.finetune.adapters import trainable_parameters
-from hdopt.finetune.checkpoint import load_checkpoint, load_weights
+from hdopt.finetune.checkpoint import load_checkpoint, tensors_digest
 from hdopt.finetune.kinds import ZOKind
 from hdopt.finetune.methods import get_method
-from hdopt.finetune.trained import run_config, starting_model
+from hdopt.finetune.trained import (
+    RunRecord,
+    check_start,
+    replay_to,
+    run_config,
+    starting_model,
+    trained_subset,
+)
 from hdopt.lm.models import load_model
-from hdopt.zo import Trajectory, replay
 
 
 def rebuild(folder: str | Path, model=None, tokenizer=None, upto: int | None = None):
@@ -21,7 +27,8 @@ def rebuild(folder: str | Path, model=None, tokenizer=None, upto: int | None = N
 
     Args:
         folder: a ZO run folder (config.json + trajectory.bin).
-        model, tokenizer: the starting model, if already loaded (else loaded as the run did).
+        model, tokenizer: the starting model, if already loaded (else loaded as the run did); it must be the
+            run's (the sha256 the run recorded of it).
         upto: number of steps to replay.
 
     Returns:
@@ -32,31 +39,32 @@ def rebuild(folder: str | Path, model=None, tokenizer=None, upto: int | None = N
     method = get_method(cfg.method.method)
     if not issubclass(method.kind, ZOKind):
         raise ValueError(f"{folder} is a {method.name} run: only ZO runs have a trajectory to replay")
-    path = folder / rundir.TRAJECTORY
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the run has not saved its trajectory yet")
-    header, trajectory = Trajectory.load(path)
+    record = RunRecord.of(folder)
     if model is None:
-        m = cfg.model
-        model, tokenizer = load_model(m.model, m.dtype, m.device, m.cache_dir)
+        cfg.model.check_available()
+        model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.device, cfg.model.cache_dir)
     model = starting_model(model, cfg, method, folder)
-    params = trainable_parameters(model)
-    if (folder / rundir.INITIAL).is_file():  # the run's own starting prefix, not a recomputed one
-        load_weights(params, load_checkpoint(folder / rundir.INITIAL)[0])
-    steps = len(trajectory) if upto is None else min(upto, len(trajectory))
-    replay(params, (header, trajectory), steps)
-    trained = {name for group in header["groups"] for name in group["names"] or ()}
-    if trained:  # the parameters the run trained (--zo-blocks trains a subset of the adapter's)
-        params = [(name, p) for name, p in params if name in trained]
+    check_start(model, record.loop.get("start_sha256"), folder)
+    params = trained_subset(folder, cfg, trainable_parameters(model))  # --zo-blocks: the top blocks'
+    steps = replay_to(folder, params, upto, record)
     return model, params, steps
 
 
 def compare_with_checkpoint(params, checkpoint: str | Path) -> tuple[bool, float]:
-    """``(bitwise equal, max |difference|)`` between ``params`` and a checkpoint's weights."""
-    weights = load_checkpoint(checkpoint)[0]
+    """``(bitwise equal, max |difference|)`` between ``params`` and a checkpoint's weights; a checkpoint
+    without weights (a ZO run's, by default) is compared through its sha256 (difference NaN if unequal)."""
+    weights, _, meta = load_checkpoint(checkpoint)
+    if not weights:
+        equal = tensors_digest(params) == meta.get("weights_sha256")
+        return equal, 0.0 if equal else math.nan
     equal, worst = True, 0.0
     for name, p in params:
         w = weights[name].to(p.device)
         equal &= torch.equal(p.detach(), w)
         worst = max(worst, float((p.detach().double() - w.double()).abs().max()))
     return equal, worst
+
+
+def matches(params, digest: str | None) -> bool | None:
+    """Whether ``params`` are bitwise the weights of ``digest`` (None: no digest to compare with)."""
+    return None if digest is None else tensors_digest(params) == digest

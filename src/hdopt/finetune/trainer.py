@@ -2,10 +2,17 @@
 
 Reads top to bottom: :func:`setup` builds everything a run needs from its config, and attaches the method's
 kind (:mod:`hdopt.finetune.kinds`: forward passes only, backprop, or a closed-form probe), which builds the
-optimizer and takes the steps; :func:`train_loop` runs the steps; :func:`finish` evaluates the selected
-weights on the test split and writes results.json. :func:`finetune` starts a run, :func:`resume` continues
-one from its folder; both end bitwise where an uninterrupted run ends, because the batches, the ZO
-directions and the dropout masks depend only on (seed, step) and the restored state.
+optimizer and takes the steps; :func:`train_loop` runs the steps, evaluates dev and saves resume points;
+:func:`finish` writes results.json. :func:`finetune` starts a run, :func:`resume` continues one from its
+folder; both end bitwise where an uninterrupted run ends, because the batches, the ZO directions and the
+dropout masks depend only on (seed, step) and the restored state.
+
+The test metrics reported are those of the weights with the best dev metric, measured when those weights
+are current (at the dev evaluation that found them), so the test never needs weights from another step;
+they are part of the loop state, saved in every checkpoint. A new best dev metric forces a resume point
+at its step, written before ``best.safetensors``: a kill between the two leaves a checkpoint that knows
+its best step, and resume rewrites the best weights from it. A run holds its folder's lock
+(:class:`hdopt.finetune.rundir.RunLock`) from start to end; SIGTERM stops it as Ctrl-C does.
 
 Under ``torchrun --nproc_per_node N`` the pieces that depend on the number of processes (the closure of a
 micro-batch, evaluation, the loss every rank logs, the run folder) come from the run's ``workers``
@@ -15,13 +22,14 @@ alone writes the run folder.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +40,15 @@ from hdopt.distributed import Communicator
 from hdopt.finetune import rundir
 from hdopt.finetune.adapters import ADAPTERS, prepare_model, trainable_parameters
 from hdopt.finetune.batches import MAX_NEW_TOKENS, make_closure, micro_batches, step_indices
-from hdopt.finetune.checkpoint import checkpoint_meta, load_checkpoint, load_weights, save_checkpoint
+from hdopt.finetune.checkpoint import (
+    checkpoint_meta,
+    load_checkpoint,
+    load_weights,
+    load_weights_from,
+    model_digest,
+    save_checkpoint,
+    tensors_digest,
+)
 from hdopt.finetune.config import RunConfig
 from hdopt.finetune.data_parallel import (
     OneProcess,
@@ -41,7 +57,7 @@ from hdopt.finetune.data_parallel import (
     workers_for,
     world_size_message,
 )
-from hdopt.finetune.errors import ConfigError, DivergenceError
+from hdopt.finetune.errors import ConfigError, DivergenceError, RunFolderError
 from hdopt.finetune.kinds import MethodKind
 from hdopt.finetune.label_head import (
     LabelHead,
@@ -52,8 +68,9 @@ from hdopt.finetune.label_head import (
 )
 from hdopt.finetune.methods import Method, get_method
 from hdopt.finetune.optimizers import paper_defaults
-from hdopt.io import atomic_write_json, remove_stale_temp_files
-from hdopt.lm.evaluation import EvalConfig, EvalResult, context_length, evaluate
+from hdopt.finetune.trained import check_start
+from hdopt.io import atomic_write_json
+from hdopt.lm.evaluation import EvalConfig, EvalResult, check_room, context_length, evaluate
 from hdopt.lm.models import load_model
 from hdopt.lm.tasks import Splits, Task, load_split, resolve_task, sample_protocol
 
@@ -98,6 +115,7 @@ class Setup:
     workers: OneProcess = field(default_factory=OneProcess)  # torchrun: data-parallel pieces
     label_head: LabelHead | None = None  # --lp-init: the probe written into the LM head
     kind: MethodKind | None = None
+    stopped_by: str | None = None  # the signal that stopped the run (SIGINT, SIGTERM), if one did
 
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
@@ -134,6 +152,9 @@ class LoopState:
     step: int = 0
     best_metric: float | None = None
     best_step: int | None = None
+    best_test: dict[str, float] | None = None  # the test metrics of the best dev step's weights
+    best_sha256: str | None = None  # the digest of those weights (a rebuild of them is checked against it)
+    start_sha256: str | None = None  # the digest of the starting model (resume and rebuilds refuse others)
     initial_loss: float | None = None
     recent_losses: list[float] = field(default_factory=list)
     forwards: float = 0
@@ -158,7 +179,7 @@ def setup(cfg: RunConfig, model=None, tokenizer=None, comm: Communicator | None 
     (torchrun), every rank checks that it runs the same config from the same weights before the first step.
     """
     workers = workers_for(comm if comm is not None else Communicator.single())
-    task = resolve_task(cfg.data.task)
+    task = resolve_task(cfg.data.task, allow_outside=cfg.data.allow_outside_data or None)
     method = get_method(cfg.method.method).for_task(task)  # lp without label words: head tuning
     cfg = resolve(cfg, method, task)
     workers.check(cfg, method)
@@ -170,7 +191,10 @@ def setup(cfg: RunConfig, model=None, tokenizer=None, comm: Communicator | None 
         raise ValueError(f"task {task.name!r}: no training examples (check --num-train and the data)")
     if model is None:
         m = cfg.model
+        m.check_available()
         model, tokenizer = load_model(m.model, m.dtype, m.device, m.cache_dir)
+    # before any forward pass: --max-length must hold a prompt token and the longest option (or the answer)
+    check_room(task, [*splits.train, *splits.dev, *splits.eval], tokenizer, eval_config(model, task, cfg))
     model = prepare_model(model, method.adapter, cfg.method, cfg.train.seed)
     if cfg.method.lp_init:
         label_head = label_head or _fit_label_head(cfg, method, task, splits, model, tokenizer)
@@ -187,52 +211,63 @@ def _fit_label_head(cfg: RunConfig, method: Method, task: Task, splits: Splits, 
     """--lp-init: fit the probe on the train features (C on dev, or --lp-c)."""
     if not method.kind.takes_steps:
         raise ConfigError("--lp-init starts a trained method from the linear probe; lp is the probe itself")
+    t = cfg.train
     return fit_label_head(model, tokenizer, task, splits.train, splits.dev, cfg.data.max_length,
-                          cfg.method.lp_c, cfg.train.seed, cfg.train.eval_batch_size)  # fmt: skip
+                          cfg.method.lp_c, t.seed, t.eval_batch_size, t.progress)  # fmt: skip
 
 
 def _device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def evaluate_examples(model, tokenizer, task: Task, cfg: RunConfig, examples) -> EvalResult:
-    """hdopt.lm's zero-shot evaluation of ``model`` on ``examples``, as a run of ``cfg`` evaluates dev/test
-    (eval mode during the evaluation; the model's mode is restored after)."""
+def eval_config(model, task: Task, cfg: RunConfig) -> EvalConfig:
+    """The evaluation settings of a run of ``cfg`` (dev and test)."""
     answer_room = MAX_NEW_TOKENS if task.is_generation else 0  # max_length bounds the prompt
-    ecfg = EvalConfig(
+    return EvalConfig(
         model=cfg.model.model, task=task.name, batch_size=cfg.train.eval_batch_size,
         max_length=context_length(model, cfg.data.max_length + answer_room),
         max_new_tokens=MAX_NEW_TOKENS, progress=False,
     )  # fmt: skip
+
+
+def evaluate_examples(model, tokenizer, task: Task, cfg: RunConfig, examples) -> EvalResult:
+    """hdopt.lm's zero-shot evaluation of ``model`` on ``examples``, as a run of ``cfg`` evaluates dev/test
+    (eval mode during the evaluation; the model's mode is restored after)."""
     was_training = model.training
     model.eval()
-    result = evaluate(model, tokenizer, task, examples, [], ecfg)
+    result = evaluate(model, tokenizer, task, examples, [], eval_config(model, task, cfg))
     model.train(was_training)
     return result
 
 
 # -- train ---------------------------------------------------------------------------------------------------
 class StopRequest:
-    """Ctrl-C sets a flag; the loop finishes its step, saves a checkpoint and stops (twice: stop now)."""
+    """Ctrl-C (SIGINT) or SIGTERM (what ``timeout``, ``kill`` and schedulers send) sets a flag; the loop
+    finishes its step, saves a checkpoint and stops. A second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signal: str | None = None
+        self._previous: dict = {}
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to stop now)", file=sys.stderr)
+        self.requested, self.signal = True, signal.Signals(signum).name
+        again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
+        print(f"\n{self.signal}: saving a checkpoint after this step ({again} again to stop now)",
+              file=sys.stderr)  # fmt: skip
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def check_divergence(state: LoopState, loss: float, factor: float, guarded: bool) -> None:
@@ -264,18 +299,32 @@ def evaluate_split(s: Setup, examples, evaluate: Callable[[Sequence], EvalResult
     return s.workers.evaluate(s, examples, evaluate or s.evaluate)
 
 
-def evaluate_and_select(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog) -> None:
-    """Dev evaluation (the kind's); keeps the best trainable weights in best.safetensors."""
+def guard_weights(s: Setup, state: LoopState) -> None:
+    """Raise :class:`DivergenceError` when a trainable weight is not finite (checked before the weights are
+    evaluated or saved: an update can overflow while the loss before it was finite)."""
+    with torch.no_grad():
+        for name, p in s.params:
+            if not all(bool(torch.isfinite(c).all()) for c in p.detach().reshape(-1).split(1 << 22)):
+                raise DivergenceError(f"the weights are not finite after step {state.step} ({name})")
+
+
+def evaluate_and_select(s: Setup, state: LoopState, log: rundir.MetricsLog) -> bool:
+    """Dev evaluation (the kind's); returns whether the dev metric is a new best. With ``keep_best`` the test
+    metrics of a new best's weights are measured now, while they are current."""
     if not s.splits.dev:
-        return
+        return False
+    guard_weights(s, state)
     metrics = evaluate_split(s, s.splits.dev, s.kind.evaluate)
     value = metrics[s.task.metric]
     log.record({"step": state.step, "forwards": state.forwards, "backwards": state.backwards,
                 **{f"dev_{k}": v for k, v in metrics.items()}})  # fmt: skip
-    if state.best_metric is None or value > state.best_metric:
-        state.best_metric, state.best_step = value, state.step
-        if s.cfg.train.keep_best and s.writer:
-            save_checkpoint(folder / rundir.BEST, s.params, meta={"step": state.step, s.task.metric: value})
+    if state.best_metric is not None and value <= state.best_metric:
+        return False
+    state.best_metric, state.best_step = value, state.step
+    state.best_sha256 = tensors_digest(s.params)
+    if s.cfg.train.keep_best:
+        state.best_test = evaluate_split(s, s.splits.eval)
+    return True
 
 
 def train_loop(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog,
@@ -285,16 +334,18 @@ def train_loop(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog,
     fwd, bwd = s.kind.passes_per_step()
     guarded = s.cfg.method.objective == "loss"
     s.model.train(s.kind.training_mode())
-    if state.step == 0 and t.eval_every:
-        evaluate_and_select(s, state, folder, log)
     bar = tqdm(total=t.steps, initial=state.step, desc=s.method.name, unit="step",
                disable=not (t.progress and s.writer))  # fmt: skip
     status = "completed"
-    with StopRequest() as stop:
+    with StopRequest() as stop:  # from the first dev evaluation: a signal during it stops after step 1
+        if state.step == 0 and t.eval_every and evaluate_and_select(s, state, log):
+            save_best(s, state, folder)
         while state.step < t.steps:
             start = time.perf_counter()
             loss = train_step(s, state.step)
-            loss, stop.requested = s.workers.agree(loss, stop.requested, state.step)
+            # the ranks agree on the flag as it is now; a signal arriving later stays in it for the next
+            # exchange (assigning the agreed flag back to it dropped such a signal)
+            loss, stopping = s.workers.agree(loss, stop.requested, state.step)
             s.scheduler.step()
             state.step += 1
             state.forwards, state.backwards = state.forwards + fwd, state.backwards + bwd
@@ -305,14 +356,17 @@ def train_loop(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog,
             if state.step % t.log_every == 0 or state.step == t.steps:
                 log.record({"step": state.step, "loss": loss, "lr": s.scheduler.get_last_lr()[0],
                             "elapsed": round(state.elapsed, 3)})  # fmt: skip
-            if t.eval_every and (state.step % t.eval_every == 0 or state.step == t.steps):
-                evaluate_and_select(s, state, folder, log)
+            improved = bool(t.eval_every) and (state.step % t.eval_every == 0 or state.step == t.steps)
+            improved = improved and evaluate_and_select(s, state, log)
             if on_step is not None:
                 on_step(state.step)
-            if state.step % t.save_every == 0 or state.step == t.steps or stop.requested:
+            stopping = stopping or (stop.requested and s.workers.world_size == 1)  # one process: any signal
+            if improved or state.step % t.save_every == 0 or state.step == t.steps or stopping:
                 save_resume_point(s, state, folder)
-            if stop.requested and state.step < t.steps:
-                status = "interrupted"
+            if improved:
+                save_best(s, state, folder)
+            if stopping and state.step < t.steps:
+                status, s.stopped_by = "interrupted", stop.signal
                 break
     bar.close()
     return status
@@ -321,26 +375,64 @@ def train_loop(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog,
 # -- save ----------------------------------------------------------------------------------------------------
 def save_resume_point(s: Setup, state: LoopState, folder: Path) -> None:
     """The kind's files first (a longer trajectory is truncated on resume), then the checkpoint (rank 0)."""
+    guard_weights(s, state)
     if not s.writer:
         return
     s.kind.save_files(folder)
     training = {**s.kind.state_dict(), "rng": torch.get_rng_state(), "loop": dataclasses.asdict(state)}
-    meta = {"step": state.step, "world_size": s.workers.world_size}
-    save_checkpoint(folder / rundir.CHECKPOINT, s.params, training, meta)
+    kept = s.kind.keeps_weights()
+    meta = {"step": state.step, "world_size": s.workers.world_size, "weights": "kept" if kept else "replay",
+            "weights_sha256": tensors_digest(s.params)}  # fmt: skip
+    save_checkpoint(folder / rundir.CHECKPOINT, s.params if kept else [], training, meta)
+
+
+def save_best(s: Setup, state: LoopState, folder: Path) -> None:
+    """Write the current (best dev) trainable weights to best.safetensors, after the resume point."""
+    if not (s.cfg.train.keep_best and s.writer and s.kind.keeps_weights()):
+        return
+    guard_weights(s, state)
+    meta = {"step": state.step, s.task.metric: state.best_metric}
+    save_checkpoint(folder / rundir.BEST, s.params, meta=meta)
 
 
 def restore(s: Setup, folder: Path, log: rundir.MetricsLog) -> LoopState:
-    """Load the resume checkpoint into the setup; returns the loop state it was taken at."""
-    weights, training, meta = load_checkpoint(folder / rundir.CHECKPOINT)
+    """Load the resume checkpoint into the setup (whose model is the run's start); returns the loop state
+    it was taken at.
+
+    The starting model must be the run's (its digest); the kind loads the weights or rebuilds them. It checks
+    its own files (a damaged trajectory is rewritten from the checkpoint's copy), and best.safetensors must
+    hold the checkpoint's best step: a kill between the two writes of a new best leaves the older one,
+    which is rewritten from the restored weights (the best step is then the checkpoint's).
+    """
+    _, training, meta = load_checkpoint(folder / rundir.CHECKPOINT, weights=False)
     saved = meta.get("world_size", 1)
     if saved != s.workers.world_size:
         raise ConfigError(world_size_message(folder, saved, s.workers.world_size))
-    load_weights(s.params, weights)
-    s.kind.load_state_dict(training)
-    torch.set_rng_state(training["rng"])
     state = LoopState(**training["loop"])
+    check_start(s.model, state.start_sha256, folder)
+    s.kind.restore(folder / rundir.CHECKPOINT, training, meta)
+    torch.set_rng_state(training["rng"])
     log.truncate(state.step)
+    if s.writer:
+        s.kind.check_files(folder, state.step)
+        _check_best(s, state, folder)
     return state
+
+
+def _check_best(s: Setup, state: LoopState, folder: Path) -> None:
+    if not (s.cfg.train.keep_best and s.kind.keeps_weights()) or state.best_step is None:
+        return
+    path = folder / rundir.BEST
+    held = checkpoint_meta(path).get("step") if path.is_file() else None
+    if held == state.best_step:
+        return
+    if state.best_step != state.step:
+        raise RunFolderError(
+            f"{path} holds the weights of step {held}, but the checkpoint (step {state.step}) says the best "
+            f"dev step is {state.best_step}: the best weights are stale (a run folder of an older hdopt "
+            "killed between a dev evaluation and its checkpoint); start the run again"
+        )
+    save_best(s, state, folder)
 
 
 # -- finish --------------------------------------------------------------------------------------------------
@@ -355,14 +447,21 @@ def finish(s: Setup, state: LoopState, folder: Path, status: str = "completed", 
     }  # fmt: skip
     if s.label_head is not None:
         results["lp_init"] = s.label_head.meta()
+        results["probe_seconds"] = s.label_head.seconds  # part of wall_seconds
     if error:
         results["error"] = error
+    if s.stopped_by:
+        results["stopped_by"] = s.stopped_by
     if status == "completed":
+        test = None
         if s.cfg.train.keep_best:
             s.workers.barrier("barrier before reading best.safetensors")  # written by rank 0
-            if (folder / rundir.BEST).is_file():
-                load_weights(s.params, load_checkpoint(folder / rundir.BEST)[0])
-        test = evaluate_split(s, s.splits.eval)
+            best = folder / rundir.BEST
+            held = checkpoint_meta(best).get("step") if best.is_file() else None
+            if state.best_step is not None and held == state.best_step:  # the model ends with them, as tested
+                load_weights_from(best, s.params)
+            test = state.best_test  # None: no dev split, or a checkpoint of an older hdopt
+        test = test or evaluate_split(s, s.splits.eval)
         results.update({f"test_{k}": v for k, v in test.items()})
         results["test"] = test[s.task.metric]
     results.update(s.kind.results())
@@ -377,10 +476,10 @@ def _run(s: Setup, state: LoopState, folder: Path, log: rundir.MetricsLog, on_st
     try:
         status = train_loop(s, state, folder, log, on_step)
     except DivergenceError as err:
-        message = (
-            f"training diverged: {err}. The last checkpoint ({rundir.CHECKPOINT}, step "
-            f"{_checkpoint_step(folder)}) is intact; lower --lr (or, for ZO, --eps) and start again"
-        )
+        step = _checkpoint_step(folder)
+        kept = (f"The last checkpoint ({rundir.CHECKPOINT}, step {step}) is intact" if step is not None
+                else "No checkpoint was saved before it")  # fmt: skip
+        message = f"training diverged: {err}. {kept}; lower --lr (or, for ZO, --eps) and start again"
         finish(s, state, folder, "diverged", message)
         log.close()
         raise DivergenceError(message) from None
@@ -407,19 +506,24 @@ def finetune(cfg: RunConfig, model=None, tokenizer=None, *,
             return s.kind.fit()
         folder = s.workers.run_folder(
             rundir.new_run_dir(s.cfg.train.output_dir, s.task.name, s.method.name, s.cfg.model.model))
-        if (folder / rundir.CHECKPOINT).exists():
-            raise FileExistsError(f"{folder} already holds a run: resume it with --resume {folder}")
-        if s.writer:
-            record = _method_record(s.method, s.workers.world_size)
-            config = {**s.cfg.to_dict(), "method_record": record}
-            atomic_write_json(folder / rundir.CONFIG, config, default=str)
-            if ADAPTERS.get(s.method.adapter).computed_start:  # replay and resume start from these
-                save_checkpoint(folder / rundir.INITIAL, s.params, meta={"step": 0})
-            if s.label_head is not None:  # resume, replay and load_trained start from these rows
-                save_label_head(folder / rundir.LP_HEAD, s.label_head)
-        board = rundir.open_tensorboard(folder, s.cfg.train.tensorboard and s.writer)
-        log = rundir.MetricsLog(folder, tensorboard=board, write=s.writer)
-        return _run(s, LoopState(), folder, log, on_step), folder
+        with claim_run_folder(s.workers, folder, fresh=True):
+            return _start(s, folder, on_step), folder
+
+
+def _start(s: Setup, folder: Path, on_step) -> dict:
+    """Write a new run's start files, then train."""
+    if s.writer:
+        record = _method_record(s.method, s.workers.world_size)
+        config = {**s.cfg.to_dict(), "method_record": record}
+        atomic_write_json(folder / rundir.CONFIG, config, default=str)
+        if ADAPTERS.get(s.method.adapter).computed_start:  # replay and resume start from these
+            save_checkpoint(folder / rundir.INITIAL, s.params, meta={"step": 0})
+        if s.label_head is not None:  # resume, replay and load_trained start from these rows
+            save_label_head(folder / rundir.LP_HEAD, s.label_head)
+    board = rundir.open_tensorboard(folder, s.cfg.train.tensorboard and s.writer)
+    log = rundir.MetricsLog(folder, tensorboard=board, write=s.writer)
+    probe = s.label_head.seconds if s.label_head is not None else 0.0  # --lp-init: the fit is run time
+    return _run(s, LoopState(start_sha256=model_digest(s.model), elapsed=probe), folder, log, on_step)
 
 
 def resume(folder: str | Path, model=None, tokenizer=None, *,
@@ -436,21 +540,36 @@ def resume(folder: str | Path, model=None, tokenizer=None, *,
     cfg = cfg.replace(**overrides) if overrides else cfg
     if not (folder / rundir.CHECKPOINT).is_file():
         raise FileNotFoundError(f"{folder} has no {rundir.CHECKPOINT} to resume from (none saved yet)")
-    if steps is not None and steps != cfg.train.steps:
-        cfg = _change_steps(folder, cfg, record, steps)
     saved, world = record.get("world_size", 1), launched_world()[1]
     if saved != world:
         raise ConfigError(world_size_message(folder, saved, world))
-    label_head = load_label_head(folder / rundir.LP_HEAD) if cfg.method.lp_init else None
-    with process_group(cfg) as comm:
+    with process_group(cfg) as comm, claim_run_folder(workers_for(comm), folder, fresh=False):
+        if steps is not None and steps != cfg.train.steps:
+            cfg = _change_steps(folder, cfg, record, steps)
+        label_head = load_label_head(folder / rundir.LP_HEAD) if cfg.method.lp_init else None
         s = setup(cfg, model, tokenizer, comm, label_head)
-        if s.writer:  # a hard kill may have left temporary files of half-written checkpoints
-            remove_stale_temp_files(folder)
+        if (folder / rundir.INITIAL).is_file():  # the run's own start, not one recomputed here
+            load_weights(s.params, load_checkpoint(folder / rundir.INITIAL)[0])
         board = rundir.open_tensorboard(folder, s.cfg.train.tensorboard and s.writer)
         rows = rundir.read_metrics(folder) if s.writer else []
         log = rundir.MetricsLog(folder, rows, board, write=s.writer)
         state = restore(s, folder, log)
         return _run(s, state, folder, log, on_step), folder
+
+
+@contextlib.contextmanager
+def claim_run_folder(workers: OneProcess, folder: Path, fresh: bool) -> Iterator[None]:
+    """Rank 0 holds the folder's lock (:func:`hdopt.finetune.rundir.claim`) for the run; every rank
+    raises rank 0's error when it cannot (another process holds it, a fresh run in a used folder)."""
+    with contextlib.ExitStack() as stack:
+        failure = None
+        if workers.rank == 0:
+            try:
+                stack.enter_context(rundir.claim(folder, fresh))
+            except (RunFolderError, FileExistsError) as err:
+                failure = err
+        workers.raise_for(failure, "claim of the run folder")
+        yield
 
 
 def _change_steps(folder: Path, cfg: RunConfig, record: dict, steps: int) -> RunConfig:

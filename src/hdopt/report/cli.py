@@ -53,10 +53,14 @@ def run(args: argparse.Namespace) -> int:
     """Build the report; print where it is and the verdict of every claim. Returns 0."""
     from transformers.utils import logging as hf_logging
 
+    from hdopt.lm.models import PACKAGED
     from hdopt.report.runner import build_report
 
     hf_logging.set_verbosity_error()  # the report's own bar shows progress; keep the loaders quiet
     hf_logging.disable_progress_bar()
+    if args.model not in PACKAGED and not Path(args.model).expanduser().exists():
+        raise SystemExit(f"hdopt report: --model {args.model!r} is neither a packaged alias "
+                         f"({', '.join(sorted(PACKAGED))}) nor a local path")  # fmt: skip
     data_dir = args.data_dir or default_data_dir()
     if data_dir is not None and not data_dir.is_dir():
         raise SystemExit(f"hdopt report: --data-dir {data_dir} is not a folder")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from hdopt.finetune.batches import check_objective
+from hdopt.finetune.checkpoint import load_weights_from
 from hdopt.finetune.optimizers import build_scheduler
 
 if TYPE_CHECKING:
@@ -93,6 +94,16 @@ class MethodKind:
         return self.run.evaluate(examples)
 
     # -- what it keeps -------------------------------------------------------------------------------------
+    def keeps_weights(self) -> bool:
+        """Whether checkpoints and best.safetensors hold the trainable weights (else it rebuilds them)."""
+        return True
+
+    def restore(self, checkpoint: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Bring the run's weights and the kind's state to a checkpoint's (``state`` and ``meta`` read from
+        it; its weights, when it holds them, are copied from the file one tensor at a time)."""
+        load_weights_from(checkpoint, self.run.params)
+        self.load_state_dict(state)
+
     def state_dict(self) -> dict[str, Any]:
         """Its part of the resume checkpoint: optimizer and scheduler state."""
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
@@ -103,6 +114,9 @@ class MethodKind:
 
     def save_files(self, folder: Path) -> None:
         """Write the files it keeps in the run folder besides the checkpoint (none by default)."""
+
+    def check_files(self, folder: Path, step: int) -> None:
+        """On resume, after its state was restored from the checkpoint of ``step``: check its own files."""
 
     def results(self) -> dict[str, Any]:
         """What it adds to results.json (nothing by default)."""

@@ -4,6 +4,12 @@ A step estimates the projected gradients on each micro-batch (the same direction
 applies one update; the trajectory (seed and projected gradients per step, a few bytes) is the kind's own
 file, from which :mod:`hdopt.finetune.replay` rebuilds the weights bitwise.
 
+By default the run folder holds no weights: a checkpoint is the optimizer's state without its per-parameter
+buffers (step count, trajectory), the scheduler, RNG and loop state, and the sha256 of the weights at its
+step. Resume replays the trajectory from the starting model (checked against the run's digest of it) in the
+run's own optimizer, which rebuilds the weights and any buffers (momentum, Adam moments), and checks the
+result against that sha256. ``keep_weights`` stores the weights as well (resume then loads them).
+
 Variants override the pieces of the step, not the loop. Top-block ZO on cached activations, for example,
 is a subclass that caches the frozen bottom's outputs for the training examples when it is created,
 returns from :meth:`ZOKind.closure` a closure that runs only the top blocks on those cached inputs, may
@@ -14,14 +20,19 @@ model (the trainer's), and the optimizer, the trajectory, replay and resume stay
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from hdopt.finetune import rundir
-from hdopt.finetune.errors import DivergenceError
+from hdopt.finetune.checkpoint import tensors_digest
+from hdopt.finetune.errors import DivergenceError, RunFolderError
 from hdopt.finetune.kinds.base import Closure, MethodKind
 from hdopt.finetune.optimizers import build_zo_optimizer, zo_step
-from hdopt.zo import NonFiniteLossError, ZOOptimizer
+from hdopt.zo import NonFiniteLossError, Trajectory, ZOOptimizer
 
 
 class ZOKind(MethodKind):
@@ -61,5 +72,51 @@ class ZOKind(MethodKind):
         forwards = self.optimizer.forwards_per_step(self.run.cfg.train.grad_accum)
         return (forwards if self.forward_fraction == 1.0 else forwards * self.forward_fraction), 0
 
+    def keeps_weights(self) -> bool:
+        return self.run.cfg.train.keep_weights
+
+    def state_dict(self) -> dict[str, Any]:
+        """Without ``keep_weights``: the optimizer state less its per-parameter buffers (replay rebuilds)."""
+        state = super().state_dict()
+        if not self.keeps_weights():
+            optimizer = state["optimizer"]
+            state["optimizer"] = {**optimizer, "state": {"zo": optimizer["state"]["zo"]}}
+        return state
+
+    def restore(self, checkpoint: Path, state: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Load the weights, or replay the checkpoint's trajectory from the starting weights in this optimizer
+        (weights and per-parameter buffers rebuilt), then check them against the checkpoint's sha256."""
+        if meta.get("weights", "kept") == "kept":  # files of older versions always hold the weights
+            super().restore(checkpoint, state, meta)
+            return
+        saved = state["optimizer"]
+        zo = saved["state"]["zo"]
+        raw = zo["trajectory"].to(torch.uint8).numpy().tobytes()
+        for record in Trajectory.unpack(raw, *zo["trajectory_layout"], where="the checkpoint's trajectory"):
+            self.optimizer.apply_update(record)
+        rebuilt = self.optimizer.state_dict()  # the replay's per-parameter buffers, the saved rest
+        self.optimizer.load_state_dict({**saved, "state": {**rebuilt["state"], "zo": zo}})
+        self.scheduler.load_state_dict(state["scheduler"])
+        if tensors_digest(self.run.params) != meta.get("weights_sha256"):
+            raise RunFolderError(
+                f"replaying the trajectory to step {self.optimizer.step_count} did not rebuild the weights "
+                "the run had (their sha256 differs): the run was trained with other library versions or "
+                "hardware (rerun it here, or resume with the versions that trained it)"
+            )
+
     def save_files(self, folder: Path) -> None:
-        self.optimizer.save_trajectory(folder / rundir.TRAJECTORY)
+        rundir.save_trajectory(self.optimizer, folder / rundir.TRAJECTORY)
+
+    def check_files(self, folder: Path, step: int) -> None:
+        """trajectory.bin must hold at least the checkpoint's steps, as the checkpoint's own copy has them;
+        a damaged or short file is named and rewritten from that copy."""
+        path = folder / rundir.TRAJECTORY
+        try:
+            records = list(rundir.load_trajectory(path)[1])[:step]
+            problem = None if records == list(self.optimizer.trajectory) else "it differs from the checkpoint"
+        except (RunFolderError, FileNotFoundError) as err:
+            problem = str(err)
+        if problem:
+            print(f"warning: {path}: {problem}; rewritten from the checkpoint's copy (step {step})",
+                  file=sys.stderr)  # fmt: skip
+            self.save_files(folder)

@@ -57,8 +57,8 @@ class TaskFile:
         if not self.allow_outside and not path.is_relative_to(folder):
             raise TaskError(
                 f"{self.where(key)}: data file {relative!r} is outside the task file's folder {folder}; "
-                f"move the data into that folder, or allow it with {ALLOW_OUTSIDE_ENV}=1 (hdopt eval and "
-                "hdopt tasks check: --allow-outside-data)"
+                f"move the data into that folder, or allow it with {ALLOW_OUTSIDE_ENV}=1 (hdopt eval, "
+                "hdopt finetune and hdopt tasks check: --allow-outside-data)"
             )
         return str(path)
 
