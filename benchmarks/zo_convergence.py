@@ -314,22 +314,26 @@ def markdown(out: dict) -> str:
 
 
 def plot(rows: list[dict]) -> None:
+    """Dev accuracy against forward passes and against minutes (log axes: the points after the start)."""
     plt = pyplot()
-    axes = (("forwards", 0, "forward passes (K/L for a forward through K of L blocks)"),
-            ("minutes", 1, f"minutes ({THREADS} torch thread(s), shared 2-core CPU)"))
+    start = next((run["curve"][0][2] for run in rows if run["curve"]), None)
+    axes = (("forwards", 0, "forward passes (K/L for a forward through K of L blocks; the cache included)"),
+            ("minutes", 1, f"minutes ({THREADS} torch thread per run, shared 2-core CPU)"))
     for axis, index, label in axes:
-        fig, ax = plt.subplots(figsize=(7, 4.2))
+        fig, ax = plt.subplots(figsize=(9.5, 4.4))
         for run in rows:
-            if not run["curve"]:
-                continue
-            xs = [max(point[index], 1e-2) for point in run["curve"]]
-            ax.plot(xs, [point[2] for point in run["curve"]], marker=".",
-                    label=f"{run['group']} (lr {run['flags'].get('lr'):g})")  # fmt: skip
+            points = [p for p in run["curve"] if p[index] > 0]
+            if points:
+                ax.plot([p[index] for p in points], [p[2] for p in points], marker=".",
+                        label=f"{run['group']} (lr {run['flags'].get('lr'):g})")  # fmt: skip
+        if start is not None:
+            ax.axhline(start, ls=":", lw=1, color="grey", label=f"start (the prompt): dev {start:g}")
         ax.set_xlabel(label)
         ax.set_ylabel("dev accuracy (%)")
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig.tight_layout()
         save_figure(fig, PLOTS[axis])
 
 
