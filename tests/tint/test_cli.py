@@ -82,9 +82,11 @@ def test_size_reports_the_compact_network_and_its_closed_form(capsys):
 
 @pytest.mark.parametrize("flags", [["--dtype", "float64"],  # float64 is for the TinT computation only
                                    ["--method", "tint", "--realization", "explicit", "--backward", "exact"]])
-def test_eval_refuses_inconsistent_flags_before_loading(flags):
-    with pytest.raises(SystemExit):
-        main(["tint", "eval", "--aux", "no-such-model", *flags])
+def test_eval_refuses_inconsistent_flags_before_loading(flags, capsys):
+    assert main(["tint", "eval", "--aux", "no-such-model", *flags]) == 2  # a user error: one line, status 2
+    err = capsys.readouterr().err
+    assert "--dtype float64 applies" in err or "use --backward reference" in err
+    assert "no-such-model" not in err  # refused before the model is looked up
 
 
 @pytest.mark.integration
