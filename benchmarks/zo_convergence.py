@@ -1,21 +1,23 @@
 """Forward-pass and CPU-time budgets of forward-only fine-tuning: MeZO, its successors, top-block ZO, and FT.
 
-    python benchmarks/zo_convergence.py run [--plan sst2] [--only NAME ...]   # the plan's missing runs
-    python benchmarks/zo_convergence.py report                                # tables, plots, results JSON
+    HDOPT_BENCH_THREADS=1 python benchmarks/zo_convergence.py run --jobs 2           # the grids, the long run
+    HDOPT_BENCH_THREADS=1 python benchmarks/zo_convergence.py run --finals --jobs 2  # seeds of the choices
+    python benchmarks/zo_convergence.py report                                       # tables, plots, JSON
 
 Every run is ``hdopt finetune`` on the SST-2 setup of docs/finetune.md (SmolLM2-135M, 1000 train / 100 dev /
 200 test examples, 64 tokens, data seed 0), from the prompt (no --lp-init), in a fresh process with
-``HDOPT_BENCH_THREADS`` torch threads (default 2: run it alone on the machine). Its folder goes under
+``HDOPT_BENCH_THREADS`` torch threads (default 2), ``--jobs`` of them at a time. Its folder goes under
 ``benchmarks/results/zo_convergence/NAME`` with ``timing.json``: the wall-clock seconds from the start of the
 process (imports and model loading included) to the end of every step (the step's dev evaluation included)
-and to the end of the run (the test evaluation included). A run that exists is not run again.
+and to the end of the run (the test evaluation included). A run whose timing.json exists is not run again.
 
-The plan lists, per task, the grids (one learning rate per run; the grid is stated in the table) and the
-final runs (the chosen setting with three seeds). ``report`` reads whatever runs exist and writes
-``benchmarks/results/zo_convergence.{json,md}`` and ``docs/img/zo_convergence_{forwards,minutes}.png``:
+The plan lists the grids (one learning rate per run), the 20k-step top-block run, and the finals (each
+grid's choice with seeds 1 and 2, chosen from the grids' results). ``report`` reads whatever runs exist and
+writes ``benchmarks/results/zo_convergence.{json,md}`` and ``docs/img/zo_convergence_{forwards,minutes}.png``:
 dev accuracy against forward passes (a forward through K of L blocks counts K/L; the bottom's cache counts
 too) and against minutes, and per method the best dev accuracy, the test accuracy at the best-dev step, and
-the forward passes and minutes it took to reach tuned MeZO's final dev accuracy.
+the forward passes and minutes it took to reach tuned MeZO's final dev accuracy (and the 1000-step earlier
+MeZO run's).
 """
 
 from __future__ import annotations
@@ -94,10 +96,10 @@ PLANS: dict[str, list[dict]] = {
         *_top_grid("top1-sparse", "Sparse-MeZO, top block", "sparse-mezo", (3e-4, 1e-3, 3e-3), 2),
     ],
 }
-# The final runs: each chosen top-block setting with these seeds (the whole-model MeZO's seeds, 20 minutes
-# each here, were not run).
+# The final runs: each chosen setting (whole-model MeZO, top-block MeZO, the best top-block successor) with
+# these seeds.
 FINAL_SEEDS = (1, 2)
-FINAL_GROUPS = ("MeZO, top block", "best successor, top block")
+FINAL_GROUPS = ("MeZO", "MeZO, top block", "best successor, top block")
 # Rows read from earlier runs docs/finetune.md reports (not rerun): FT (AdamW, 250 steps), and the longest
 # whole-model MeZO run (1000 steps at lr 1e-5, Rademacher, linear decay), whose final dev accuracy is a second
 # target.
