@@ -64,6 +64,7 @@ def resumes_bitwise(cls, kwargs: dict, steps: int = 8, stop: int = 5) -> None:
     for _ in range(steps - stop):
         opt2.step(lambda: second.loss(ids))
     assert bitwise_equal(snapshot(straight), snapshot(second))
+    assert len(opt2.trajectory) == steps  # the resumed optimizer holds the whole run
     replayed = TinyLM(seed=5)
     replayed.load_state_dict(start)
     replay(replayed.named_parameters(), (opt2.trajectory_header(), opt2.trajectory))

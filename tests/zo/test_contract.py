@@ -22,6 +22,7 @@ from hdopt.zo import (
 )
 from hdopt.zo.noise import derive_key, name_id, noise
 
+from . import rule_checks
 from .models import TinyLM, batch, bitwise_equal, snapshot
 
 RULES = [
@@ -124,34 +125,9 @@ def test_hyperparameters_are_in_param_groups_and_the_trajectory_header():
 # -- state_dict: continue and replay bitwise in a plain loop ------------------------------------------------
 @pytest.mark.parametrize("cls,kwargs", RULES, ids=IDS)
 def test_state_dict_through_torch_save_continues_and_replays_bitwise(cls, kwargs):
-    ids = batch()
-    straight = TinyLM()
-    start = snapshot(straight)
-    opt = cls(straight.named_parameters(), eps=1e-3, weight_decay=0.01, seed=4, **kwargs)
-    for _ in range(6):
-        opt.step(lambda: straight.loss(ids))
-
     # a plain loop: 3 steps, save weights + optimizer, then a new process-like start from the files
-    first = TinyLM()
-    opt1 = cls(first.named_parameters(), eps=1e-3, weight_decay=0.01, seed=4, **kwargs)
-    for _ in range(3):
-        opt1.step(lambda: first.loss(ids))
-    buffer = io.BytesIO()
-    torch.save({"model": first.state_dict(), "optimizer": opt1.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
-    second = TinyLM(seed=9)
-    second.load_state_dict(saved["model"])
-    opt2 = cls(second.named_parameters(), eps=1e-3, weight_decay=0.01, seed=4, **kwargs)
-    opt2.load_state_dict(saved["optimizer"])
-    for _ in range(3):
-        opt2.step(lambda: second.loss(ids))
-    assert bitwise_equal(snapshot(straight), snapshot(second))
-    assert len(opt2.trajectory) == 6  # the resumed optimizer holds the whole run
-    replayed = TinyLM(seed=5)
-    replayed.load_state_dict(start)
-    replay(replayed.named_parameters(), (opt2.trajectory_header(), opt2.trajectory))
-    assert bitwise_equal(snapshot(straight), snapshot(replayed))
+    settings = {"eps": 1e-3, "weight_decay": 0.01, "seed": 4, **kwargs}
+    rule_checks.resumes_bitwise(cls, settings, steps=6, stop=3)
 
 
 @pytest.mark.parametrize("field,value", [("seed", 1), ("noise", "rademacher"), ("q", 2),

@@ -131,13 +131,9 @@ class CompactLlamaTinT(CompactTinT):
         self.lin_update(f"{layer}.gu{i}", "dgu", "u", bias=self.has_bias("gu"))
 
     # ------------------------------------------------------------------ inputs
-    def _prefix_entries(self, layer: int, b: Block):
+    def _mlp_entries(self, layer: int, b: Block):
+        """The gated MLP's packed maps: gate and up together, then down, chunk by chunk."""
         c = self.chunk
-        yield f"{layer}.ln1", torch.diag(b["ln1.w"]), b.get("ln1.b")
-        yield f"{layer}.qk", torch.cat((b["q.w"], b["k.w"])), cat_or_none(b.get("q.b"), b.get("k.b"))
-        yield f"{layer}.v", b["v.w"], b.get("v.b")
-        yield f"{layer}.o", b["o.w"], b.get("o.b")
-        yield f"{layer}.ln2", torch.diag(b["ln2.w"]), b.get("ln2.b")
         for i in range(self.n_chunks):
             part = slice(i * c, (i + 1) * c)
             gb, ub = b.get("gate.b"), b.get("up.b")

@@ -366,13 +366,18 @@ class CompactTinT(GadgetBuilder):
 
     # ------------------------------------------------------------------ prefix: the auxiliary's weights
     def _prefix_entries(self, layer: int, b: Block):
-        """(group, weight (d_out, d_in), bias or None) of one block's packed maps."""
-        c = self.chunk
+        """(group, weight (d_out, d_in), bias or None) of one block's packed maps: the attention's and the
+        norms' (shared by the families), then the MLP's chunks (:meth:`_mlp_entries`)."""
         yield f"{layer}.ln1", torch.diag(b["ln1.w"]), b.get("ln1.b")
         yield f"{layer}.qk", torch.cat((b["q.w"], b["k.w"])), cat_or_none(b.get("q.b"), b.get("k.b"))
         yield f"{layer}.v", b["v.w"], b.get("v.b")
         yield f"{layer}.o", b["o.w"], b.get("o.b")
         yield f"{layer}.ln2", torch.diag(b["ln2.w"]), b.get("ln2.b")
+        yield from self._mlp_entries(layer, b)
+
+    def _mlp_entries(self, layer: int, b: Block):
+        """The MLP's packed maps, chunk by chunk (GPT-2 / OPT: fc and proj)."""
+        c = self.chunk
         for i in range(self.n_chunks):
             part = slice(i * c, (i + 1) * c)
             yield f"{layer}.fc{i}", b["fc.w"][part], None if "fc.b" not in b else b["fc.b"][part]
