@@ -357,3 +357,12 @@ def test_bare_tensors_and_parameters_outside_module_forward_are_perturbed():
     with pytest.warns(UserWarning, match="not used inside the forward"):
         opt.step(closure)
     assert scale.item() != 2.0  # it received an update, so it was perturbed
+
+
+@pytest.mark.parametrize("group_momentum,default", [(None, 1.0), (-0.1, 0.0)])  # the default, a group's own
+def test_momentum_outside_zero_one_is_refused_for_the_default_and_per_group(group_momentum, default):
+    group = {"params": [nn.Parameter(torch.zeros(3))], "param_names": ["w"]}
+    if group_momentum is not None:
+        group["momentum"] = group_momentum
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
+        ZOSGD([group], lr=1e-3, momentum=default)

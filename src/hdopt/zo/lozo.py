@@ -232,8 +232,6 @@ class LOZO(ZOSGD):
         group = self.param_groups[-1]
         _check_positive_int("rank", group["rank"])
         _check_positive_int("interval", group["interval"])
-        if not 0.0 <= group["momentum"] < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
         # LOZO-M's buffers now, not amid a forward's activations (a fragmented heap kept them resident)
         for p in group["params"]:
             self.init_state(p, self.state[p], group)

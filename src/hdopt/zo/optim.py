@@ -39,9 +39,13 @@ class ZOSGD(ZOOptimizer):
         momentum: float = 0.0,
         **kwargs,
     ):
+        super().__init__(params, lr, eps, weight_decay, momentum=momentum, **kwargs)
+
+    def add_param_group(self, param_group: dict) -> None:
+        momentum = param_group.get("momentum", self.defaults["momentum"])  # the group's own, else the default
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        super().__init__(params, lr, eps, weight_decay, momentum=momentum, **kwargs)
+        super().add_param_group(param_group)
 
     def init_state(self, p, state, group) -> None:
         if group["momentum"] and "momentum_buffer" not in state:
