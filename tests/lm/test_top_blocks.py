@@ -67,10 +67,10 @@ def test_the_top_block_loss_and_predictions_are_the_whole_models(options, family
     assert bool((batch.option_length == 1).all()) == (options == ("0", "1"))
     cache = TrunkCache(blocks)
     cache.add(batch)
-    loss = top_classification_loss(blocks, cache, batch).item()
+    loss = top_classification_loss(blocks, cache.hidden(batch), batch).item()
     # both paths round the logits to float32 (hdopt.lm.scoring's convention), hence 1e-6, not 1e-12
     assert loss == pytest.approx(classification_loss(model, batch).item(), rel=1e-6)
-    assert torch.equal(top_predictions(blocks, cache, batch), predict(model, batch)[0])
+    assert torch.equal(top_predictions(blocks, cache.hidden(batch), batch), predict(model, batch)[0])
     blocks.check()
     assert blocks.fast == (family == "llama")  # gemma3's blocks (q/k norms) take the whole-top fallback
 
@@ -98,7 +98,8 @@ def test_a_perturbed_top_block_loss_equals_the_perturbed_whole_model(tokenizer_b
     opt = ZOSGD(blocks.top_parameters(), lr=0.0, eps=1e-2)
     terms = [(derive_key(1, 0), 1.0)]
     factors = opt.eps_factors(1.0)
-    top = opt.evaluate(lambda: top_classification_loss(blocks, cache, batch), terms, "top", factors)
+    bottom = cache.hidden(batch)
+    top = opt.evaluate(lambda: top_classification_loss(blocks, bottom, batch), terms, "top", factors)
     whole = opt.evaluate(lambda: classification_loss(model, batch), terms, "whole", factors)
     unperturbed = classification_loss(model, batch).item()
     assert top == pytest.approx(whole, rel=1e-12)

@@ -324,22 +324,14 @@ def option_table(blocks: TopBlocks, batch: OptionBatch, bottom: torch.Tensor) ->
     return scores_by_example(batch, scores)
 
 
-def top_classification_loss(blocks: TopBlocks, cache: TrunkCache, batch: OptionBatch) -> torch.Tensor:
-    """MeZO's classification loss (cross-entropy over the options) with the bottom read from ``cache``."""
-    table = option_table(blocks, batch, cache.hidden(batch))
+def top_classification_loss(blocks: TopBlocks, bottom: torch.Tensor, batch: OptionBatch) -> torch.Tensor:
+    """MeZO's classification loss (cross-entropy over the options) from the bottom's states of ``batch``
+    (``TrunkCache.hidden(batch)``: read once, they serve every evaluation of a step)."""
+    table = option_table(blocks, batch, bottom)
     return nn.functional.cross_entropy(table, batch.labels, ignore_index=-100)
 
 
 @torch.no_grad()
-def top_predictions(blocks: TopBlocks, cache: TrunkCache, batch: OptionBatch) -> torch.Tensor:
-    """The predicted option of each example [E], with the bottom read from ``cache``."""
-    return option_table(blocks, batch, cache.hidden(batch)).argmax(dim=1)
-
-
-def encode_and_cache(cache: TrunkCache, tokenizer, examples: Sequence, max_length: int, batch_size: int,
-                     device) -> None:  # fmt: skip
-    """Fill ``cache`` with the bottom states of ``examples``' classification rows, a batch at a time."""
-    from hdopt.lm.scoring import encode_examples
-
-    for start in range(0, len(examples), batch_size):
-        cache.add(encode_examples(tokenizer, examples[start : start + batch_size], max_length).to(device))
+def top_predictions(blocks: TopBlocks, bottom: torch.Tensor, batch: OptionBatch) -> torch.Tensor:
+    """The predicted option of each example [E], from the bottom's states of ``batch``."""
+    return option_table(blocks, batch, bottom).argmax(dim=1)

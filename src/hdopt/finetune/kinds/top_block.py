@@ -74,17 +74,17 @@ class TopBlockZOKind(ZOKind):
         run = self.run
         batch = self._encode(examples)
         self.cache.add(batch)  # training rows are cached already; anything new is added once
-        blocks, cache = self.blocks, self.cache
+        blocks, bottom = self.blocks, self.cache.hidden(batch)  # frozen: the same for every evaluation
         if run.cfg.method.objective == "accuracy":
-            return lambda: -(top_predictions(blocks, cache, batch) == batch.labels).float().mean()
+            return lambda: -(top_predictions(blocks, bottom, batch) == batch.labels).float().mean()
         if uses_answer_loss(run.task):
             def answer_loss() -> torch.Tensor:
-                states = blocks.states_at(cache.hidden(batch), batch.attention_mask, batch.target_seq,
+                states = blocks.states_at(bottom, batch.attention_mask, batch.target_seq,
                                           batch.target_pos)  # fmt: skip
                 return -logprobs_from_states(blocks.inner, batch, states).mean()
 
             return answer_loss
-        return lambda: top_classification_loss(blocks, cache, batch)
+        return lambda: top_classification_loss(blocks, bottom, batch)
 
     def evaluate(self, examples: Sequence[Example]) -> EvalResult:
         """Dev accuracy from the cache on classification tasks; other tasks evaluate the whole model."""
@@ -98,7 +98,7 @@ class TopBlockZOKind(ZOKind):
             part = examples[first : first + size]
             batch = self._encode(part)
             self.cache.add(batch)
-            predicted = top_predictions(self.blocks, self.cache, batch).tolist()
+            predicted = top_predictions(self.blocks, self.cache.hidden(batch), batch).tolist()
             records += [{"uid": e.uid, "prediction_index": p, "label_index": e.label, "correct": p == e.label}
                         for e, p in zip(part, predicted, strict=True)]  # fmt: skip
         self.run.model.train(was_training)
