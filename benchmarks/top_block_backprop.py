@@ -1,0 +1,89 @@
+"""Backprop's ceiling for top-block training: AdamW on the top K blocks over the same cached bottom states.
+
+    PYTHONPATH=src python benchmarks/top_block_backprop.py [--k 1] [--lrs 3e-5,1e-4] [--steps 250]
+
+The SST-2 protocol of benchmarks/zo_convergence.py (SmolLM2-135M, 1000 train / 100 dev / 200 test examples,
+64 tokens, data seed 0, from the prompt), batch 8, the classification loss of ``--zo-blocks`` runs: what any
+optimizer, forward-only or not, can reach when only the top K blocks (and the final norm) train. Dev and test
+accuracy every 50 steps (read through the cache, equal to the whole model's: tests/lm/test_top_blocks.py);
+per learning rate the test accuracy at the best dev step. Saves benchmarks/results/top_block_backprop.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from hdopt.finetune.batches import step_indices
+from hdopt.io import atomic_write_json
+from hdopt.lm.models import load_model
+from hdopt.lm.scoring import encode_examples
+from hdopt.lm.tasks import load_split, resolve_task, sample_protocol
+from hdopt.lm.top_blocks import TopBlocks, TrunkCache, top_classification_loss, top_predictions
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = os.environ.get("HDOPT_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+
+
+def run(k: int, lr: float, steps: int, batch_size: int = 8) -> dict:
+    model, tokenizer = load_model("smollm2-135m")
+    model.eval().requires_grad_(False)
+    task = resolve_task("sst2")
+    pools = load_split(task, "train", DATA_DIR), load_split(task, "eval", DATA_DIR)
+    splits = sample_protocol(*pools, 0, 1000, 100, 200)
+    blocks = TopBlocks(model, k)
+    params = [p.requires_grad_(True) for _, p in blocks.top_parameters()]
+    cache, start = TrunkCache(blocks), time.perf_counter()
+    encoded = {name: [encode_examples(tokenizer, part[i : i + 50], 64) for i in range(0, len(part), 50)]
+               for name, part in (("dev", splits.dev), ("test", splits.eval))}  # fmt: skip
+    for batches in encoded.values():
+        for batch in batches:
+            cache.add(batch)
+
+    def accuracy(name: str) -> float:
+        batches = encoded[name]
+        hits = sum(int((top_predictions(blocks, cache.hidden(b), b) == b.labels).sum()) for b in batches)
+        return round(100.0 * hits / sum(len(b.labels) for b in batches), 1)
+
+    opt, curve = torch.optim.AdamW(params, lr=lr), [(0, accuracy("dev"), accuracy("test"))]
+    for step in range(steps):
+        chosen = [splits.train[i] for i in step_indices(len(splits.train), batch_size, 0, step)]
+        batch = encode_examples(tokenizer, chosen, 64)
+        cache.add(batch)
+        opt.zero_grad()
+        top_classification_loss(blocks, cache.hidden(batch), batch).backward()
+        opt.step()
+        if (step + 1) % 50 == 0:
+            curve.append((step + 1, accuracy("dev"), accuracy("test")))
+    best = max(curve, key=lambda point: (point[1], -point[0]))
+    seconds = round(time.perf_counter() - start, 1)
+    return {"k": k, "lr": lr, "steps": steps, "batch_size": batch_size, "curve": curve, "best_dev": best[1],
+            "best_step": best[0], "test_at_best_dev": best[2], "seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--lrs", default="3e-5,1e-4")
+    parser.add_argument("--steps", type=int, default=250)
+    args = parser.parse_args()
+    rows = [run(args.k, float(lr), args.steps) for lr in args.lrs.split(",")]
+    for r in rows:
+        print(f"K={r['k']} lr {r['lr']:g}: best dev {r['best_dev']} (step {r['best_step']}), "
+              f"test {r['test_at_best_dev']}, {r['seconds']} s")  # fmt: skip
+    chosen = max(rows, key=lambda r: (r["best_dev"], -r["best_step"]))  # the lr chosen on dev
+    command = f"python benchmarks/top_block_backprop.py --k {args.k} --lrs {args.lrs} --steps {args.steps}"
+    out = {"command": command, "model": "smollm2-135m", "task": "sst2",
+           "protocol": "1000 train / 100 dev / 200 test, 64 tokens", "threads": torch.get_num_threads(),
+           "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "rows": rows,
+           "chosen_lr": chosen["lr"], "chosen_test": chosen["test_at_best_dev"]}  # fmt: skip
+    atomic_write_json(ROOT / "benchmarks" / "results" / "top_block_backprop.json", out)
+
+
+if __name__ == "__main__":
+    main()
