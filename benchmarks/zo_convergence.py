@@ -1,23 +1,27 @@
 """Forward-pass and CPU-time budgets of forward-only fine-tuning: MeZO, its successors, top-block ZO, and FT.
 
-    HDOPT_BENCH_THREADS=1 python benchmarks/zo_convergence.py run --jobs 2           # the grids, the long run
-    HDOPT_BENCH_THREADS=1 python benchmarks/zo_convergence.py run --finals --jobs 2  # seeds of the choices
-    python benchmarks/zo_convergence.py report                                       # tables, plots, JSON
+    HDOPT_BENCH_THREADS=1 python benchmarks/zo_convergence.py run --jobs 2                     # SST-2's grids
+    HDOPT_BENCH_THREADS=1 python benchmarks/zo_convergence.py run --finals --jobs 2            # their seeds
+    HDOPT_BENCH_THREADS=1 python benchmarks/zo_convergence.py run --plan mr --jobs 2           # MR's grids
+    HDOPT_BENCH_THREADS=1 python benchmarks/zo_convergence.py run --plan mr --finals --jobs 2  # their seeds
+    python benchmarks/zo_convergence.py report                                 # one table, plots, JSON
 
-Every run is ``hdopt finetune`` on the SST-2 setup of docs/finetune.md (SmolLM2-135M, 1000 train / 100 dev /
-200 test examples, 64 tokens, data seed 0), from the prompt (no --lp-init), in a fresh process with
+Every run is ``hdopt finetune`` on the setup of docs/finetune.md's SST-2 runs (SmolLM2-135M, 1000 train /
+100 dev / 200 test examples, 64 tokens, data seed 0), from the prompt (no --lp-init), in a fresh process with
 ``HDOPT_BENCH_THREADS`` torch threads (default 2), ``--jobs`` of them at a time. Its folder goes under
 ``benchmarks/results/zo_convergence/NAME`` with ``timing.json``: the wall-clock seconds from the start of the
 process (imports and model loading included) to the end of every step (the step's dev evaluation included)
 and to the end of the run (the test evaluation included). A run whose timing.json exists is not run again.
 
-The plan lists the grids (one learning rate per run), the 20k-step top-block run, and the finals (each
-grid's choice with seeds 1 and 2, chosen from the grids' results). ``report`` reads whatever runs exist and
-writes ``benchmarks/results/zo_convergence.{json,md}`` and ``docs/img/zo_convergence_{forwards,minutes}.png``:
-dev accuracy against forward passes (a forward through K of L blocks counts K/L; the bottom's cache counts
-too) and against minutes, and per method the best dev accuracy, the test accuracy at the best-dev step, and
-the forward passes and minutes it took to reach tuned MeZO's final dev accuracy (and the 1000-step earlier
-MeZO run's).
+A plan is a task's runs. SST-2's lists the grids (one learning rate per run) and the 20k-step top-block run;
+the second task's (MR) has FT and the grids of whole-model MeZO, top-block MeZO and SST-2's best top-block
+successor, with SST-2's grids and budgets. The finals of a plan are each grid's choice with seeds 1 and 2,
+chosen from the grids' results. ``report`` reads whatever runs exist and writes
+``benchmarks/results/zo_convergence.{json,md}`` (one table, a row per task and method) and per task
+``docs/img/zo_convergence[_TASK]_{forwards,minutes}.png``: dev accuracy against forward passes (a forward
+through K of L blocks counts K/L; the bottom's cache counts too) and against minutes, and per method the
+best dev accuracy, the test accuracy at the best-dev step, and the forward passes and minutes it took to
+reach the task's tuned MeZO's final dev accuracy (on SST-2, also the 1000-step earlier MeZO run's).
 """
 
 from __future__ import annotations
@@ -37,8 +41,6 @@ from hdopt.plotting import pyplot
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = RESULTS / "zo_convergence"
-PLOTS = {"forwards": ROOT / "docs" / "img" / "zo_convergence_forwards.png",
-         "minutes": ROOT / "docs" / "img" / "zo_convergence_minutes.png"}  # fmt: skip
 THREADS = os.environ.get("HDOPT_BENCH_THREADS", "2")
 DATA_DIR = os.environ.get("HDOPT_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 PROTOCOL = {"model": "smollm2-135m", "num_train": 1000, "num_dev": 100, "num_eval": 200, "max_length": 64,
@@ -77,10 +79,25 @@ LONG_STEPS = 20000
 
 
 def _top_grid(prefix: str, group: str, optimizer: str, lrs, per_step: int, budget: float = SUCCESSOR_FORWARDS,
-              **flags) -> list[dict]:  # fmt: skip
+              task: str = "sst2", **flags) -> list[dict]:  # fmt: skip
     per_step_forwards = per_step * BLOCK
-    return _grid(prefix, group, lrs, optimizer=optimizer, steps=round(budget / per_step_forwards),
+    return _grid(prefix, group, lrs, task, optimizer=optimizer, steps=round(budget / per_step_forwards),
                  eval_every=round(EVAL_FORWARDS / per_step_forwards), **TOP, **flags)  # fmt: skip
+
+
+def _second_task(task: str) -> list[dict]:
+    """The second task's plan, fixed before any of its runs: FT (as docs/finetune.md's SST-2 FT run), the
+    whole-model MeZO grid, top-block MeZO's grid and the grid of SST-2's best top-block successor (LOZO), with
+    SST-2's grids and budgets."""
+    return [
+        _run(f"{task}-ft", "FT (AdamW, whole model)", "FT", task, method="ft", optimizer="adamw", lr=1e-5,
+             schedule="linear", steps=250, batch_size=8, eval_every=50),
+        *_grid(f"{task}-mezo", "MeZO", (3e-6, 1e-5, 3e-5), task, optimizer="zosgd", eps=1e-3,
+               steps=FORWARDS // 2, eval_every=25, **ZO),
+        *_top_grid(f"{task}-top1-mezo", "MeZO, top block", "zosgd", (1e-4, 3e-4, 1e-3), 2, TOP_FORWARDS, task,
+                   eps=1e-3),
+        *_top_grid(f"{task}-top1-lozo", "LOZO, top block", "lozo", (1e-4, 3e-4, 1e-3), 2, task=task),
+    ]
 
 
 PLANS: dict[str, list[dict]] = {
@@ -95,6 +112,7 @@ PLANS: dict[str, list[dict]] = {
         *_top_grid("top1-lozo", "LOZO, top block", "lozo", (1e-4, 3e-4, 1e-3), 2),
         *_top_grid("top1-sparse", "Sparse-MeZO, top block", "sparse-mezo", (3e-4, 1e-3, 3e-3), 2),
     ],
+    "mr": _second_task("mr"),
 }
 # The final runs: each chosen setting (whole-model MeZO, top-block MeZO, the best top-block successor) with
 # these seeds.
@@ -103,9 +121,10 @@ FINAL_GROUPS = ("MeZO", "MeZO, top block", "best successor, top block")
 # Rows read from earlier runs docs/finetune.md reports (not rerun): FT (AdamW, 250 steps), and the longest
 # whole-model MeZO run (1000 steps at lr 1e-5, Rademacher, linear decay), whose final dev accuracy is a second
 # target.
-EARLIER = {"ft": (RESULTS / "finetune_runs" / "sst2-ft-250", "FT (AdamW, whole model; earlier run)"),
-           "mezo-1000": (RESULTS / "finetune_runs" / "sst2-mezo-linear-1000",
-                         "MeZO, 1000 steps (earlier run: lr 1e-5, Rademacher, linear decay)")}  # fmt: skip
+EARLIER = {"sst2": {
+    "ft": (RESULTS / "finetune_runs" / "sst2-ft-250", "FT (AdamW, whole model; earlier run)"),
+    "mezo-1000": (RESULTS / "finetune_runs" / "sst2-mezo-linear-1000",
+                  "MeZO, 1000 steps (earlier run: lr 1e-5, Rademacher, linear decay)")}}  # fmt: skip
 
 
 # -- running -------------------------------------------------------------------------------------------------
@@ -206,7 +225,8 @@ def _read(run: dict) -> dict | None:
     cache = results.get("cache_forwards", 0.0)
     curve = [(r["forwards"] + cache, marks.get(r["step"], 0.0) / 60, r["dev_accuracy"], r["step"])
              for r in rows if "dev_accuracy" in r]  # fmt: skip
-    return {**run, "results": results, "curve": curve, "minutes": timing["total"] / 60}
+    return {**run, "results": results, "curve": curve, "minutes": timing["total"] / 60,
+            "backwards": results.get("backwards") or 0}  # fmt: skip
 
 
 def _first_reaching(curve, target: float):
@@ -247,18 +267,21 @@ def _earlier_row(folder: Path, group: str) -> dict | None:
             "minutes": res["wall_seconds"] / 60, "backwards": res.get("backwards") or 0}  # fmt: skip
 
 
-def report(args) -> None:
-    chosen = choose(args.plan)
-    done = [r for r in (_read(run) for run in planned(args.plan)) if r is not None]
+def task_report(plan: str) -> dict | None:
+    """One task's rows (each group's chosen run and the earlier runs read for it), or None before any run."""
+    chosen = choose(plan)
+    done = [r for r in (_read(run) for run in planned(plan)) if r is not None]
+    if not done:
+        return None
     groups: dict[str, list[dict]] = {}
     for r in done:
         groups.setdefault(r["group"], []).append(r)
     for group, runs in groups.items():
-        chosen.setdefault(group, runs[0])  # a group of one run (the long run)
+        chosen.setdefault(group, runs[0])  # a group of one run (the long run, FT)
     mezo = chosen.get("MeZO")
     target = mezo["curve"][-1][2] if mezo else None
-    earlier = {key: _earlier_row(*value) for key, value in EARLIER.items()}
-    second = earlier["mezo-1000"]["curve"][-1][2] if earlier["mezo-1000"] else None
+    earlier = {key: _earlier_row(*value) for key, value in EARLIER.get(plan, {}).items()}
+    second = earlier["mezo-1000"]["curve"][-1][2] if earlier.get("mezo-1000") else None
     table = []
     rows = list(chosen.values()) + [r for r in earlier.values() if r is not None]
     for best in rows:
@@ -267,7 +290,8 @@ def report(args) -> None:
         reach = _first_reaching(best["curve"], target) if target is not None else None
         reach2 = _first_reaching(best["curve"], second) if second is not None else None
         table.append({
-            "method": group, "grid": sorted({r["flags"].get("lr") for r in groups.get(group, [best])}),
+            "task": plan, "method": group,
+            "grid": sorted({r["flags"].get("lr") for r in groups.get(group, [best])}),
             "chosen_lr": best["flags"].get("lr"), "steps": res.get("steps"), "status": res.get("status"),
             "best_dev": res.get("best_dev"), "best_step": res.get("best_step"),
             "test_at_best_dev": res.get("test"), "test_seeds": [r["results"].get("test") for r in same],
@@ -279,14 +303,19 @@ def report(args) -> None:
             "forwards_to_second": None if reach2 is None else round(reach2[0], 1),
             "minutes_to_second": None if reach2 is None else round(reach2[1], 1),
         })  # fmt: skip
-    out = {"protocol": PROTOCOL, "plan": args.plan, "threads": THREADS, "mezo_final_dev": target,
-           "second_target": second,
-           "env": _env(), "rows": table,
-           "runs": [{k: r[k] for k in ("name", "group", "flags", "seed", "minutes", "curve")} | {
-               "results": r["results"]} for r in done]}  # fmt: skip
+    plot(plan, rows)
+    return {"protocol": {**PROTOCOL, "task": plan}, "mezo_final_dev": target, "second_target": second,
+            "rows": table,
+            "runs": [{k: r[k] for k in ("name", "group", "flags", "seed", "minutes", "curve")} | {
+                "results": r["results"]} for r in done]}  # fmt: skip
+
+
+def report(args) -> None:
+    """Every task with runs, in one table (``zo_convergence.{json,md}``), and each task's two plots."""
+    tasks = {plan: out for plan in PLANS if (out := task_report(plan)) is not None}
+    out = {"threads": THREADS, "env": _env(), "tasks": tasks}
     atomic_write_json(RESULTS / "zo_convergence.json", out)
     atomic_write_text(RESULTS / "zo_convergence.md", markdown(out))
-    plot(rows)
     print(markdown(out))
 
 
@@ -295,27 +324,38 @@ def _num(value, fmt: str = "{:g}") -> str:
 
 
 def markdown(out: dict) -> str:
-    lines = [f"Tuned MeZO's final dev accuracy (the target): {_num(out['mezo_final_dev'])}", "",
-             "| method | lr grid | chosen lr | steps | best dev | test at best dev | test, seeds 0/1/2 | "
-             "forward passes | minutes | forwards to the target | minutes to it |",
-             "|" + "---|" * 11]  # fmt: skip
-    for r in out["rows"]:
+    tasks = out["tasks"]
+    lines = ["Each task's target is its tuned MeZO's final dev accuracy: "
+             + ", ".join(f"{plan} {_num(t['mezo_final_dev'])}" for plan, t in tasks.items()), "",
+             "| task | method | lr grid | chosen lr | steps | best dev | test at best dev | "
+             "test, seeds 0/1/2 | forward passes | minutes | forwards to the target | minutes to it |",
+             "|" + "---|" * 12]  # fmt: skip
+    for r in (r for t in tasks.values() for r in t["rows"]):
         seeds = " / ".join(_num(t, "{:.1f}") for t in r["test_seeds"])
         forwards = _num(r["forwards"]) + (f" (+{r['backwards']} backward)" if r["backwards"] else "")
         status = "" if r["status"] in (None, "completed") else f" ({r['status']})"
-        lines.append(f"| {r['method']}{status} | {', '.join(f'{x:g}' for x in r['grid'])} | "
+        lines.append(f"| {r['task']} | {r['method']}{status} | {', '.join(f'{x:g}' for x in r['grid'])} | "
                      f"{_num(r['chosen_lr'])} | {_num(r['steps'])} | {_num(r['best_dev'], '{:.1f}')} | "
                      f"{_num(r['test_at_best_dev'], '{:.1f}')} | {seeds} | {forwards} | {r['minutes']:g} | "
                      f"{_num(r['forwards_to_mezo_final'])} | {_num(r['minutes_to_mezo_final'])} |")
-    second = _num(out["second_target"])
-    lines += ["", f"The second target, the 1000-step MeZO run's final dev accuracy: {second}",
-              "", "| method | forwards to the second target | minutes to it |", "|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['method']} | {_num(r['forwards_to_second'])} | {_num(r['minutes_to_second'])} |"
-              for r in out["rows"]]  # fmt: skip
+    for plan, t in tasks.items():
+        if t["second_target"] is None:
+            continue
+        lines += ["", f"{plan}: the second target, the 1000-step MeZO run's final dev accuracy: "
+                  f"{_num(t['second_target'])}", "",
+                  "| method | forwards to the second target | minutes to it |", "|---|---|---|"]  # fmt: skip
+        lines += [f"| {r['method']} | {_num(r['forwards_to_second'])} | {_num(r['minutes_to_second'])} |"
+                  for r in t["rows"]]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict]) -> None:
+def plot_paths(plan: str) -> dict[str, Path]:
+    """The task's two plots (SST-2's keep their first names)."""
+    stem = "zo_convergence" if plan == "sst2" else f"zo_convergence_{plan}"
+    return {axis: ROOT / "docs" / "img" / f"{stem}_{axis}.png" for axis in ("forwards", "minutes")}
+
+
+def plot(plan: str, rows: list[dict]) -> None:
     """Dev accuracy against forward passes and against minutes (log axes: the points after the start)."""
     plt = pyplot()
     start = next((run["curve"][0][2] for run in rows if run["curve"]), None)
@@ -330,13 +370,14 @@ def plot(rows: list[dict]) -> None:
                         label=f"{run['group']} (lr {run['flags'].get('lr'):g})")  # fmt: skip
         if start is not None:
             ax.axhline(start, ls=":", lw=1, color="grey", label=f"start (the prompt): dev {start:g}")
+        ax.set_title(plan)
         ax.set_xlabel(label)
         ax.set_ylabel("dev accuracy (%)")
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
-        save_figure(fig, PLOTS[axis])
+        save_figure(fig, plot_paths(plan)[axis])
 
 
 def main() -> None:
@@ -348,8 +389,7 @@ def main() -> None:
     p.add_argument("--only", nargs="*")
     p.add_argument("--finals", action="store_true", help="the final runs, chosen from the grids' results")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (with HDOPT_BENCH_THREADS threads)")
-    p = sub.add_parser("report")
-    p.add_argument("--plan", default="sst2", choices=sorted(PLANS))
+    sub.add_parser("report")
     p = sub.add_parser("_one")
     p.add_argument("plan")
     p.add_argument("name")
