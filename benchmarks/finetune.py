@@ -2,6 +2,7 @@
 
     python benchmarks/finetune.py memory      # peak RSS: inference / MeZO / MeZO-LoRA / FT-prefix / FT
     python benchmarks/finetune.py accuracy    # SST-2: zero-shot, ICL, LP, FT, FT-LoRA, MeZO (+LoRA, prefix)
+    python benchmarks/finetune.py accuracy --methods mezo mezo+lozo   # METHOD+OPTIMIZER: a ZO successor
     python benchmarks/finetune.py report      # Markdown tables + plot from the saved results
     python benchmarks/finetune.py curves RUN_DIR... --out PNG   # dev accuracy vs forward passes of runs
 
@@ -144,13 +145,22 @@ def eval_one(args) -> dict:
             "run": str(folder)}  # fmt: skip
 
 
-def _finetune_flags(args, method: str) -> list[str]:
+def split_method(name: str) -> tuple[str, str | None]:
+    """``"mezo+lozo"`` -> ``("mezo", "lozo")``: a method trained with another optimizer of its registry."""
+    method, _, optimizer = name.partition("+")
+    return method, optimizer or None
+
+
+def _finetune_flags(args, name: str) -> list[str]:
+    method, optimizer = split_method(name)
     zo = method.startswith("mezo")
     flags = ["--model", args.model, "--task", args.task, "--method", method,
              "--num-train", str(args.num_train), "--num-dev", str(args.num_dev),
              "--num-eval", str(args.num_eval), "--max-length", str(args.max_length),
-             "--output-dir", str(run_folder(args.tag, args.task, method)), "--no-progress",
+             "--output-dir", str(run_folder(args.tag, args.task, name)), "--no-progress",
              "--device", args.device]  # fmt: skip
+    if optimizer:
+        flags += ["--optimizer", optimizer]
     if method != "lp":
         flags += ["--steps", str(args.zo_steps if zo else args.fo_steps),
                   "--eval-every", str(args.zo_eval_every if zo else args.fo_eval_every)]  # fmt: skip
@@ -158,8 +168,8 @@ def _finetune_flags(args, method: str) -> list[str]:
         flags += ["--dtype", args.dtype]
     if zo and args.noise:
         flags += ["--noise", args.noise]
-    if method in args.lr:
-        flags += ["--lr", str(args.lr[method])]
+    if name in args.lr:
+        flags += ["--lr", str(args.lr[name])]
     return flags
 
 
@@ -174,6 +184,8 @@ def accuracy(args) -> None:
             row = _child(argv + (["--tag", args.tag] if args.tag else []), args.timeout)
         else:
             row = _child(["finetune-one", *_finetune_flags(args, method)], args.timeout)
+            if row:
+                row["method"] = method  # the name asked for (mezo+lozo), not only the method's
         if row:
             rows.append(row)
             print(f"  test {row['test']}, dev {row.get('best_dev')}, {row['wall_seconds']} s", flush=True)
@@ -317,7 +329,8 @@ def main() -> None:
     a = sub.add_parser("accuracy")
     a.add_argument("--model", default="smollm2-135m")
     a.add_argument("--task", default="sst2")
-    a.add_argument("--methods", nargs="+", default=list(ACCURACY_METHODS))
+    a.add_argument("--methods", nargs="+", default=list(ACCURACY_METHODS),
+                   help="also METHOD+OPTIMIZER, e.g. mezo+lozo (hdopt finetune --optimizer)")
     a.add_argument("--num-train", type=int, default=1000)
     a.add_argument("--num-dev", type=int, default=100, help="dev examples (paper: 500)")
     a.add_argument("--num-eval", type=int, default=200, help="test examples (paper: 1000)")
