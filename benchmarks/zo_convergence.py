@@ -85,6 +85,12 @@ def _top_grid(prefix: str, group: str, optimizer: str, lrs, per_step: int, budge
                  eval_every=round(EVAL_FORWARDS / per_step_forwards), **TOP, **flags)  # fmt: skip
 
 
+def _whole_grid(prefix: str, group: str, optimizer: str, lrs, per_step: int) -> list[dict]:
+    """A successor on all weights with whole-model MeZO's budget (FORWARDS), evaluated every 50 forwards."""
+    return _grid(prefix, group, lrs, optimizer=optimizer, steps=FORWARDS // per_step,
+                 eval_every=max(1, round(50 / per_step)), **ZO)  # fmt: skip
+
+
 def _second_task(task: str) -> list[dict]:
     """The second task's plan, fixed before any of its runs: FT (as docs/finetune.md's SST-2 FT run), the
     whole-model MeZO grid, top-block MeZO's grid and the grid of SST-2's best top-block successor (LOZO), with
@@ -111,6 +117,11 @@ PLANS: dict[str, list[dict]] = {
         *_top_grid("top1-hizoo", "HiZOO, top block", "hizoo", (1e-4, 3e-4, 1e-3), 3),
         *_top_grid("top1-lozo", "LOZO, top block", "lozo", (1e-4, 3e-4, 1e-3), 2),
         *_top_grid("top1-sparse", "Sparse-MeZO, top block", "sparse-mezo", (3e-4, 1e-3, 3e-3), 2),
+        # Two successors on all weights (the others' whole-model grids were not run: CPU time), their grids a
+        # tenth of their top-block grids, as whole-model MeZO's is of top-block MeZO's (LOZO: MeZO's grid;
+        # FZOO: around its paper's 5e-5).
+        *_whole_grid("lozo", "LOZO", "lozo", (3e-6, 1e-5, 3e-5), 2),
+        *_whole_grid("fzoo", "FZOO", "fzoo", (5e-5, 2e-4, 8e-4), 9),
     ],
     "mr": _second_task("mr"),
 }
