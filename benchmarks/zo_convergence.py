@@ -35,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+from hdopt.finetune.budget_goals import accuracy_goal, forward_goal
 from hdopt.io import atomic_write_json, atomic_write_text, save_figure
 from hdopt.plotting import pyplot
 
@@ -273,8 +274,9 @@ def _earlier_row(folder: Path, group: str) -> dict | None:
     elapsed = {r["step"]: r["elapsed"] for r in rows if "elapsed" in r}
     curve = [(r["forwards"], elapsed.get(r["step"], 0.0) / 60, r["dev_accuracy"], r["step"])
              for r in rows if "dev_accuracy" in r]  # fmt: skip
-    lr = json.loads((folder / "config.json").read_text())["optim"]["lr"]
-    return {"group": group, "flags": {"lr": lr}, "results": res, "curve": curve,
+    config = json.loads((folder / "config.json").read_text())
+    flags = {"lr": config["optim"]["lr"], "optimizer": config["method"]["optimizer"]}
+    return {"group": group, "flags": flags, "results": res, "curve": curve,
             "minutes": res["wall_seconds"] / 60, "backwards": res.get("backwards") or 0}  # fmt: skip
 
 
@@ -301,7 +303,7 @@ def task_report(plan: str) -> dict | None:
         reach = _first_reaching(best["curve"], target) if target is not None else None
         reach2 = _first_reaching(best["curve"], second) if second is not None else None
         table.append({
-            "task": plan, "method": group,
+            "task": plan, "method": group, "optimizer": best["flags"].get("optimizer"),
             "grid": sorted({r["flags"].get("lr") for r in groups.get(group, [best])}),
             "chosen_lr": best["flags"].get("lr"), "steps": res.get("steps"), "status": res.get("status"),
             "best_dev": res.get("best_dev"), "best_step": res.get("best_step"),
@@ -315,8 +317,11 @@ def task_report(plan: str) -> dict | None:
             "minutes_to_second": None if reach2 is None else round(reach2[1], 1),
         })  # fmt: skip
     plot(plan, rows)
+    goals = {"accuracy": accuracy_goal(table)}
+    if mezo is not None:
+        goals["forwards"] = forward_goal(table)
     return {"protocol": {**PROTOCOL, "task": plan}, "mezo_final_dev": target, "second_target": second,
-            "rows": table,
+            "goals": goals, "rows": table,
             "runs": [{k: r[k] for k in ("name", "group", "flags", "seed", "minutes", "curve")} | {
                 "results": r["results"]} for r in done]}  # fmt: skip
 
@@ -349,6 +354,17 @@ def markdown(out: dict) -> str:
                      f"{_num(r['chosen_lr'])} | {_num(r['steps'])} | {_num(r['best_dev'], '{:.1f}')} | "
                      f"{_num(r['test_at_best_dev'], '{:.1f}')} | {seeds} | {forwards} | {r['minutes']:g} | "
                      f"{_num(r['forwards_to_mezo_final'])} | {_num(r['minutes_to_mezo_final'])} |")
+    lines += ["", "The goals, decided by hdopt.finetune.budget_goals from the rows above:", ""]
+    for plan, t in tasks.items():
+        for goal in t["goals"].values():
+            best = goal.get("best") or goal.get("fastest")
+            found = ("none" if best is None else
+                     f"{best['method']}: " + ", ".join(f"{k} {v:g}" for k, v in best.items()
+                                                        if k not in ("task", "method")))  # fmt: skip
+            budget = (f" (MeZO took {goal['mezo_forwards']:g}; a third is {goal['budget']:g})"
+                      if "budget" in goal else "")  # fmt: skip
+            lines.append(f"* {plan}: {goal['goal']}{budget}: **{'met' if goal['met'] else 'not met'}** "
+                         f"(best: {found})")
     for plan, t in tasks.items():
         if t["second_target"] is None:
             continue

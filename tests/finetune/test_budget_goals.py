@@ -1,0 +1,60 @@
+"""The forward-pass budget benchmark's goals, each with a table that meets it and tables that must not."""
+
+from __future__ import annotations
+
+import pytest
+
+from hdopt.finetune.budget_goals import accuracy_goal, forward_goal
+
+
+def _row(method, optimizer, test=70.0, minutes=10.0, backwards=0, reach=None):
+    return {"task": "sst2", "method": method, "optimizer": optimizer, "test_at_best_dev": test,
+            "minutes": minutes, "backwards": backwards, "forwards_to_mezo_final": reach}  # fmt: skip
+
+
+MEZO = _row("MeZO", "zosgd", test=64.5, minutes=17.1, reach=200)
+
+
+def test_the_accuracy_goal_is_met_by_a_forward_only_run_at_the_target_within_the_minutes():
+    goal = accuracy_goal([MEZO, _row("MeZO, top block", "zosgd", test=87.0, minutes=30.0)])
+    assert goal["met"] and goal["best"] == {"task": "sst2", "method": "MeZO, top block", "test": 87.0,
+                                            "minutes": 30.0}  # fmt: skip
+
+
+@pytest.mark.parametrize("row", [
+    _row("MeZO, top block", "zosgd", test=86.5, minutes=12.0),  # below the target
+    _row("MeZO, top block, 20k steps", "zosgd", test=90.0, minutes=30.5),  # too late
+    _row("FT", "adamw", test=89.5, minutes=20.0, backwards=250),  # not forward-only
+])  # fmt: skip
+def test_the_accuracy_goal_is_not_met_below_the_target_too_late_or_with_backprop(row):
+    goal = accuracy_goal([MEZO, row])
+    assert not goal["met"]
+    assert goal["best"]["method"] == (MEZO["method"] if row["test_at_best_dev"] > 87 else row["method"])
+
+
+def test_the_accuracy_goal_without_any_timely_forward_only_run_is_not_met():
+    assert accuracy_goal([_row("MeZO", "zosgd", minutes=40.0)]) == {
+        "goal": "a forward-only run reaches 87 test accuracy within 30 minutes", "met": False, "best": None}
+
+
+def test_the_forward_goal_is_met_by_a_successor_within_a_third_of_mezos_forwards():
+    goal = forward_goal([MEZO, _row("FZOO", "fzoo", reach=66.6), _row("LOZO", "lozo", reach=100.0)])
+    assert goal["met"] and goal["budget"] == pytest.approx(66.7, abs=0.05) and goal["mezo_forwards"] == 200
+    assert goal["fastest"] == {"task": "sst2", "method": "FZOO", "forwards": 66.6}
+
+
+@pytest.mark.parametrize("rows", [
+    [_row("FZOO", "fzoo", reach=66.8)],  # just above a third
+    [_row("FZOO", "fzoo", reach=None)],  # never reached it
+    [_row("MeZO, top block", "zosgd", reach=10.0)],  # MeZO's own rule on fewer blocks is not a successor
+])  # fmt: skip
+def test_the_forward_goal_is_not_met_above_a_third_by_no_successor_or_by_mezo_itself(rows):
+    goal = forward_goal([MEZO, *rows])
+    assert not goal["met"]
+    assert goal["fastest"] == (None if rows[0]["optimizer"] == "zosgd" or rows[0]["forwards_to_mezo_final"]
+                               is None else {"task": "sst2", "method": "FZOO", "forwards": 66.8})  # fmt: skip
+
+
+def test_the_forward_goal_needs_a_tuned_mezo_row():
+    with pytest.raises(ValueError, match="no tuned whole-model MeZO row"):
+        forward_goal([_row("FZOO", "fzoo", reach=10.0)])
