@@ -126,6 +126,9 @@ PLANS: dict[str, list[dict]] = {
     ],
     "mr": _second_task("mr"),
 }
+# The accuracy goal (forward-only >= 87 test within 30 minutes) is SST-2's (FT: 89.5); the forward-pass goal
+# is decided on every task.
+ACCURACY_GOAL_TASKS = ("sst2",)
 # The final runs: each chosen setting (whole-model MeZO, top-block MeZO, the best top-block successor) with
 # these seeds.
 FINAL_SEEDS = (1, 2)
@@ -317,7 +320,7 @@ def task_report(plan: str) -> dict | None:
             "minutes_to_second": None if reach2 is None else round(reach2[1], 1),
         })  # fmt: skip
     plot(plan, rows)
-    goals = {"accuracy": accuracy_goal(table)}
+    goals = {"accuracy": accuracy_goal(table)} if plan in ACCURACY_GOAL_TASKS else {}
     if mezo is not None:
         goals["forwards"] = forward_goal(table)
     return {"protocol": {**PROTOCOL, "task": plan}, "mezo_final_dev": target, "second_target": second,
