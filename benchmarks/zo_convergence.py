@@ -118,11 +118,12 @@ PLANS: dict[str, list[dict]] = {
         *_top_grid("top1-hizoo", "HiZOO, top block", "hizoo", (1e-4, 3e-4, 1e-3), 3),
         *_top_grid("top1-lozo", "LOZO, top block", "lozo", (1e-4, 3e-4, 1e-3), 2),
         *_top_grid("top1-sparse", "Sparse-MeZO, top block", "sparse-mezo", (3e-4, 1e-3, 3e-3), 2),
-        # Two successors on all weights (the others' whole-model grids were not run: CPU time), their grids a
-        # tenth of their top-block grids, as whole-model MeZO's is of top-block MeZO's (LOZO: MeZO's grid;
+        # Three successors on all weights (Sparse-MeZO's whole-model grid was not run: CPU time), their grids
+        # a tenth of their top-block grids, as whole-model MeZO's is of top-block MeZO's (LOZO: MeZO's grid;
         # FZOO: around its paper's 5e-5).
         *_whole_grid("lozo", "LOZO", "lozo", (3e-6, 1e-5, 3e-5), 2),
         *_whole_grid("fzoo", "FZOO", "fzoo", (5e-5, 2e-4, 8e-4), 9),
+        *_whole_grid("hizoo", "HiZOO", "hizoo", (1e-5, 3e-5, 1e-4), 3),
     ],
     "mr": _second_task("mr"),
 }
