@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from hdopt.finetune.budget_goals import accuracy_goal, forward_goal
+from hdopt.finetune.budget_goals import SUCCESSORS, accuracy_goal, forward_goal
 from hdopt.io import atomic_write_json, atomic_write_text, save_figure
 from hdopt.plotting import pyplot
 
@@ -130,10 +130,10 @@ PLANS: dict[str, list[dict]] = {
 # The accuracy goal (forward-only >= 87 test within 30 minutes) is SST-2's (FT: 89.5); the forward-pass goal
 # is decided on every task.
 ACCURACY_GOAL_TASKS = ("sst2",)
-# The final runs: each chosen setting (whole-model MeZO, top-block MeZO, the best top-block successor) with
-# these seeds.
+# The final runs: each chosen setting (whole-model MeZO, top-block MeZO, the best successor on the top block
+# and on all weights) with these seeds.
 FINAL_SEEDS = (1, 2)
-FINAL_GROUPS = ("MeZO", "MeZO, top block", "best successor, top block")
+FINAL_GROUPS = ("MeZO", "MeZO, top block", "best successor, top block", "best successor, whole model")
 # Rows read from earlier runs docs/finetune.md reports (not rerun): FT (AdamW, 250 steps), and the longest
 # whole-model MeZO run (1000 steps at lr 1e-5, Rademacher, linear decay), whose final dev accuracy is a second
 # target.
@@ -160,11 +160,13 @@ def _flags(run: dict) -> list[str]:
 def finals(plan: str) -> list[dict]:
     """The final runs, from the grids' choices (none before a grid has results)."""
     chosen = choose(plan)
-    successors = [g for g in chosen if g.endswith(", top block") and not g.startswith("MeZO")]
-    best = max(successors, key=lambda g: _score(chosen[g]), default=None)
+    successors = [g for g in chosen if chosen[g]["flags"].get("optimizer") in SUCCESSORS]
+    best = {f"best successor, {where}": max((g for g in successors if g.endswith(", top block") == top),
+                                            key=lambda g: _score(chosen[g]), default=None)
+            for where, top in (("top block", True), ("whole model", False))}  # fmt: skip
     out = []
     for group in FINAL_GROUPS:
-        pick = chosen.get(best if group == "best successor, top block" else group)
+        pick = chosen.get(best.get(group, group))
         if pick is None:
             continue
         prefix = pick["name"].rsplit("-lr", 1)[0] + f"-lr{pick['flags']['lr']:g}"
