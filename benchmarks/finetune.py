@@ -184,9 +184,8 @@ def accuracy(args) -> None:
             row = _child(argv + (["--tag", args.tag] if args.tag else []), args.timeout)
         else:
             row = _child(["finetune-one", *_finetune_flags(args, method)], args.timeout)
-            if row:
-                row["method"] = method  # the name asked for (mezo+lozo), not only the method's
         if row:
+            row["method"] = method  # the name asked for (mezo+lozo), not only the run's method
             rows.append(row)
             print(f"  test {row['test']}, dev {row.get('best_dev')}, {row['wall_seconds']} s", flush=True)
             budget = vars(args) | {"lr": args.lr}

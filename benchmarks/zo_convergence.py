@@ -157,9 +157,10 @@ def _flags(run: dict) -> list[str]:
     return out
 
 
-def finals(plan: str) -> list[dict]:
-    """The final runs, from the grids' choices (none before a grid has results)."""
-    chosen = choose(plan)
+def finals(plan: str, chosen: dict[str, dict] | None = None) -> list[dict]:
+    """The final runs, from the grids' choices (``chosen``: :func:`choose` of the plan's read runs; none
+    before a grid has results)."""
+    chosen = choose(_read_all(PLANS[plan])) if chosen is None else chosen
     successors = [g for g in chosen if chosen[g]["flags"].get("optimizer") in SUCCESSORS]
     best = {f"best successor, {where}": max((g for g in successors if g.endswith(", top block") == top),
                                             key=lambda g: _score(chosen[g]), default=None)
@@ -262,12 +263,16 @@ def _score(run: dict) -> tuple[float, int]:
     return (float("-inf"), 0) if best is None else (best, -(run["results"].get("best_step") or 0))
 
 
-def choose(plan: str) -> dict[str, dict]:
-    """Each grid's chosen run (seed 0), by group."""
+def _read_all(runs: list[dict]) -> list[dict]:
+    """The runs of ``runs`` that have finished, read (:func:`_read`)."""
+    return [r for r in map(_read, runs) if r is not None]
+
+
+def choose(grid: list[dict]) -> dict[str, dict]:
+    """Each group's chosen run among the read grid runs ``grid`` (seed 0; a group of one run: that run)."""
     groups: dict[str, list[dict]] = {}
-    for r in (_read(run) for run in PLANS[plan]):
-        if r is not None:
-            groups.setdefault(r["group"], []).append(r)
+    for r in grid:
+        groups.setdefault(r["group"], []).append(r)
     return {g: max(rs, key=_score) for g, rs in groups.items()}
 
 
@@ -288,15 +293,14 @@ def _earlier_row(folder: Path, group: str) -> dict | None:
 
 def task_report(plan: str) -> dict | None:
     """One task's rows (each group's chosen run and the earlier runs read for it), or None before any run."""
-    chosen = choose(plan)
-    done = [r for r in (_read(run) for run in planned(plan)) if r is not None]
+    grid = _read_all(PLANS[plan])  # each run folder read once
+    chosen = choose(grid)
+    done = grid + _read_all(finals(plan, chosen))
     if not done:
         return None
     groups: dict[str, list[dict]] = {}
     for r in done:
         groups.setdefault(r["group"], []).append(r)
-    for group, runs in groups.items():
-        chosen.setdefault(group, runs[0])  # a group of one run (the long run, FT)
     mezo = chosen.get("MeZO")
     target = mezo["curve"][-1][2] if mezo else None
     earlier = {key: _earlier_row(*value) for key, value in EARLIER.get(plan, {}).items()}

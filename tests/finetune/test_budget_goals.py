@@ -21,15 +21,14 @@ def test_the_accuracy_goal_is_met_by_a_forward_only_run_at_the_target_within_the
                                             "minutes": 30.0}  # fmt: skip
 
 
-@pytest.mark.parametrize("row", [
-    _row("MeZO, top block", "zosgd", test=86.5, minutes=12.0),  # below the target
-    _row("MeZO, top block, 20k steps", "zosgd", test=90.0, minutes=30.5),  # too late
-    _row("FT", "adamw", test=89.5, minutes=20.0, backwards=250),  # not forward-only
+@pytest.mark.parametrize("row,best", [
+    (_row("MeZO, top block", "zosgd", test=86.5, minutes=12.0), "MeZO, top block"),  # below the target
+    (_row("MeZO, top block, 20k steps", "zosgd", test=90.0, minutes=30.5), "MeZO"),  # too late
+    (_row("FT", "adamw", test=89.5, minutes=20.0, backwards=250), "MeZO"),  # not forward-only
 ])  # fmt: skip
-def test_the_accuracy_goal_is_not_met_below_the_target_too_late_or_with_backprop(row):
+def test_the_accuracy_goal_is_not_met_below_the_target_too_late_or_with_backprop(row, best):
     goal = accuracy_goal([MEZO, row])
-    assert not goal["met"]
-    assert goal["best"]["method"] == (MEZO["method"] if row["test_at_best_dev"] > 87 else row["method"])
+    assert not goal["met"] and goal["best"]["method"] == best
 
 
 def test_the_accuracy_goal_without_any_timely_forward_only_run_is_not_met():
@@ -43,16 +42,14 @@ def test_the_forward_goal_is_met_by_a_successor_within_a_third_of_mezos_forwards
     assert goal["fastest"] == {"task": "sst2", "method": "FZOO", "forwards": 66.6}
 
 
-@pytest.mark.parametrize("rows", [
-    [_row("FZOO", "fzoo", reach=66.8)],  # just above a third
-    [_row("FZOO", "fzoo", reach=None)],  # never reached it
-    [_row("MeZO, top block", "zosgd", reach=10.0)],  # MeZO's own rule on fewer blocks is not a successor
+@pytest.mark.parametrize("row,fastest", [
+    (_row("FZOO", "fzoo", reach=66.8), {"task": "sst2", "method": "FZOO", "forwards": 66.8}),  # above a third
+    (_row("FZOO", "fzoo", reach=None), None),  # never reached it
+    (_row("MeZO, top block", "zosgd", reach=10.0), None),  # MeZO's own rule on fewer blocks: no successor
 ])  # fmt: skip
-def test_the_forward_goal_is_not_met_above_a_third_by_no_successor_or_by_mezo_itself(rows):
-    goal = forward_goal([MEZO, *rows])
-    assert not goal["met"]
-    assert goal["fastest"] == (None if rows[0]["optimizer"] == "zosgd" or rows[0]["forwards_to_mezo_final"]
-                               is None else {"task": "sst2", "method": "FZOO", "forwards": 66.8})  # fmt: skip
+def test_the_forward_goal_is_not_met_above_a_third_by_no_successor_or_by_mezo_itself(row, fastest):
+    goal = forward_goal([MEZO, row])
+    assert not goal["met"] and goal["fastest"] == fastest
 
 
 def test_the_forward_goal_needs_a_tuned_mezo_row():
