@@ -2,6 +2,7 @@
 
     HDOPT_BENCH_THREADS=1 python benchmarks/zo_convergence.py run --jobs 2                     # SST-2's grids
     HDOPT_BENCH_THREADS=1 python benchmarks/zo_convergence.py run --finals --jobs 2            # their seeds
+    HDOPT_BENCH_THREADS=1 python benchmarks/zo_convergence.py run --dense --jobs 2             # dense starts
     HDOPT_BENCH_THREADS=1 python benchmarks/zo_convergence.py run --plan mr --jobs 2           # MR's grids
     HDOPT_BENCH_THREADS=1 python benchmarks/zo_convergence.py run --plan mr --finals --jobs 2  # their seeds
     python benchmarks/zo_convergence.py report                                 # one table, plots, JSON
@@ -13,10 +14,11 @@ Every run is ``hdopt finetune`` on the setup of docs/finetune.md's SST-2 runs (S
 process (imports and model loading included) to the end of every step (the step's dev evaluation included)
 and to the end of the run (the test evaluation included). A run whose timing.json exists is not run again.
 
-A plan is a task's runs. SST-2's lists the grids (one learning rate per run) and the 20k-step top-block run;
+A plan is a task's runs. SST-2's lists the grids (one learning rate per run) and the long top-block runs;
 the second task's (MR) has FT and the grids of whole-model MeZO, top-block MeZO and SST-2's best top-block
 successor, with SST-2's grids and budgets. The finals of a plan are each grid's choice with seeds 1 and 2,
-chosen from the grids' results. ``report`` reads whatever runs exist and writes
+chosen from the grids' results; the dense starts (SST-2) rerun the first forwards of the chosen whole-model
+runs with frequent dev evaluations (see DENSE_EVERY). ``report`` reads whatever runs exist and writes
 ``benchmarks/results/zo_convergence.{json,md}`` (one table, a row per task and method) and per task
 ``docs/img/zo_convergence[_TASK]_{forwards,minutes}.png``: dev accuracy against forward passes (a forward
 through K of L blocks counts K/L; the bottom's cache counts too) and against minutes, and per method the
@@ -65,10 +67,13 @@ def _seeds(prefix: str, group: str, task: str = "sst2", seeds=(1, 2), **flags) -
 # The whole-model MeZO grid gets FORWARDS forward passes per run (about 20 CPU-minutes at one thread on the
 # shared machine); the top-block grids (K = 1 of SmolLM2's 30 blocks; a block forward counts 1/30) get
 # TOP_FORWARDS for MeZO (3000 steps) and SUCCESSOR_FORWARDS for the successors (FZOO: N + 1 = 9 block
-# forwards a step, HiZOO 3, LOZO and Sparse-MeZO 2), all evaluated on dev every EVAL_FORWARDS. Each grid has
-# three learning rates. The long run takes top-block MeZO to the paper's 20k steps at lr 3e-4 (the best of an
-# earlier sweep, 1e-4 / 3e-4 / 1e-3: dev 71 / 77 / - after 3000 steps); the finals (``run --finals``) rerun
-# the chosen top-block settings with seeds 1 and 2.
+# forwards a step, HiZOO 3, LOZO and Sparse-MeZO 2), all evaluated on dev every EVAL_FORWARDS. On SST-2 every
+# grid began with three learning rates and was extended, one at a time on its own spacing, past each edge its
+# choice fell on, until the choice was inside the grid. The long runs take top-block MeZO to the paper's 20k
+# steps at lr 3e-4 (the best of an earlier sweep, 1e-4 / 3e-4 / 1e-3: dev 71 / 77 / - after 3000 steps) and
+# top-block FZOO, the best top-block successor, to FZOO_LONG_STEPS (about MeZO's 20k steps' forward passes) at
+# its grid's choice decayed linearly to zero (a normalized step has a fixed length: a constant lr does not
+# settle); the finals (``run --finals``) rerun the chosen settings with seeds 1 and 2.
 FORWARDS = 200
 TOP_FORWARDS = 200
 SUCCESSOR_FORWARDS = 100
@@ -77,6 +82,7 @@ BLOCK = 1 / 30
 ZO = dict(method="mezo", schedule="constant")
 TOP = dict(ZO, zo_blocks=1)
 LONG_STEPS = 20000
+FZOO_LONG_STEPS = 4000
 
 
 def _top_grid(prefix: str, group: str, optimizer: str, lrs, per_step: int, budget: float = SUCCESSOR_FORWARDS,
@@ -109,21 +115,24 @@ def _second_task(task: str) -> list[dict]:
 
 PLANS: dict[str, list[dict]] = {
     "sst2": [
-        *_grid("mezo", "MeZO", (3e-6, 1e-5, 3e-5), optimizer="zosgd", eps=1e-3, steps=FORWARDS // 2,
-               eval_every=25, **ZO),
+        *_grid("mezo", "MeZO", (3e-6, 1e-5, 3e-5, 1e-4, 3e-4), optimizer="zosgd", eps=1e-3,
+               steps=FORWARDS // 2, eval_every=25, **ZO),
         *_top_grid("top1-mezo", "MeZO, top block", "zosgd", (1e-4, 3e-4, 1e-3), 2, TOP_FORWARDS, eps=1e-3),
         _run("top1-mezo-long", f"MeZO, top block, {LONG_STEPS // 1000}k steps", f"{LONG_STEPS} steps",
              optimizer="zosgd", eps=1e-3, lr=3e-4, steps=LONG_STEPS, eval_every=1000, **TOP),
-        *_top_grid("top1-fzoo", "FZOO, top block", "fzoo", (1e-4, 5e-4, 2e-3), 9),
-        *_top_grid("top1-hizoo", "HiZOO, top block", "hizoo", (1e-4, 3e-4, 1e-3), 3),
-        *_top_grid("top1-lozo", "LOZO, top block", "lozo", (1e-4, 3e-4, 1e-3), 2),
-        *_top_grid("top1-sparse", "Sparse-MeZO, top block", "sparse-mezo", (3e-4, 1e-3, 3e-3), 2),
-        # Three successors on all weights (Sparse-MeZO's whole-model grid was not run: CPU time), their grids
-        # a tenth of their top-block grids, as whole-model MeZO's is of top-block MeZO's (LOZO: MeZO's grid;
-        # FZOO: around its paper's 5e-5).
-        *_whole_grid("lozo", "LOZO", "lozo", (3e-6, 1e-5, 3e-5), 2),
-        *_whole_grid("fzoo", "FZOO", "fzoo", (5e-5, 2e-4, 8e-4), 9),
-        *_whole_grid("hizoo", "HiZOO", "hizoo", (1e-5, 3e-5, 1e-4), 3),
+        _run("top1-fzoo-long", f"FZOO, top block, {FZOO_LONG_STEPS} steps", f"{FZOO_LONG_STEPS} steps",
+             optimizer="fzoo", lr=3.2e-2, steps=FZOO_LONG_STEPS, eval_every=250,
+             **dict(TOP, schedule="linear")),
+        *_top_grid("top1-fzoo", "FZOO, top block", "fzoo", (1e-4, 5e-4, 2e-3, 8e-3, 3.2e-2, 0.128), 9),
+        *_top_grid("top1-hizoo", "HiZOO, top block", "hizoo", (1e-4, 3e-4, 1e-3, 3e-3), 3),
+        *_top_grid("top1-lozo", "LOZO, top block", "lozo", (3e-5, 1e-4, 3e-4, 1e-3), 2),
+        *_top_grid("top1-sparse", "Sparse-MeZO, top block", "sparse-mezo", (1e-4, 3e-4, 1e-3, 3e-3), 2),
+        # The successors on all weights, their grids a tenth of their top-block grids, as whole-model MeZO's
+        # is of top-block MeZO's (LOZO: MeZO's grid; FZOO: around its paper's 5e-5).
+        *_whole_grid("lozo", "LOZO", "lozo", (3e-6, 1e-5, 3e-5, 1e-4), 2),
+        *_whole_grid("fzoo", "FZOO", "fzoo", (5e-5, 2e-4, 8e-4, 3.2e-3, 1.28e-2), 9),
+        *_whole_grid("hizoo", "HiZOO", "hizoo", (1e-5, 3e-5, 1e-4, 3e-4), 3),
+        *_whole_grid("sparse", "Sparse-MeZO", "sparse-mezo", (3e-5, 1e-4, 3e-4, 1e-3), 2),
     ],
     "mr": _second_task("mr"),
 }
@@ -134,6 +143,18 @@ ACCURACY_GOAL_TASKS = ("sst2",)
 # and on all weights) with these seeds.
 FINAL_SEEDS = (1, 2)
 FINAL_GROUPS = ("MeZO", "MeZO, top block", "best successor, top block", "best successor, whole model")
+# Dense starts (``run --dense``): the forward-pass goal asks for a third of MeZO's forwards to its final dev
+# accuracy (100 on SST-2, so about 33), finer than the grids' dev evaluations (every 50 forwards). The chosen
+# whole-model runs (MeZO and each successor) are rerun over their first forwards with dev evaluated about
+# every DENSE_EVERY forwards: MeZO over DENSE_MEZO_FORWARDS (where its grid run first reached its final
+# dev), the successors over DENSE_SUCCESSOR_FORWARDS (past a third of that). Same seed and constant lr, so
+# the weights at a step are the grid run's (the report checks the dev accuracies they share); their points
+# join the chosen run's curve, timed by its per-step clock. Top-block runs get none: their cache alone costs
+# about 60 forwards, more than the third.
+DENSE_TASKS = ("sst2",)
+DENSE_EVERY = 6
+DENSE_MEZO_FORWARDS = 100
+DENSE_SUCCESSOR_FORWARDS = 36
 # Rows read from earlier runs docs/finetune.md reports (not rerun): FT (AdamW, 250 steps), and the longest
 # whole-model MeZO run (1000 steps at lr 1e-5, Rademacher, linear decay), whose final dev accuracy is a second
 # target.
@@ -161,23 +182,66 @@ def finals(plan: str, chosen: dict[str, dict] | None = None) -> list[dict]:
     """The final runs, from the grids' choices (``chosen``: :func:`choose` of the plan's read runs; none
     before a grid has results)."""
     chosen = choose(_read_all(PLANS[plan])) if chosen is None else chosen
-    successors = [g for g in chosen if chosen[g]["flags"].get("optimizer") in SUCCESSORS]
-    best = {f"best successor, {where}": max((g for g in successors if g.endswith(", top block") == top),
+    successors = [g for g in chosen if chosen[g]["flags"].get("optimizer") in SUCCESSORS
+                  and not chosen[g]["name"].endswith("-long")]  # a grid's choice, not a long run
+    on_top = {g: "zo_blocks" in chosen[g]["flags"] for g in successors}
+    best = {f"best successor, {where}": max((g for g in successors if on_top[g] == top),
                                             key=lambda g: _score(chosen[g]), default=None)
             for where, top in (("top block", True), ("whole model", False))}  # fmt: skip
     out = []
     for group in FINAL_GROUPS:
         pick = chosen.get(best.get(group, group))
-        if pick is None:
-            continue
-        prefix = pick["name"].rsplit("-lr", 1)[0] + f"-lr{pick['flags']['lr']:g}"
-        out += [_run(f"{prefix}-seed{s}", pick["group"], f"{pick['group']} seed {s}", pick["task"], seed=s,
-                     **pick["flags"]) for s in FINAL_SEEDS]  # fmt: skip
+        if pick is not None:
+            out += seed_runs(pick)
     return out
 
 
+def seed_runs(pick: dict) -> list[dict]:
+    """The runs of a chosen setting with the other seeds (FINAL_SEEDS)."""
+    prefix = pick["name"].rsplit("-lr", 1)[0] + f"-lr{pick['flags']['lr']:g}"
+    return [_run(f"{prefix}-seed{s}", pick["group"], f"{pick['group']} seed {s}", pick["task"], seed=s,
+                 **pick["flags"]) for s in FINAL_SEEDS]  # fmt: skip
+
+
+def dense(plan: str, chosen: dict[str, dict] | None = None) -> list[dict]:
+    """The dense-start reruns of the chosen whole-model runs (see DENSE_EVERY), from the grids' choices."""
+    if plan not in DENSE_TASKS:
+        return []
+    chosen = choose(_read_all(PLANS[plan])) if chosen is None else chosen
+    out = []
+    for group, pick in chosen.items():
+        flags = pick["flags"]
+        whole = "zo_blocks" not in flags and not pick["name"].endswith("-long")
+        if not whole or (group != "MeZO" and flags.get("optimizer") not in SUCCESSORS):
+            continue
+        res = pick["results"]
+        per_step = res["forwards"] / res["steps"]
+        budget = DENSE_MEZO_FORWARDS if group == "MeZO" else DENSE_SUCCESSOR_FORWARDS
+        steps = max(1, round(budget / per_step))
+        every = max(1, round(DENSE_EVERY / per_step))
+        out.append(_run(f"{pick['name']}-dense", group, f"{group} dense start", pick["task"],
+                        seed=pick["seed"], **{**flags, "steps": steps, "eval_every": every}))  # fmt: skip
+    return out
+
+
+def with_dense(run: dict, dense_run: dict | None) -> dict:
+    """``run`` with the dense rerun's dev points joined to its curve (forwards as counted, minutes from the
+    run's own per-step clock); an error if the two disagree at a step both evaluated (other weights)."""
+    if dense_run is None:
+        return run
+    mine = {point[3]: point for point in run["curve"]}
+    joined = dict(mine)
+    for forwards, _, dev, step in dense_run["curve"]:
+        if step in mine and mine[step][2] != dev:
+            raise ValueError(f"{dense_run['name']}: dev {dev} at step {step}, but {run['name']} had "
+                             f"{mine[step][2]}; the dense start is not the same run")  # fmt: skip
+        if step not in mine and step in run["marks"]:
+            joined[step] = (forwards, run["marks"][step] / 60, dev, step)
+    return {**run, "curve": [joined[step] for step in sorted(joined)]}
+
+
 def planned(plan: str) -> list[dict]:
-    return PLANS[plan] + finals(plan)
+    return PLANS[plan] + finals(plan) + dense(plan)
 
 
 def run_one(plan: str, name: str) -> None:
@@ -185,6 +249,7 @@ def run_one(plan: str, name: str) -> None:
     start = time.perf_counter()
     from hdopt.finetune.cli import config_overrides, configure
     from hdopt.finetune.config import RunConfig
+    from hdopt.finetune.errors import DivergenceError
     from hdopt.finetune.trainer import finetune
 
     run = next(r for r in planned(plan) if r["name"] == name)
@@ -192,10 +257,18 @@ def run_one(plan: str, name: str) -> None:
     parser = argparse.ArgumentParser()
     configure(parser)
     cfg = RunConfig().replace(**config_overrides(parser.parse_args(_flags(run))))
-    results, folder = finetune(cfg, on_step=lambda step: marks.__setitem__(step, time.perf_counter() - start))
+
+    def mark(step: int) -> None:
+        marks[step] = time.perf_counter() - start
+
+    try:
+        results, folder = finetune(cfg, on_step=mark)
+    except DivergenceError as error:  # a finished run too: results.json says "diverged", the dev curve stands
+        results, folder = {"status": "diverged", "error": str(error)}, cfg.train.output_dir
     timing = {"steps": marks, "total": time.perf_counter() - start, "threads": THREADS, "env": _env()}
     atomic_write_json(Path(folder) / "timing.json", timing)
-    print(json.dumps({"name": name, "test": results.get("test"), "seconds": round(timing["total"], 1)}))
+    print(json.dumps({"name": name, "test": results.get("test"), "status": results.get("status"),
+                      "seconds": round(timing["total"], 1)}))  # fmt: skip
 
 
 def _env() -> dict:
@@ -205,8 +278,9 @@ def _env() -> dict:
 
 
 def run(args) -> None:
-    """The missing runs of the grids (or, with ``--finals``, of the finals), ``--jobs`` at a time."""
-    runs = finals(args.plan) if args.finals else PLANS[args.plan]
+    """The missing runs of the grids (or, with ``--finals``/``--dense``, of the finals or the dense starts),
+    ``--jobs`` at a time."""
+    runs = finals(args.plan) if args.finals else dense(args.plan) if args.dense else PLANS[args.plan]
     todo = [r for r in runs if (not args.only or r["name"] in args.only)
             and not (RUNS / r["name"] / "timing.json").is_file()]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": THREADS}
@@ -244,7 +318,7 @@ def _read(run: dict) -> dict | None:
     cache = results.get("cache_forwards", 0.0)
     curve = [(r["forwards"] + cache, marks.get(r["step"], 0.0) / 60, r["dev_accuracy"], r["step"])
              for r in rows if "dev_accuracy" in r]  # fmt: skip
-    return {**run, "results": results, "curve": curve, "minutes": timing["total"] / 60,
+    return {**run, "results": results, "curve": curve, "minutes": timing["total"] / 60, "marks": marks,
             "backwards": results.get("backwards") or 0}  # fmt: skip
 
 
@@ -295,7 +369,12 @@ def task_report(plan: str) -> dict | None:
     """One task's rows (each group's chosen run and the earlier runs read for it), or None before any run."""
     grid = _read_all(PLANS[plan])  # each run folder read once
     chosen = choose(grid)
-    done = grid + _read_all(finals(plan, chosen))
+    dense_runs = {r["group"]: r for r in _read_all(dense(plan, chosen))}
+    # every choice's seed runs that exist (the finals', and those of earlier finals whose group is no longer
+    # the best successor's)
+    seeds = _read_all([r for pick in chosen.values() for r in seed_runs(pick)])
+    done = grid + seeds + list(dense_runs.values())
+    chosen = {group: with_dense(run, dense_runs.get(group)) for group, run in chosen.items()}
     if not done:
         return None
     groups: dict[str, list[dict]] = {}
@@ -425,6 +504,7 @@ def main() -> None:
     p.add_argument("--plan", default="sst2", choices=sorted(PLANS))
     p.add_argument("--only", nargs="*")
     p.add_argument("--finals", action="store_true", help="the final runs, chosen from the grids' results")
+    p.add_argument("--dense", action="store_true", help="dense-start reruns of the chosen whole-model runs")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (with HDOPT_BENCH_THREADS threads)")
     sub.add_parser("report")
     p = sub.add_parser("_one")
