@@ -477,12 +477,15 @@ def plot(plan: str, rows: list[dict]) -> None:
     start = next((run["curve"][0][2] for run in rows if run["curve"]), None)
     axes = (("forwards", 0, "forward passes (K/L for a forward through K of L blocks; the cache included)"),
             ("minutes", 1, f"minutes ({THREADS} torch thread per run, shared 2-core CPU)"))
+    colors = plt.get_cmap("tab20").colors  # one color per row (the default cycle repeats after ten)
     for axis, index, label in axes:
         fig, ax = plt.subplots(figsize=(9.5, 4.4))
-        for run in rows:
+        for i, run in enumerate(rows):
             points = [p for p in run["curve"] if p[index] > 0]
+            style = "--" if "zo_blocks" in run["flags"] else "-"  # dashed: the top block
             if points:
-                ax.plot([p[index] for p in points], [p[2] for p in points], marker=".",
+                ax.plot([p[index] for p in points], [p[2] for p in points], marker=".", ls=style,
+                        color=colors[(2 * i) % 20 + (2 * i) // 20 % 2],
                         label=f"{run['group']} (lr {run['flags'].get('lr'):g})")  # fmt: skip
         if start is not None:
             ax.axhline(start, ls=":", lw=1, color="grey", label=f"start (the prompt): dev {start:g}")
