@@ -178,14 +178,23 @@ def _flags(run: dict) -> list[str]:
     return out
 
 
+def _long(run: dict) -> bool:
+    """A long run (a group of its own, not a grid's choice)."""
+    return run["name"].endswith("-long")
+
+
+def _on_top(run: dict) -> bool:
+    """A top-block run."""
+    return "zo_blocks" in run["flags"]
+
+
 def finals(plan: str, chosen: dict[str, dict] | None = None) -> list[dict]:
     """The final runs, from the grids' choices (``chosen``: :func:`choose` of the plan's read runs; none
     before a grid has results)."""
     chosen = choose(_read_all(PLANS[plan])) if chosen is None else chosen
-    successors = [g for g in chosen if chosen[g]["flags"].get("optimizer") in SUCCESSORS
-                  and not chosen[g]["name"].endswith("-long")]  # a grid's choice, not a long run
-    on_top = {g: "zo_blocks" in chosen[g]["flags"] for g in successors}
-    best = {f"best successor, {where}": max((g for g in successors if on_top[g] == top),
+    successors = [g for g, pick in chosen.items()
+                  if pick["flags"].get("optimizer") in SUCCESSORS and not _long(pick)]  # fmt: skip
+    best = {f"best successor, {where}": max((g for g in successors if _on_top(chosen[g]) == top),
                                             key=lambda g: _score(chosen[g]), default=None)
             for where, top in (("top block", True), ("whole model", False))}  # fmt: skip
     out = []
@@ -211,8 +220,7 @@ def dense(plan: str, chosen: dict[str, dict] | None = None) -> list[dict]:
     out = []
     for group, pick in chosen.items():
         flags = pick["flags"]
-        whole = "zo_blocks" not in flags and not pick["name"].endswith("-long")
-        if not whole or (group != "MeZO" and flags.get("optimizer") not in SUCCESSORS):
+        if _on_top(pick) or _long(pick) or (group != "MeZO" and flags.get("optimizer") not in SUCCESSORS):
             continue
         res = pick["results"]
         per_step = res["forwards"] / res["steps"]
@@ -241,7 +249,8 @@ def with_dense(run: dict, dense_run: dict | None) -> dict:
 
 
 def planned(plan: str) -> list[dict]:
-    return PLANS[plan] + finals(plan) + dense(plan)
+    chosen = choose(_read_all(PLANS[plan]))  # the grids read once for both
+    return PLANS[plan] + finals(plan, chosen) + dense(plan, chosen)
 
 
 def run_one(plan: str, name: str) -> None:
