@@ -17,7 +17,7 @@ and to the end of the run (the test evaluation included). A run whose timing.jso
 A plan is a task's runs. SST-2's lists the grids (one learning rate per run) and the long top-block runs;
 the second task's (MR) has FT and the grids of whole-model MeZO, top-block MeZO and SST-2's best top-block
 successor, with SST-2's grids and budgets. The finals of a plan are each grid's choice with seeds 1 and 2,
-chosen from the grids' results; the dense starts (SST-2) rerun the first forwards of the chosen whole-model
+chosen from the grids' results; the dense starts rerun the first forwards of the chosen whole-model
 runs with frequent dev evaluations (see DENSE_EVERY). ``report`` reads whatever runs exist and writes
 ``benchmarks/results/zo_convergence.{json,md}`` (one table, a row per task and method) and per task
 ``docs/img/zo_convergence[_TASK]_{forwards,minutes}.png``: dev accuracy against forward passes (a forward
@@ -101,11 +101,12 @@ def _whole_grid(prefix: str, group: str, optimizer: str, lrs, per_step: int) -> 
 def _second_task(task: str) -> list[dict]:
     """The second task's plan, fixed before any of its runs: FT (as docs/finetune.md's SST-2 FT run), the
     whole-model MeZO grid, top-block MeZO's grid and the grid of SST-2's best top-block successor (LOZO), with
-    SST-2's grids and budgets."""
+    SST-2's grids and budgets. MeZO's choice fell on its grid's top edge (3e-5), so its grid was extended past
+    it one learning rate at a time on its spacing (1e-4, then 3e-4), as SST-2's grids were."""
     return [
         _run(f"{task}-ft", "FT (AdamW, whole model)", "FT", task, method="ft", optimizer="adamw", lr=1e-5,
              schedule="linear", steps=250, batch_size=8, eval_every=50),
-        *_grid(f"{task}-mezo", "MeZO", (3e-6, 1e-5, 3e-5), task, optimizer="zosgd", eps=1e-3,
+        *_grid(f"{task}-mezo", "MeZO", (3e-6, 1e-5, 3e-5, 1e-4, 3e-4), task, optimizer="zosgd", eps=1e-3,
                steps=FORWARDS // 2, eval_every=25, **ZO),
         *_top_grid(f"{task}-top1-mezo", "MeZO, top block", "zosgd", (1e-4, 3e-4, 1e-3), 2, TOP_FORWARDS, task,
                    eps=1e-3),
@@ -139,19 +140,18 @@ PLANS: dict[str, list[dict]] = {
 # The accuracy goal (forward-only >= 87 test within 30 minutes) is SST-2's (FT: 89.5); the forward-pass goal
 # is decided on every task.
 ACCURACY_GOAL_TASKS = ("sst2",)
-# The final runs: each chosen setting (whole-model MeZO, top-block MeZO, the best successor on the top block
-# and on all weights) with these seeds.
+# The final runs: every grid's chosen setting (each ZO row of the table, whole-model and top-block; not the
+# long runs, which are single runs, nor FT) with these seeds.
 FINAL_SEEDS = (1, 2)
-FINAL_GROUPS = ("MeZO", "MeZO, top block", "best successor, top block", "best successor, whole model")
 # Dense starts (``run --dense``): the forward-pass goal asks for a third of MeZO's forwards to its final dev
-# accuracy (100 on SST-2, so about 33), finer than the grids' dev evaluations (every 50 forwards). The chosen
-# whole-model runs (MeZO and each successor) are rerun over their first forwards with dev evaluated about
-# every DENSE_EVERY forwards: MeZO over DENSE_MEZO_FORWARDS (where its grid run first reached its final
-# dev), the successors over DENSE_SUCCESSOR_FORWARDS (past a third of that). Same seed and constant lr, so
-# the weights at a step are the grid run's (the report checks the dev accuracies they share); their points
-# join the chosen run's curve, timed by its per-step clock. Top-block runs get none: their cache alone costs
-# about 60 forwards, more than the third.
-DENSE_TASKS = ("sst2",)
+# accuracy (on the grids' evaluations 100 on SST-2 and 50 on MR, so 33 and 17), finer than those evaluations
+# (every 50 forwards). The chosen whole-model runs (MeZO and each successor) are rerun over their first
+# forwards with dev evaluated about every DENSE_EVERY forwards: MeZO over DENSE_MEZO_FORWARDS (up to where its
+# SST-2 grid run first reached its final dev), the successors over DENSE_SUCCESSOR_FORWARDS (past a third of
+# that). Same seed and constant lr, so the weights at a step are the grid run's (the report checks the dev
+# accuracies they share); their points join the chosen run's curve, timed by its per-step clock. Top-block
+# runs get none: their cache alone costs about 60 forwards, more than the third.
+DENSE_TASKS = ("sst2", "mr")
 DENSE_EVERY = 6
 DENSE_MEZO_FORWARDS = 100
 DENSE_SUCCESSOR_FORWARDS = 36
@@ -189,20 +189,15 @@ def _on_top(run: dict) -> bool:
 
 
 def finals(plan: str, chosen: dict[str, dict] | None = None) -> list[dict]:
-    """The final runs, from the grids' choices (``chosen``: :func:`choose` of the plan's read runs; none
-    before a grid has results)."""
+    """The final runs: every grid choice's seed runs (``chosen``: :func:`choose` of the plan's read runs; a
+    grid without results has no choice yet)."""
     chosen = choose(_read_all(PLANS[plan])) if chosen is None else chosen
-    successors = [g for g, pick in chosen.items()
-                  if pick["flags"].get("optimizer") in SUCCESSORS and not _long(pick)]  # fmt: skip
-    best = {f"best successor, {where}": max((g for g in successors if _on_top(chosen[g]) == top),
-                                            key=lambda g: _score(chosen[g]), default=None)
-            for where, top in (("top block", True), ("whole model", False))}  # fmt: skip
-    out = []
-    for group in FINAL_GROUPS:
-        pick = chosen.get(best.get(group, group))
-        if pick is not None:
-            out += seed_runs(pick)
-    return out
+    return [r for pick in chosen.values() if _final(pick) for r in seed_runs(pick)]
+
+
+def _final(pick: dict) -> bool:
+    """A chosen setting that gets the other seeds: a ZO grid's choice (not a long run, not FT)."""
+    return pick["flags"].get("method") == "mezo" and not _long(pick)
 
 
 def seed_runs(pick: dict) -> list[dict]:
