@@ -196,7 +196,8 @@ def finals(plan: str, chosen: dict[str, dict] | None = None) -> list[dict]:
 
 
 def _final(pick: dict) -> bool:
-    """A chosen setting that gets the other seeds: a ZO grid's choice (not a long run, not FT)."""
+    """A chosen setting that gets the other seeds: a ZO grid's choice (``--method mezo``, whatever the ZO
+    optimizer; not a long run, not FT)."""
     return pick["flags"].get("method") == "mezo" and not _long(pick)
 
 
