@@ -15,9 +15,9 @@ process (imports and model loading included) to the end of every step (the step'
 and to the end of the run (the test evaluation included). A run whose timing.json exists is not run again.
 
 A plan is a task's runs. SST-2's lists the grids (one learning rate per run) and the long top-block runs;
-the second task's (MR) has FT and the grids of whole-model MeZO, top-block MeZO and SST-2's best top-block
-successors (LOZO, then FZOO), with SST-2's budgets. The finals of a plan are each grid's choice with seeds 1
-and 2, chosen from the grids' results; the dense starts rerun the first forwards of the chosen whole-model
+the second task's (MR) has FT and the grids of whole-model MeZO, top-block MeZO and the four top-block
+successors, with SST-2's budgets. The finals of a plan are each grid's choice with seeds 1 and 2, chosen
+from the grids' results; the dense starts rerun the first forwards of the chosen whole-model
 runs with frequent dev evaluations (see DENSE_EVERY). ``report`` reads whatever runs exist and writes
 ``benchmarks/results/zo_convergence.{json,md}`` (one table, a row per task and method) and per task
 ``docs/img/zo_convergence[_TASK]_{forwards,minutes}.png``: dev accuracy against forward passes (a forward
@@ -102,9 +102,9 @@ def _second_task(task: str) -> list[dict]:
     """The second task's plan, fixed before any of its runs: FT (as docs/finetune.md's SST-2 FT run), the
     whole-model MeZO grid, top-block MeZO's grid and the grid of SST-2's best top-block successor (LOZO), with
     SST-2's grids and budgets. MeZO's choice fell on its grid's top edge (3e-5), so its grid was extended past
-    it one learning rate at a time on its spacing (1e-4, then 3e-4), as SST-2's grids were. Added later:
-    top-block FZOO, SST-2's best top-block successor once SST-2's grids were extended, on three learning rates
-    of its SST-2 grid around SST-2's choice (3.2e-2)."""
+    it one learning rate at a time on its spacing (1e-4, then 3e-4), as SST-2's grids were. Added later: the
+    other top-block successors (FZOO, SST-2's best top-block successor once SST-2's grids were extended, then
+    HiZOO and Sparse-MeZO), each on the three learning rates of its SST-2 grid around SST-2's choice."""
     return [
         _run(f"{task}-ft", "FT (AdamW, whole model)", "FT", task, method="ft", optimizer="adamw", lr=1e-5,
              schedule="linear", steps=250, batch_size=8, eval_every=50),
@@ -114,6 +114,9 @@ def _second_task(task: str) -> list[dict]:
                    eps=1e-3),
         *_top_grid(f"{task}-top1-lozo", "LOZO, top block", "lozo", (1e-4, 3e-4, 1e-3), 2, task=task),
         *_top_grid(f"{task}-top1-fzoo", "FZOO, top block", "fzoo", (8e-3, 3.2e-2, 0.128), 9, task=task),
+        *_top_grid(f"{task}-top1-hizoo", "HiZOO, top block", "hizoo", (3e-4, 1e-3, 3e-3), 3, task=task),
+        *_top_grid(f"{task}-top1-sparse", "Sparse-MeZO, top block", "sparse-mezo", (1e-4, 3e-4, 1e-3), 2,
+                   task=task),
     ]
 
 
@@ -351,7 +354,9 @@ def _read_all(runs: list[dict]) -> list[dict]:
 
 
 def choose(grid: list[dict]) -> dict[str, dict]:
-    """Each group's chosen run among the read grid runs ``grid`` (seed 0; a group of one run: that run)."""
+    """Each group's chosen run among the read grid runs ``grid`` (seed 0; a group of one run: that run), by
+    :func:`_score`; a full tie (same best dev at the same step) goes to the first in grid order, the smaller
+    learning rate."""
     groups: dict[str, list[dict]] = {}
     for r in grid:
         groups.setdefault(r["group"], []).append(r)

@@ -26,10 +26,12 @@ def test_choose_takes_the_best_dev_and_breaks_ties_by_the_earlier_step():
         _read_run("a-lr1e-05", "A", 70.0, 50, lr=1e-5),
         _read_run("a-lr0.0001", "A", 74.0, 90),
         _read_run("a-lr0.001", "A", 74.0, 40, lr=1e-3),
+        _read_run("a-lr0.01", "A", 74.0, 40, lr=1e-2),
         _read_run("b-lr0.0001", "B", None, None),
     ]
     chosen = zc.choose(runs)
-    assert chosen["A"]["name"] == "a-lr0.001"  # 74 at step 40 beats 74 at step 90
+    # 74 at step 40 beats 74 at step 90; a full tie goes to the first in grid order (the smaller lr)
+    assert chosen["A"]["name"] == "a-lr0.001"
     assert chosen["B"]["name"] == "b-lr0.0001"  # a group of one run is that run, even without a dev point
     assert zc._score(chosen["B"]) < zc._score(runs[0])
 
