@@ -59,10 +59,6 @@ def _grid(prefix: str, group: str, lrs, task: str = "sst2", **flags) -> list[dic
     return [_run(f"{prefix}-lr{lr:g}", group, f"{group} lr {lr:g}", task, lr=lr, **flags) for lr in lrs]
 
 
-def _seeds(prefix: str, group: str, task: str = "sst2", seeds=(1, 2), **flags) -> list[dict]:
-    return [_run(f"{prefix}-seed{s}", group, f"{group} seed {s}", task, seed=s, **flags) for s in seeds]
-
-
 # -- the plan ------------------------------------------------------------------------------------------------
 # The whole-model MeZO grid gets FORWARDS forward passes per run (about 20 CPU-minutes at one thread on the
 # shared machine); the top-block grids (K = 1 of SmolLM2's 30 blocks; a block forward counts 1/30) get
@@ -383,9 +379,7 @@ def task_report(plan: str) -> dict | None:
     grid = _read_all(PLANS[plan])  # each run folder read once
     chosen = choose(grid)
     dense_runs = {r["group"]: r for r in _read_all(dense(plan, chosen))}
-    # every choice's seed runs that exist (the finals', and those of earlier finals whose group is no longer
-    # the best successor's)
-    seeds = _read_all([r for pick in chosen.values() for r in seed_runs(pick)])
+    seeds = _read_all(finals(plan, chosen))
     done = grid + seeds + list(dense_runs.values())
     chosen = {group: with_dense(run, dense_runs.get(group)) for group, run in chosen.items()}
     if not done:
@@ -495,7 +489,7 @@ def plot(plan: str, rows: list[dict]) -> None:
         fig, ax = plt.subplots(figsize=(9.5, 4.4))
         for i, run in enumerate(rows):
             points = [p for p in run["curve"] if p[index] > 0]
-            style = "--" if "zo_blocks" in run["flags"] else "-"  # dashed: the top block
+            style = "--" if _on_top(run) else "-"  # dashed: the top block
             if points:
                 ax.plot([p[index] for p in points], [p[2] for p in points], marker=".", ls=style,
                         color=colors[(2 * i) % 20 + (2 * i) // 20 % 2],
