@@ -88,9 +88,10 @@ def _top_grid(prefix: str, group: str, optimizer: str, lrs, per_step: int, budge
                  eval_every=round(EVAL_FORWARDS / per_step_forwards), **TOP, **flags)  # fmt: skip
 
 
-def _whole_grid(prefix: str, group: str, optimizer: str, lrs, per_step: int) -> list[dict]:
+def _whole_grid(prefix: str, group: str, optimizer: str, lrs, per_step: int,
+                task: str = "sst2") -> list[dict]:  # fmt: skip
     """A successor on all weights with whole-model MeZO's budget (FORWARDS), evaluated every 50 forwards."""
-    return _grid(prefix, group, lrs, optimizer=optimizer, steps=FORWARDS // per_step,
+    return _grid(prefix, group, lrs, task, optimizer=optimizer, steps=FORWARDS // per_step,
                  eval_every=max(1, round(50 / per_step)), **ZO)  # fmt: skip
 
 
@@ -100,7 +101,10 @@ def _second_task(task: str) -> list[dict]:
     SST-2's grids and budgets. MeZO's choice fell on its grid's top edge (3e-5), so its grid was extended past
     it one learning rate at a time on its spacing (1e-4, then 3e-4), as SST-2's grids were. Added later: the
     other top-block successors (FZOO, SST-2's best top-block successor once SST-2's grids were extended, then
-    HiZOO and Sparse-MeZO), each on the three learning rates of its SST-2 grid around SST-2's choice."""
+    HiZOO and Sparse-MeZO), each on the three learning rates of its SST-2 grid around SST-2's choice, and last
+    the four successors on all weights, chosen the same way; the whole-model LOZO, FZOO and Sparse-MeZO grids
+    were extended past the edge their choices fell on (LOZO: 3e-6; FZOO: 5.12e-2, its choice 1.28e-2 tying
+    3.2e-3's best dev at an earlier step; Sparse-MeZO: 3e-5)."""
     return [
         _run(f"{task}-ft", "FT (AdamW, whole model)", "FT", task, method="ft", optimizer="adamw", lr=1e-5,
              schedule="linear", steps=250, batch_size=8, eval_every=50),
@@ -113,6 +117,10 @@ def _second_task(task: str) -> list[dict]:
         *_top_grid(f"{task}-top1-hizoo", "HiZOO, top block", "hizoo", (3e-4, 1e-3, 3e-3), 3, task=task),
         *_top_grid(f"{task}-top1-sparse", "Sparse-MeZO, top block", "sparse-mezo", (1e-4, 3e-4, 1e-3), 2,
                    task=task),
+        *_whole_grid(f"{task}-lozo", "LOZO", "lozo", (3e-6, 1e-5, 3e-5, 1e-4), 2, task),
+        *_whole_grid(f"{task}-fzoo", "FZOO", "fzoo", (8e-4, 3.2e-3, 1.28e-2, 5.12e-2), 9, task),
+        *_whole_grid(f"{task}-hizoo", "HiZOO", "hizoo", (3e-5, 1e-4, 3e-4), 3, task),
+        *_whole_grid(f"{task}-sparse", "Sparse-MeZO", "sparse-mezo", (3e-5, 1e-4, 3e-4, 1e-3), 2, task),
     ]
 
 

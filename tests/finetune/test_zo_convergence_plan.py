@@ -1,11 +1,14 @@
 """The decisions benchmarks/zo_convergence.py takes from its runs: which run a grid chooses, which choices get
-the other seeds, which get a dense start, and when a dense start may join its grid run's curve."""
+the other seeds, which get a dense start, and when a dense start may join its grid run's curve; and what every
+task's plan holds (MeZO and each successor tuned on all weights and on the top block)."""
 
 import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+
+from hdopt.finetune.budget_goals import SUCCESSORS
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("zo_convergence", ROOT / "benchmarks" / "zo_convergence.py")
@@ -86,3 +89,17 @@ def test_a_dense_start_joins_its_run_only_where_both_agree():
     with pytest.raises(ValueError, match="not the same run"):
         zc.with_dense(run, disagreeing)
     assert zc.with_dense(run, None) is run
+
+
+@pytest.mark.parametrize("plan", sorted(zc.PLANS))
+def test_every_task_tunes_mezo_and_each_successor_on_all_weights_and_on_the_top_block(plan):
+    runs = zc.PLANS[plan]
+    assert len({r["name"] for r in runs}) == len(runs)  # a run folder per planned run
+    assert {r["task"] for r in runs} == {plan}
+    grids: dict[tuple[str, bool], set[float]] = {}
+    for r in runs:
+        if r["flags"].get("method") == "mezo" and not zc._long(r):
+            grids.setdefault((r["flags"]["optimizer"], zc._on_top(r)), set()).add(r["flags"]["lr"])
+    wanted = {(optimizer, on_top) for optimizer in ("zosgd", *SUCCESSORS) for on_top in (False, True)}
+    assert set(grids) == wanted
+    assert all(len(lrs) >= 3 for lrs in grids.values())  # a grid with room on both sides of its middle
