@@ -15,8 +15,8 @@ process (imports and model loading included) to the end of every step (the step'
 and to the end of the run (the test evaluation included). A run whose timing.json exists is not run again.
 
 A plan is a task's runs. SST-2's lists the grids (one learning rate per run) and the long top-block runs;
-the second task's (MR) has FT and the grids of whole-model MeZO, top-block MeZO and the four top-block
-successors, with SST-2's budgets. The finals of a plan are each grid's choice with seeds 1 and 2, chosen
+the second task's (MR) has FT and the grids of MeZO and the four successors, each on all weights and on the
+top block, with SST-2's budgets. The finals of a plan are each grid's choice with seeds 1 and 2, chosen
 from the grids' results; the dense starts rerun the first forwards of the chosen whole-model
 runs with frequent dev evaluations (see DENSE_EVERY). ``report`` reads whatever runs exist and writes
 ``benchmarks/results/zo_convergence.{json,md}`` (one table, a row per task and method) and per task
@@ -117,10 +117,10 @@ def _second_task(task: str) -> list[dict]:
         *_top_grid(f"{task}-top1-hizoo", "HiZOO, top block", "hizoo", (3e-4, 1e-3, 3e-3), 3, task=task),
         *_top_grid(f"{task}-top1-sparse", "Sparse-MeZO, top block", "sparse-mezo", (1e-4, 3e-4, 1e-3), 2,
                    task=task),
-        *_whole_grid(f"{task}-lozo", "LOZO", "lozo", (3e-6, 1e-5, 3e-5, 1e-4), 2, task),
-        *_whole_grid(f"{task}-fzoo", "FZOO", "fzoo", (8e-4, 3.2e-3, 1.28e-2, 5.12e-2), 9, task),
-        *_whole_grid(f"{task}-hizoo", "HiZOO", "hizoo", (3e-5, 1e-4, 3e-4), 3, task),
-        *_whole_grid(f"{task}-sparse", "Sparse-MeZO", "sparse-mezo", (3e-5, 1e-4, 3e-4, 1e-3), 2, task),
+        *_whole_grid(f"{task}-lozo", "LOZO", "lozo", (3e-6, 1e-5, 3e-5, 1e-4), 2, task=task),
+        *_whole_grid(f"{task}-fzoo", "FZOO", "fzoo", (8e-4, 3.2e-3, 1.28e-2, 5.12e-2), 9, task=task),
+        *_whole_grid(f"{task}-hizoo", "HiZOO", "hizoo", (3e-5, 1e-4, 3e-4), 3, task=task),
+        *_whole_grid(f"{task}-sparse", "Sparse-MeZO", "sparse-mezo", (3e-5, 1e-4, 3e-4, 1e-3), 2, task=task),
     ]
 
 

@@ -98,7 +98,7 @@ def test_every_task_tunes_mezo_and_each_successor_on_all_weights_and_on_the_top_
     assert {r["task"] for r in runs} == {plan}
     grids: dict[tuple[str, bool], set[float]] = {}
     for r in runs:
-        if r["flags"].get("method") == "mezo" and not zc._long(r):
+        if zc._final(r):  # a ZO grid's run (not FT, not a long run)
             grids.setdefault((r["flags"]["optimizer"], zc._on_top(r)), set()).add(r["flags"]["lr"])
     wanted = {(optimizer, on_top) for optimizer in ("zosgd", *SUCCESSORS) for on_top in (False, True)}
     assert set(grids) == wanted
