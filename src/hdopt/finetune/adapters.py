@@ -1,4 +1,5 @@
-"""What a method trains, by name: all weights, LoRA adapters (peft), a prefix, the LM head, or nothing.
+"""What a method trains, by name: all weights, LoRA adapters (peft), a prefix, the LM head, the last block's
+readout maps, or nothing.
 
 Each adapter is registered once, as PEFT registers its tuners: a name, the function that attaches it to a
 model, and the dataclass of its settings. A settings dataclass declares the adapter's knobs with their
@@ -23,6 +24,8 @@ from torch import nn
 from hdopt.finetune.errors import ConfigError
 from hdopt.finetune.head import add_head
 from hdopt.finetune.prefix import add_prefix
+from hdopt.lm.readout import readout_modules
+from hdopt.lm.top_blocks import TopBlocksError
 from hdopt.registry import Registry
 
 
@@ -151,10 +154,23 @@ def _head(model: nn.Module, settings: NoSettings, seed: int) -> nn.Module:
     return add_head(model)
 
 
+def _readout(model: nn.Module, settings: NoSettings, seed: int) -> nn.Module:
+    """The last block's readout maps (:func:`hdopt.lm.readout.readout_modules`) train; the rest is frozen."""
+    try:
+        modules = readout_modules(model)
+    except TopBlocksError as err:
+        raise ConfigError(str(err)) from None
+    _freeze_all(model, settings, seed)
+    for module in modules.values():
+        module.requires_grad_(True)
+    return model
+
+
 register_adapter(Adapter("full", _train_all))
 register_adapter(Adapter("lora", add_lora, LoraSettings))
 register_adapter(Adapter("prefix", _prefix, PrefixSettings, computed_start=True))
 register_adapter(Adapter("head", _head, frozen_body=True))
+register_adapter(Adapter("readout", _readout))  # node perturbation: the last block's per-position maps
 register_adapter(Adapter("none", _freeze_all))  # the logistic-regression probe: the model stays frozen
 
 

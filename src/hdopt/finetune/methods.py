@@ -27,10 +27,11 @@ class Method:
     Args:
         name: registry key, e.g. ``mezo-lora``.
         kind: how it trains: a :class:`~hdopt.finetune.kinds.MethodKind` subclass or a registered kind name,
-            ``zo`` (forward passes only, :mod:`hdopt.zo`), ``fo`` (backprop) or ``lp`` (linear probe).
+            ``zo`` (forward passes only, :mod:`hdopt.zo`), ``fo`` (backprop), ``np`` (node perturbation,
+            forward passes only) or ``lp`` (linear probe).
         adapter: what is trained, a registered adapter (:mod:`hdopt.finetune.adapters`): ``full`` (all
-            weights), ``lora``, ``prefix``, ``head`` (the LM head, untied from the input embedding) or
-            ``none`` (a separate linear probe).
+            weights), ``lora``, ``prefix``, ``head`` (the LM head, untied from the input embedding),
+            ``readout`` (the last block's query, output and MLP maps) or ``none`` (a separate linear probe).
         defaults: config field -> value, for the fields a run leaves at ``None`` (after the optimizer's
             ``paper_defaults``).
         description: one line for ``--help`` and the docs.
@@ -99,6 +100,14 @@ register_method(Method("mezo-lora", "zo", "lora", {**_ZO, "lr": 1e-4, "eps": 1e-
                        "MeZO on LoRA adapters (q, v; r 8, alpha 16)"))  # fmt: skip
 register_method(Method("mezo-prefix", "zo", "prefix", {**_ZO, "lr": 1e-2, "eps": 1e-1},
                        "MeZO on 5 prefix key/value tokens per layer (activation init)"))  # fmt: skip
+# Node perturbation: the last block's readout maps from forward passes (8 directions, central estimate),
+# AdamW on the estimate; lr and eps are hdopt's choices on SST-2 with SmolLM2 (benchmarks/zo_convergence.py).
+register_method(Method("node-perturbation", "np", "readout",
+                       {"optimizer": "adamw", "batch_size": 16, "steps": 2000, "schedule": "constant",
+                        "eval_every": 100, "lr": 1e-3, "eps": 1e-2, "q": 8, "noise": "gaussian",
+                        "estimator": "central"},
+                       "node perturbation: the last block's readout maps (query, output, MLP) from forward "
+                       "passes, the bottom's states cached"))  # fmt: skip
 register_method(Method("ft", "fo", "full", {**_FO, "lr": 1e-5}, "full fine-tuning with AdamW"))
 register_method(Method("ft-lora", "fo", "lora", {**_FO, "lr": 1e-4}, "LoRA fine-tuning with AdamW"))
 register_method(Method("ft-prefix", "fo", "prefix", {**_FO, "lr": 1e-2}, "prefix-tuning with AdamW"))

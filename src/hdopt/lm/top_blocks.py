@@ -157,7 +157,7 @@ class TopBlocks:
         width = hidden.shape[1]
         flat, inverse = torch.unique(seq * width + pos, return_inverse=True)
         last = self.top_layers[-1]
-        rows = _last_block_at(self.body, last, hidden, attention_mask, flat // width, flat % width)
+        rows = last_block_at(self.body, last, hidden, attention_mask, flat // width, flat % width)
         return self.body.norm(rows)[inverse]
 
     @torch.no_grad()
@@ -204,7 +204,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _last_block_at(body: nn.Module, layer: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
+def last_block_at(body: nn.Module, layer: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
                    seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """A Llama-style block's output at positions ``(seq[m], pos[m])`` only, [M, H].
 

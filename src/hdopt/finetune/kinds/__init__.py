@@ -1,12 +1,14 @@
 """Method kinds: how a method trains (:class:`~.base.MethodKind`), by name.
 
-``zo`` (:class:`~.zo.ZOKind`, forward passes only), ``fo`` (:class:`~.backprop.BackpropKind`) and ``lp``
-(:class:`~.probe.ProbeKind`, the closed-form probe). A method names its kind, or passes a kind class of its
-own (:class:`hdopt.finetune.methods.Method`).
+``zo`` (:class:`~.zo.ZOKind`, forward passes only), ``fo`` (:class:`~.backprop.BackpropKind`), ``np``
+(:class:`~.node_perturbation.NodePerturbationKind`, forward-only gradient estimates of the last block's
+readout maps) and ``lp`` (:class:`~.probe.ProbeKind`, the closed-form probe). A method names its kind, or
+passes a kind class of its own (:class:`hdopt.finetune.methods.Method`).
 """
 
 from hdopt.finetune.kinds.backprop import BackpropKind
 from hdopt.finetune.kinds.base import MethodKind
+from hdopt.finetune.kinds.node_perturbation import NodePerturbationKind
 from hdopt.finetune.kinds.probe import ProbeKind
 from hdopt.finetune.kinds.zo import ZOKind
 from hdopt.registry import Registry
@@ -14,6 +16,7 @@ from hdopt.registry import Registry
 KINDS: Registry[type[MethodKind]] = Registry("method kind", sort=False)
 KINDS.register(ZOKind.name, ZOKind)
 KINDS.register(BackpropKind.name, BackpropKind)
+KINDS.register(NodePerturbationKind.name, NodePerturbationKind)
 KINDS.register(ProbeKind.name, ProbeKind)
 
-__all__ = ["KINDS", "BackpropKind", "MethodKind", "ProbeKind", "ZOKind"]
+__all__ = ["KINDS", "BackpropKind", "MethodKind", "NodePerturbationKind", "ProbeKind", "ZOKind"]

@@ -6,7 +6,8 @@ every step, so they are computed once, when the run starts, for every training a
 positions the loss reads), and one forward pass counts K/L of a whole-model forward. Any :mod:`hdopt.zo`
 optimizer works, on full weights (the top blocks and the final norm) or on LoRA adapters (those inside the
 top blocks). Dev evaluation reads the cache too (the same function of the weights); the test evaluation runs
-the whole model, and the trajectory replays on the whole model as for any ZO run.
+the whole model, and the trajectory replays on the whole model as for any ZO run. The cache, the dev
+evaluation from it and its report are :class:`CachedBottom`, which the node-perturbation kind shares.
 """
 
 from __future__ import annotations
@@ -28,33 +29,22 @@ from hdopt.lm.top_blocks import TopBlocks, TrunkCache, top_classification_loss, 
 ADAPTERS = ("full", "lora")
 
 
-class TopBlockZOKind(ZOKind):
-    """ZO on the top ``zo_blocks`` blocks, the bottom's outputs cached (see the module docstring)."""
+class CachedBottom:
+    """What a kind that trains on the bottom's cached states has: the cache of every training (and, on
+    classification tasks, dev) sequence, built when the run starts; dev evaluation from it; its size in the
+    results. Mixed in before the kind's base class (:class:`TopBlockZOKind`, the node-perturbation kind)."""
 
-    @classmethod
-    def check(cls, cfg: RunConfig, task: Task) -> None:
-        super().check(cfg, task)
-        if cfg.method.objective == "f1":
-            raise ConfigError("--zo-blocks trains on cached states: --objective f1 generates text with the "
-                              "whole model; use --objective loss or accuracy")  # fmt: skip
+    run: object
+    blocks: TopBlocks
 
-    def __init__(self, run) -> None:
-        self.run = run
-        cfg = run.cfg
-        if run.method.adapter not in ADAPTERS:
-            raise ConfigError(f"--zo-blocks trains full weights or LoRA adapters of the top blocks, not the "
-                              f"{run.method.adapter!r} adapter: use mezo or mezo-lora")  # fmt: skip
-        self.blocks = TopBlocks(run.model, cfg.method.zo_blocks)
-        self.blocks.check()
-        _train_only_the_top(run, self.blocks)
-        self.forward_fraction = self.blocks.fraction
+    def _cache_bottom(self, run, blocks: TopBlocks) -> None:
+        self.run, self.blocks = run, blocks
         self.classification = not uses_answer_loss(run.task)  # dev evaluation from the cache
-        self.cache = TrunkCache(self.blocks)
+        self.cache = TrunkCache(blocks)
         start = time.perf_counter()
         cached = list(run.splits.train) + (list(run.splits.dev) if self.classification else [])
         self.cached_batches = self._fill(cached)
         self.cache_seconds = time.perf_counter() - start
-        super().__init__(run)
 
     def _encode(self, examples: Sequence[Example]):
         """The rows the loss reads (:func:`hdopt.finetune.batches.encode`, the whole model's encoding)."""
@@ -69,22 +59,6 @@ class TopBlockZOKind(ZOKind):
                 self.cache.add(self._encode(examples[start : start + size]))
                 batches += 1
         return batches
-
-    def closure(self, examples: Sequence[Example]) -> Closure:
-        run = self.run
-        batch = self._encode(examples)
-        self.cache.add(batch)  # training rows are cached already; anything new is added once
-        blocks, bottom = self.blocks, self.cache.hidden(batch)  # frozen: the same for every evaluation
-        if run.cfg.method.objective == "accuracy":
-            return lambda: -(top_predictions(blocks, bottom, batch) == batch.labels).float().mean()
-        if uses_answer_loss(run.task):
-            def answer_loss() -> torch.Tensor:
-                states = blocks.states_at(bottom, batch.attention_mask, batch.target_seq,
-                                          batch.target_pos)  # fmt: skip
-                return -logprobs_from_states(blocks.inner, batch, states).mean()
-
-            return answer_loss
-        return lambda: top_classification_loss(blocks, bottom, batch)
 
     def evaluate(self, examples: Sequence[Example]) -> EvalResult:
         """Dev accuracy from the cache on classification tasks; other tasks evaluate the whole model."""
@@ -115,6 +89,46 @@ class TopBlockZOKind(ZOKind):
             "cache_seconds": round(self.cache_seconds, 2),
             "cache_forwards": round(self.cached_batches * bottom, 3),
         }  # fmt: skip
+
+
+class TopBlockZOKind(CachedBottom, ZOKind):
+    """ZO on the top ``zo_blocks`` blocks, the bottom's outputs cached (see the module docstring)."""
+
+    @classmethod
+    def check(cls, cfg: RunConfig, task: Task) -> None:
+        super().check(cfg, task)
+        if cfg.method.objective == "f1":
+            raise ConfigError("--zo-blocks trains on cached states: --objective f1 generates text with the "
+                              "whole model; use --objective loss or accuracy")  # fmt: skip
+
+    def __init__(self, run) -> None:
+        self.run = run
+        cfg = run.cfg
+        if run.method.adapter not in ADAPTERS:
+            raise ConfigError(f"--zo-blocks trains full weights or LoRA adapters of the top blocks, not the "
+                              f"{run.method.adapter!r} adapter: use mezo or mezo-lora")  # fmt: skip
+        self.blocks = TopBlocks(run.model, cfg.method.zo_blocks)
+        self.blocks.check()
+        _train_only_the_top(run, self.blocks)
+        self.forward_fraction = self.blocks.fraction
+        self._cache_bottom(run, self.blocks)
+        super().__init__(run)
+
+    def closure(self, examples: Sequence[Example]) -> Closure:
+        run = self.run
+        batch = self._encode(examples)
+        self.cache.add(batch)  # training rows are cached already; anything new is added once
+        blocks, bottom = self.blocks, self.cache.hidden(batch)  # frozen: the same for every evaluation
+        if run.cfg.method.objective == "accuracy":
+            return lambda: -(top_predictions(blocks, bottom, batch) == batch.labels).float().mean()
+        if uses_answer_loss(run.task):
+            def answer_loss() -> torch.Tensor:
+                states = blocks.states_at(bottom, batch.attention_mask, batch.target_seq,
+                                          batch.target_pos)  # fmt: skip
+                return -logprobs_from_states(blocks.inner, batch, states).mean()
+
+            return answer_loss
+        return lambda: top_classification_loss(blocks, bottom, batch)
 
 
 def _train_only_the_top(run, blocks: TopBlocks) -> None:
