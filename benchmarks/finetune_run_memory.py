@@ -32,7 +32,7 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 SRC = Path(__file__).resolve().parents[1] / "src"
 DATA_DIR = os.environ.get("HDOPT_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-METHODS = ("mezo", "mezo --lp-init", "mezo-lora", "mezo-prefix", "lp")
+METHODS = ("mezo", "mezo --lp-init", "mezo-lora", "mezo-prefix", "node-perturbation", "lp")
 
 
 def config_fields(args: argparse.Namespace, method: str, folder: Path) -> dict:

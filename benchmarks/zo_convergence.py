@@ -16,7 +16,8 @@ and to the end of the run (the test evaluation included). A run whose timing.jso
 
 A plan is a task's runs. SST-2's lists the grids (one learning rate per run) and the long top-block runs;
 the second task's (MR) has FT and the grids of MeZO and the four successors, each on all weights and on the
-top block, with SST-2's budgets. The finals of a plan are each grid's choice with seeds 1 and 2, chosen
+top block, with SST-2's budgets. Both have node perturbation's grid on the last block's readout maps
+(``--method node-perturbation``). The finals of a plan are each grid's choice with seeds 1 and 2, chosen
 from the grids' results; the dense starts rerun the first forwards of the chosen whole-model
 runs with frequent dev evaluations (see DENSE_EVERY). ``report`` reads whatever runs exist and writes
 ``benchmarks/results/zo_convergence.{json,md}`` (one table, a row per task and method) and per task
@@ -79,6 +80,16 @@ ZO = dict(method="mezo", schedule="constant")
 TOP = dict(ZO, zo_blocks=1)
 LONG_STEPS = 20000
 FZOO_LONG_STEPS = 4000
+# Node perturbation on the last block's readout maps (hdopt finetune --method node-perturbation): N = 8
+# directions, central (17 copies of the read positions a step: 17/30 of a forward), 2000 steps (1133
+# forwards, less than the 20k-step top-block MeZO run's 1400), dev every 100 steps; AdamW, lr grid around its
+# first default, 1e-3 (its choice, 3e-4, is the default now), added after every other grid had run, and
+# extended past an edge as the others were (SST-2: 3e-4 and 3e-3 tied at best dev 85, 3e-4 earlier; MR: 3e-4
+# best, 81; so 1e-4 was added on both).
+NP = dict(method="node-perturbation", zo_blocks=1, schedule="constant", q=8, eps=1e-2, steps=2000,
+          eval_every=100)  # fmt: skip
+NP_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
+NP_GROUP = "Node perturbation, last block"
 
 
 def _top_grid(prefix: str, group: str, optimizer: str, lrs, per_step: int, budget: float = SUCCESSOR_FORWARDS,
@@ -104,7 +115,8 @@ def _second_task(task: str) -> list[dict]:
     HiZOO and Sparse-MeZO), each on the three learning rates of its SST-2 grid around SST-2's choice, and last
     the four successors on all weights, chosen the same way; the whole-model LOZO, FZOO and Sparse-MeZO grids
     were extended past the edge their choices fell on (LOZO: 3e-6; FZOO: 5.12e-2, its choice 1.28e-2 tying
-    3.2e-3's best dev at an earlier step; Sparse-MeZO: 3e-5)."""
+    3.2e-3's best dev at an earlier step; Sparse-MeZO: 3e-5). Then node perturbation's grid (NP_LRS), as
+    on SST-2."""
     return [
         _run(f"{task}-ft", "FT (AdamW, whole model)", "FT", task, method="ft", optimizer="adamw", lr=1e-5,
              schedule="linear", steps=250, batch_size=8, eval_every=50),
@@ -121,6 +133,7 @@ def _second_task(task: str) -> list[dict]:
         *_whole_grid(f"{task}-fzoo", "FZOO", "fzoo", (8e-4, 3.2e-3, 1.28e-2, 5.12e-2), 9, task=task),
         *_whole_grid(f"{task}-hizoo", "HiZOO", "hizoo", (3e-5, 1e-4, 3e-4), 3, task=task),
         *_whole_grid(f"{task}-sparse", "Sparse-MeZO", "sparse-mezo", (3e-5, 1e-4, 3e-4, 1e-3), 2, task=task),
+        *_grid(f"{task}-top1-np", NP_GROUP, NP_LRS, task, **NP),
     ]
 
 
@@ -144,6 +157,7 @@ PLANS: dict[str, list[dict]] = {
         *_whole_grid("fzoo", "FZOO", "fzoo", (5e-5, 2e-4, 8e-4, 3.2e-3, 1.28e-2), 9),
         *_whole_grid("hizoo", "HiZOO", "hizoo", (1e-5, 3e-5, 1e-4, 3e-4), 3),
         *_whole_grid("sparse", "Sparse-MeZO", "sparse-mezo", (3e-5, 1e-4, 3e-4, 1e-3), 2),
+        *_grid("top1-np", NP_GROUP, NP_LRS, **NP),
     ],
     "mr": _second_task("mr"),
 }
@@ -206,9 +220,9 @@ def finals(plan: str, chosen: dict[str, dict] | None = None) -> list[dict]:
 
 
 def _final(pick: dict) -> bool:
-    """A chosen setting that gets the other seeds: a ZO grid's choice (``--method mezo``, whatever the ZO
-    optimizer; not a long run, not FT)."""
-    return pick["flags"].get("method") == "mezo" and not _long(pick)
+    """A chosen setting that gets the other seeds: a forward-only grid's choice (``--method mezo``, whatever
+    the ZO optimizer, or node perturbation; not a long run, not FT)."""
+    return pick["flags"].get("method") in ("mezo", "node-perturbation") and not _long(pick)
 
 
 def seed_runs(pick: dict) -> list[dict]:

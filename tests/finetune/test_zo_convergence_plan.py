@@ -98,8 +98,10 @@ def test_every_task_tunes_mezo_and_each_successor_on_all_weights_and_on_the_top_
     assert {r["task"] for r in runs} == {plan}
     grids: dict[tuple[str, bool], set[float]] = {}
     for r in runs:
-        if zc._final(r):  # a ZO grid's run (not FT, not a long run)
-            grids.setdefault((r["flags"]["optimizer"], zc._on_top(r)), set()).add(r["flags"]["lr"])
+        if zc._final(r):  # a forward-only grid's run (not FT, not a long run)
+            rule = r["flags"].get("optimizer", r["flags"]["method"])  # node perturbation: its own method
+            grids.setdefault((rule, zc._on_top(r)), set()).add(r["flags"]["lr"])
     wanted = {(optimizer, on_top) for optimizer in ("zosgd", *SUCCESSORS) for on_top in (False, True)}
+    wanted.add(("node-perturbation", True))  # the last block only
     assert set(grids) == wanted
     assert all(len(lrs) >= 3 for lrs in grids.values())  # a grid with room on both sides of its middle

@@ -126,7 +126,7 @@ class NodePerturbation:
         grads = {}
         for name, module in self.modules.items():
             delta = (at_positions[..., None].to(noise[name].dtype) * noise[name]).mean(0)  # [U, out]
-            grads[f"{name}.weight"] = delta.T @ inputs[name] / labelled
+            grads[f"{name}.weight"] = (delta.T @ inputs[name]).div_(labelled)
             if module.bias is not None:
-                grads[f"{name}.bias"] = delta.sum(0) / labelled
+                grads[f"{name}.bias"] = delta.sum(0).div_(labelled)
         return Estimate(float(losses[0].sum() / labelled), grads)

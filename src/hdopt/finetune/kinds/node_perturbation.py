@@ -103,18 +103,22 @@ class NodePerturbationKind(CachedBottom, MethodKind):
 
     def step(self, closures: Sequence[MicroBatch]) -> float:
         """Estimate on each micro-batch (its own directions), average, check, then one optimizer step."""
-        params = dict(self.run.params)
-        total, grads = 0.0, {name: torch.zeros_like(p) for name, p in params.items()}
+        params, total = dict(self.run.params), 0.0
+        self.optimizer.zero_grad(set_to_none=True)
         for index, micro in enumerate(closures):
             key = derive_key(self.run.cfg.train.seed, self.steps_taken, index)
             estimate = self.estimator.estimate(micro.bottom, micro.batch, key)
             if not math.isfinite(estimate.loss):
+                self.optimizer.zero_grad(set_to_none=True)
                 raise DivergenceError(f"the loss is {estimate.loss}; the weights were not updated")
             total += estimate.loss
-            for name, g in estimate.grads.items():
-                grads[name] += g / len(closures)
-        for name, p in params.items():
-            p.grad = grads[name]
+            for name, g in estimate.grads.items():  # accumulated in place: no buffer besides the gradients
+                p = params[name]
+                g.div_(len(closures))
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_taken += 1
