@@ -12,9 +12,11 @@ from tests.lm.conftest import VOCAB
 def test_every_mode_runs_and_counts_its_trainable_parameters(model_dir):
     total = sum(p.numel() for p in make_model("llama").parameters())
     batch, length = 1280, 32
-    # every mode's forward writes float32 logits of batch x length x vocab: 40 MiB, above glibc's largest mmap
-    # threshold (32 MiB), so they are fresh pages and the step's peak must exceed the loaded model by them
-    logits_mib = batch * length * VOCAB * 4 / 2**20
+    # every mode's forward writes float32 logits of batch x length x vocab: 40 MiB, above glibc's largest
+    # mmap threshold (32 MiB), so they are fresh pages and the step's peak must exceed the loaded model by
+    # them, less the fraction of a MiB the process may return meanwhile (measured once: 40.3 MiB above, for
+    # 40.5 MiB of logits); a peak that missed the step's allocations would be short by all of them
+    logits_mib = 0.95 * batch * length * VOCAB * 4 / 2**20
     rows = {mode: probe(str(model_dir), mode, batch=batch, length=length) for mode in MODES}
     for mode, row in rows.items():
         assert row["mode"] == mode and row["device"] == "cpu"
