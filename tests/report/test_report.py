@@ -59,17 +59,18 @@ def test_forward_only_section_measures_all_methods(smoke_report):
     section = next(s for s in sections if s.key == "forward_only")
     accuracy, top, memory, cost = section.claims
     methods = [row[0] for row in accuracy.tables[0].rows]
-    assert methods == ["zero-shot", "ICL", "FT (AdamW)", "MeZO", "ZO, top block"]
+    assert methods == ["zero-shot", "ICL", "FT (AdamW)", "MeZO", "node perturbation, last block"]
     b = budget("smoke")
     steps = {row[0]: int(row[3]) for row in accuracy.tables[0].rows}
     assert steps == {"zero-shot": 0, "ICL": 0, "FT (AdamW)": b.fo_steps, "MeZO": b.zo_steps,
-                     "ZO, top block": b.top_steps}  # fmt: skip
-    assert [row[0] for row in top.tables[0].rows] == ["FT (AdamW)", "MeZO", "ZO, top block"]
+                     "node perturbation, last block": b.top_steps}  # fmt: skip
+    assert [row[0] for row in top.tables[0].rows] == ["FT (AdamW)", "MeZO", "node perturbation, last block"]
     forwards = {row[0]: float(row[3]) for row in top.tables[0].rows}
-    # a top-block step's two forwards count 1/L each; the FT and MeZO counts are whole
+    # a node-perturbation step's 1 + 2 * 8 copies of the read positions count 1/L each; FT's and MeZO's whole
     ctx = smoke_report[0]
     layers = json.loads((Path(ctx.model) / "config.json").read_text())["num_hidden_layers"]
-    assert layers > 1 and forwards["ZO, top block"] == pytest.approx(b.top_steps * 2 / layers, abs=0.01)
+    expected = b.top_steps * 17 / layers
+    assert layers > 1 and forwards["node perturbation, last block"] == pytest.approx(expected, abs=0.01)
     assert forwards["MeZO"] == 2 * b.zo_steps
     for row in accuracy.tables[0].rows:
         assert 0.0 <= float(row[2]) <= 100.0

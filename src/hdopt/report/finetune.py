@@ -20,8 +20,8 @@ TASK = "sst2"
 MEMORY_MODES = ("inference", "mezo", "ft")
 PAPER_ACCURACY = {"zero-shot": 58.8, "icl": 87.0, "ft": 92.0, "mezo": 91.4}  # OPT-13B, SST-2, 1000 examples
 METHOD_NAMES = {"zero-shot": "zero-shot", "icl": "ICL", "ft": "FT (AdamW)", "mezo": "MeZO",
-                "top": "ZO, top block"}  # fmt: skip
-TOP_BLOCKS = 1  # the best forward-only method: ZO on the top block over cached activations
+                "top": "node perturbation, last block"}  # fmt: skip
+BEST_FORWARD_ONLY = "node-perturbation"  # "top": the best forward-only method (benchmarks/zo_convergence.py)
 FEW_POINTS = 5.0  # "within a few points of FT"
 ABOVE_PROMPTING = 5.0  # "well above zero-shot and ICL"
 
@@ -50,19 +50,20 @@ def prompting(ctx: Context, method: str, model, tokenizer) -> dict:
 
 
 def _budget_fields(ctx: Context, method: str) -> dict:
-    """The ``hdopt finetune`` fields of ``method`` (``ft``, ``mezo`` or ``top``) beyond the data's."""
+    """The ``hdopt finetune`` fields of ``method`` (``ft``, ``mezo`` or ``top``, the best forward-only
+    method: node perturbation on the last block) beyond the data's."""
     b = ctx.budget
     if method == "ft":
         return {"method": "ft", "steps": b.fo_steps, "eval_every": b.fo_eval_every}
     if method == "mezo":
         return {"method": "mezo", "steps": b.zo_steps, "eval_every": b.zo_eval_every, "noise": b.zo_noise}
-    return {"method": "mezo", "zo_blocks": TOP_BLOCKS, "optimizer": b.top_optimizer, "lr": b.top_lr,
-            "steps": b.top_steps, "eval_every": b.top_eval_every}  # fmt: skip
+    return {"method": BEST_FORWARD_ONLY, "lr": b.top_lr, "steps": b.top_steps,
+            "eval_every": b.top_eval_every}  # fmt: skip
 
 
 def trained(ctx: Context, method: str) -> dict:
-    """A fresh ``hdopt finetune`` run (``ft``, ``mezo`` or ``top``: top-block ZO) at the budget; returns its
-    results and dev curve."""
+    """A fresh ``hdopt finetune`` run (``ft``, ``mezo`` or ``top``: node perturbation on the last block) at
+    the budget; returns its results and dev curve."""
     b = ctx.budget
     out = ctx.section_dir(f"finetune/{method}")
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: a leftover checkpoint would refuse to start
@@ -140,8 +141,8 @@ def memory_claim(ctx: Context, peaks: dict[str, dict], plot: str) -> Claim:
 
 
 def top_block_claim(ctx: Context, runs: dict[str, dict]) -> Claim:
-    """The best forward-only method (ZO on the top block over cached activations) against FT and prompting,
-    judged by the rule of :func:`accuracy_claim`."""
+    """The best forward-only method (node perturbation on the last block's readout maps over cached
+    activations) against FT and prompting, judged by the rule of :func:`accuracy_claim`."""
     b = ctx.budget
     acc = {m: runs[m]["test"] for m in ("zero-shot", "icl", "ft", "mezo", "top")}
     top = runs["top"]
@@ -153,18 +154,20 @@ def top_block_claim(ctx: Context, runs: dict[str, dict]) -> Claim:
             for m in ("ft", "mezo", "top")]  # fmt: skip
     return Claim(
         title="The best forward-only method against backprop",
-        claim="With the paper's number of steps made affordable (ZO on the top block over cached bottom "
+        claim="With the best forward-only method hdopt has (node perturbation: gradient estimates of the "
+              "last block's query, output and MLP maps from perturbed forward passes over cached bottom "
               "activations), forward-only fine-tuning is well above zero-shot and in-context learning and "
               "within a few points of backprop fine-tuning.",
         paper="OPT-13B, SST-2, 1000 examples: MeZO 91.4 after 20,000 steps, FT 92.0",
-        measured=f"ZO, top block {acc['top']:.1f} ({b.top_optimizer}, {b.top_steps} steps, "
+        measured=f"{METHOD_NAMES['top']} {acc['top']:.1f} ({b.top_steps} steps, "
                  f"{fmt(top.get('forwards', 0))} forward passes, cache {fmt(top.get('cache_mib'))} MiB), "
                  f"MeZO {acc['mezo']:.1f}, FT {acc['ft']:.1f}, best of zero-shot/ICL "
                  f"{max(acc['zero-shot'], acc['icl']):.1f} ({b.num_eval} test examples)",
         verdict=verdict_from(above_prompting and close_to_ft, above_prompting, acc.values()),
         why=f"the rule of the MeZO claim: reproduced when >= best of zero-shot/ICL + {ABOVE_PROMPTING:g} "
-            f"points and >= FT - {FEW_POINTS:g} points; partly when only the first holds. Only the top block "
-            f"(1 of the model's blocks) and the final norm are trained; a step's forward counts 1/L",
+            f"points and >= FT - {FEW_POINTS:g} points; partly when only the first holds. Only the last "
+            f"block's query, output and MLP maps are trained; one perturbed copy of the positions the loss "
+            f"reads counts 1/L of a forward pass (a step: 1 + 2N copies)",
         command=top["command"],
         tables=[Table(["method", "test accuracy", "steps", "forward passes", "backward passes", "minutes"],
                       rows)],
