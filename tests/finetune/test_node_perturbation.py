@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hdopt.finetune import resume, rundir
 from hdopt.finetune.batches import encode, step_indices
-from hdopt.finetune.checkpoint import load_checkpoint
 from hdopt.finetune.config import ConfigError
 from hdopt.finetune.node_perturbation import NodePerturbation
 from hdopt.finetune.trained import load_trained
@@ -17,7 +15,7 @@ from hdopt.lm.tasks import resolve_task
 from hdopt.lm.top_blocks import TopBlocks, TrunkCache
 from hdopt.zo.noise import derive_key
 from tests.finetune.conftest import make_model, toy_config
-from tests.finetune.test_top_block import Killed, _deep_llama, _kill_at_3, _snapshot
+from tests.finetune.test_top_block import _deep_llama, _snapshot, run_killed_and_resumed
 
 READOUT = ("layers.2.self_attn.q_proj.", "layers.2.self_attn.o_proj.", "layers.2.mlp.")
 
@@ -147,13 +145,7 @@ def test_a_killed_run_resumes_bitwise(task_file, tokenizer, tmp_path):
     def cfg(out):
         return toy_config(task_file, out, "node-perturbation", steps=6, eval_every=2, q=2)
 
-    full, folder = finetune(cfg(tmp_path / "full"), _deep_llama(), tokenizer)
-    with pytest.raises(Killed):
-        finetune(cfg(tmp_path / "killed"), _deep_llama(), tokenizer, on_step=_kill_at_3)
-    resumed, _ = resume(tmp_path / "killed", _deep_llama(), tokenizer)
-    digests = [load_checkpoint(f / rundir.CHECKPOINT)[2]["weights_sha256"]
-               for f in (folder, tmp_path / "killed")]  # fmt: skip
-    assert digests[0] == digests[1] and resumed["test"] == full["test"]
+    run_killed_and_resumed(cfg, tokenizer, tmp_path)
 
 
 @pytest.mark.parametrize(("overrides", "model", "message"), [

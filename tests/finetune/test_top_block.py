@@ -121,6 +121,19 @@ class Killed(Exception):
     """Stands in for SIGKILL: leaves the loop without saving anything."""
 
 
+def run_killed_and_resumed(cfg, tokenizer, tmp_path):
+    """Run ``cfg(folder)`` on the deep Llama whole, and killed at step 3 then resumed; check that both end
+    at the same weights (the checkpoints' sha256) and test accuracy. Returns the whole run and its folder."""
+    full, folder = finetune(cfg(tmp_path / "full"), _deep_llama(), tokenizer)
+    with pytest.raises(Killed):
+        finetune(cfg(tmp_path / "killed"), _deep_llama(), tokenizer, on_step=_kill_at_3)
+    resumed, _ = resume(tmp_path / "killed", _deep_llama(), tokenizer)
+    digests = [load_checkpoint(f / rundir.CHECKPOINT)[2]["weights_sha256"]
+               for f in (folder, tmp_path / "killed")]  # fmt: skip
+    assert digests[0] == digests[1] and resumed["test"] == full["test"]
+    return full, folder
+
+
 def _kill_at_3(step: int) -> None:
     if step == 3:
         raise Killed
@@ -132,13 +145,7 @@ def test_a_top_block_run_folder_resumes_bitwise_and_rebuilds_its_best_weights(ta
     def cfg(out):
         return toy_config(task_file, out, "mezo", zo_blocks=1, lr=5e-2, eps=1e-3, q=2, steps=6, eval_every=2)
 
-    full, folder = finetune(cfg(tmp_path / "full"), _deep_llama(), tokenizer)
-    with pytest.raises(Killed):
-        finetune(cfg(tmp_path / "killed"), _deep_llama(), tokenizer, on_step=_kill_at_3)
-    resumed, _ = resume(tmp_path / "killed", _deep_llama(), tokenizer)
-    digests = [load_checkpoint(f / rundir.CHECKPOINT)[2]["weights_sha256"]
-               for f in (folder, tmp_path / "killed")]  # fmt: skip
-    assert digests[0] == digests[1] and resumed["test"] == full["test"]
+    full, folder = run_killed_and_resumed(cfg, tokenizer, tmp_path)
     model, _ = load_trained(folder, _deep_llama(), tokenizer)
     task = resolve_task(cfg(folder).data.task)
     test = evaluate_examples(model, tokenizer, task, cfg(folder), load_data(cfg(folder), task).eval)

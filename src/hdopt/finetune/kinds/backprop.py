@@ -11,6 +11,14 @@ from hdopt.finetune.kinds.base import Closure, MethodKind
 from hdopt.finetune.optimizers import build_fo_optimizer, fo_step
 
 
+def run_optimizer(run) -> torch.optim.Optimizer:
+    """The run's torch optimizer (``--optimizer adamw|sgd``) over its trainable parameters."""
+    cfg = run.cfg
+    o = cfg.optim
+    return build_fo_optimizer(cfg.method.optimizer, run.params, lr=o.lr, weight_decay=o.weight_decay,
+                              momentum=o.momentum, args=cfg.method.optimizer_args)  # fmt: skip
+
+
 class BackpropKind(MethodKind):
     """Gradients by backprop, accumulated over the micro-batches, then one optimizer step."""
 
@@ -18,10 +26,7 @@ class BackpropKind(MethodKind):
     how = "backprop"
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        cfg = self.run.cfg
-        o = cfg.optim
-        return build_fo_optimizer(cfg.method.optimizer, self.run.params, lr=o.lr, weight_decay=o.weight_decay,
-                                  momentum=o.momentum, args=cfg.method.optimizer_args)  # fmt: skip
+        return run_optimizer(self.run)
 
     def step(self, closures: Sequence[Closure]) -> float:
         return fo_step(self.optimizer, closures)

@@ -26,10 +26,10 @@ import torch
 from hdopt.finetune.batches import uses_answer_loss
 from hdopt.finetune.config import ConfigError, RunConfig
 from hdopt.finetune.errors import DivergenceError
+from hdopt.finetune.kinds.backprop import run_optimizer
 from hdopt.finetune.kinds.base import MethodKind
 from hdopt.finetune.kinds.top_block import CachedBottom
 from hdopt.finetune.node_perturbation import NodePerturbation
-from hdopt.finetune.optimizers import build_fo_optimizer
 from hdopt.lm.readout import readout_modules
 from hdopt.lm.scoring import OptionBatch
 from hdopt.lm.tasks import Example, Task
@@ -91,10 +91,7 @@ class NodePerturbationKind(CachedBottom, MethodKind):
         super().__init__(run)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        cfg = self.run.cfg
-        o = cfg.optim
-        return build_fo_optimizer(cfg.method.optimizer, self.run.params, lr=o.lr, weight_decay=o.weight_decay,
-                                  momentum=o.momentum, args=cfg.method.optimizer_args)  # fmt: skip
+        return run_optimizer(self.run)
 
     def closure(self, examples: Sequence[Example]) -> MicroBatch:
         batch = self._encode(examples)
