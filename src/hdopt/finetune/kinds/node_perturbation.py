@@ -33,7 +33,7 @@ from hdopt.finetune.node_perturbation import NodePerturbation
 from hdopt.lm.readout import readout_modules
 from hdopt.lm.scoring import OptionBatch
 from hdopt.lm.tasks import Example, Task
-from hdopt.lm.top_blocks import TopBlocks, TopBlocksError, top_classification_loss
+from hdopt.lm.top_blocks import TopBlocks, top_classification_loss
 from hdopt.zo.noise import derive_key
 
 
@@ -76,10 +76,7 @@ class NodePerturbationKind(CachedBottom, MethodKind):
         if not blocks.fast:
             raise ConfigError(f"{type(blocks.inner).__name__}: node perturbation needs a Llama-style last "
                               "block (Llama, Mistral, Qwen2, Gemma, SmolLM2)")  # fmt: skip
-        try:
-            modules = readout_modules(run.model)
-        except TopBlocksError as err:
-            raise ConfigError(str(err)) from None
+        modules = readout_modules(run.model)  # the readout adapter found them already: they exist
         expected = {f"{name}.{leaf}" for name, m in modules.items() for leaf, _ in m.named_parameters()}
         if {name for name, _ in run.params} != expected:
             raise ConfigError("node perturbation trains exactly the readout maps (the readout adapter); "

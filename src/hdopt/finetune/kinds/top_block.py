@@ -102,7 +102,6 @@ class TopBlockZOKind(CachedBottom, ZOKind):
                               "whole model; use --objective loss or accuracy")  # fmt: skip
 
     def __init__(self, run) -> None:
-        self.run = run
         cfg = run.cfg
         if run.method.adapter not in ADAPTERS:
             raise ConfigError(f"--zo-blocks trains full weights or LoRA adapters of the top blocks, not the "
