@@ -14,16 +14,16 @@ Every run is ``hdopt finetune`` on the setup of docs/finetune.md's SST-2 runs (S
 process (imports and model loading included) to the end of every step (the step's dev evaluation included)
 and to the end of the run (the test evaluation included). A run whose timing.json exists is not run again.
 
-A plan is a task's runs. SST-2's lists the grids (one learning rate per run) and the long top-block runs;
-the second task's (MR) has FT and the grids of MeZO and the four successors, each on all weights and on the
-top block, with SST-2's budgets. Both have node perturbation's grid on the last block's readout maps
-(``--method node-perturbation``). The finals of a plan are each grid's choice with seeds 1 and 2, chosen
-from the grids' results; the dense starts rerun the first forwards of the chosen whole-model
-runs with frequent dev evaluations (see DENSE_EVERY). ``report`` reads whatever runs exist and writes
-``benchmarks/results/zo_convergence.{json,md}`` (one table, a row per task and method) and per task
-``docs/img/zo_convergence[_TASK]_{forwards,minutes}.png``: dev accuracy against forward passes (a forward
-through K of L blocks counts K/L; the bottom's cache counts too) and against minutes, and per method the
-best dev accuracy, the test accuracy at the best-dev step, and the forward passes and minutes it took to
+A plan is a task's runs. SST-2's lists the grids (one learning rate per run) and the long top-block runs; the
+second task's (MR) has FT and the grids of MeZO and the four successors, each on all weights and on the top
+block, with SST-2's budgets. Both have node perturbation's grids on the last block's readout maps (``--method
+node-perturbation``) and on read-position adapters (``--method read-adapters``). The finals of a plan are each
+grid's choice with seeds 1 and 2, chosen from the grids' results; the dense starts rerun the first forwards of
+the chosen whole-model runs with frequent dev evaluations (see DENSE_EVERY). ``report`` reads whatever runs
+exist and writes ``benchmarks/results/zo_convergence.{json,md}`` (one table, a row per task and method) and
+per task ``docs/img/zo_convergence[_TASK]_{forwards,minutes}.png``: dev accuracy against forward passes (a
+forward through K of L blocks counts K/L; the bottom's cache counts too) and against minutes, and per method
+the best dev accuracy, the test accuracy at the best-dev step, and the forward passes and minutes it took to
 reach the task's tuned MeZO's final dev accuracy (on SST-2, also the 1000-step earlier MeZO run's).
 """
 
@@ -90,6 +90,14 @@ NP = dict(method="node-perturbation", zo_blocks=1, schedule="constant", q=8, eps
           eval_every=100)  # fmt: skip
 NP_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
 NP_GROUP = "Node perturbation, last block"
+# Node perturbation of read-position adapters (hdopt finetune --method read-adapters): a rank-8 bottleneck in
+# every block at the prompt's last token, the context's keys and values cached; N = 16 one-sided directions
+# (17 copies of one token a row a step: 17/T of a forward, T the rows' mean length), 800 steps, dev every 50;
+# AdamW, lr grid around the method's default. Added 2026-12-07, after node perturbation's grids.
+RA = dict(method="read-adapters", read_rank=8, estimator="one-sided", q=16, eps=1e-2, schedule="constant",
+          steps=800, eval_every=50)  # fmt: skip
+RA_LRS = (3e-4, 1e-3, 3e-3)
+RA_GROUP = "Node perturbation, read-position adapters"
 
 
 def _top_grid(prefix: str, group: str, optimizer: str, lrs, per_step: int, budget: float = SUCCESSOR_FORWARDS,
@@ -115,8 +123,8 @@ def _second_task(task: str) -> list[dict]:
     HiZOO and Sparse-MeZO), each on the three learning rates of its SST-2 grid around SST-2's choice, and last
     the four successors on all weights, chosen the same way; the whole-model LOZO, FZOO and Sparse-MeZO grids
     were extended past the edge their choices fell on (LOZO: 3e-6; FZOO: 5.12e-2, its choice 1.28e-2 tying
-    3.2e-3's best dev at an earlier step; Sparse-MeZO: 3e-5). Then node perturbation's grid (NP_LRS), as
-    on SST-2."""
+    3.2e-3's best dev at an earlier step; Sparse-MeZO: 3e-5). Then node perturbation's grids (NP_LRS,
+    RA_LRS), as on SST-2."""
     return [
         _run(f"{task}-ft", "FT (AdamW, whole model)", "FT", task, method="ft", optimizer="adamw", lr=1e-5,
              schedule="linear", steps=250, batch_size=8, eval_every=50),
@@ -134,6 +142,7 @@ def _second_task(task: str) -> list[dict]:
         *_whole_grid(f"{task}-hizoo", "HiZOO", "hizoo", (3e-5, 1e-4, 3e-4), 3, task=task),
         *_whole_grid(f"{task}-sparse", "Sparse-MeZO", "sparse-mezo", (3e-5, 1e-4, 3e-4, 1e-3), 2, task=task),
         *_grid(f"{task}-top1-np", NP_GROUP, NP_LRS, task, **NP),
+        *_grid(f"{task}-read-np", RA_GROUP, RA_LRS, task, **RA),
     ]
 
 
@@ -158,6 +167,7 @@ PLANS: dict[str, list[dict]] = {
         *_whole_grid("hizoo", "HiZOO", "hizoo", (1e-5, 3e-5, 1e-4, 3e-4), 3),
         *_whole_grid("sparse", "Sparse-MeZO", "sparse-mezo", (3e-5, 1e-4, 3e-4, 1e-3), 2),
         *_grid("top1-np", NP_GROUP, NP_LRS, **NP),
+        *_grid("read-np", RA_GROUP, RA_LRS, **RA),
     ],
     "mr": _second_task("mr"),
 }
@@ -221,8 +231,8 @@ def finals(plan: str, chosen: dict[str, dict] | None = None) -> list[dict]:
 
 def _final(pick: dict) -> bool:
     """A chosen setting that gets the other seeds: a forward-only grid's choice (``--method mezo``, whatever
-    the ZO optimizer, or node perturbation; not a long run, not FT)."""
-    return pick["flags"].get("method") in ("mezo", "node-perturbation") and not _long(pick)
+    the ZO optimizer, or node perturbation of either kind; not a long run, not FT)."""
+    return pick["flags"].get("method") in ("mezo", "node-perturbation", "read-adapters") and not _long(pick)
 
 
 def seed_runs(pick: dict) -> list[dict]:

@@ -60,6 +60,7 @@ class Mutant:
 ZO, ZT, ZP = "tests/zo/test_optim.py::", "tests/zo/test_contract.py::", "tests/zo/test_perturb.py::"
 VERDICTS = "tests/report/test_verdicts.py::"
 GROUPS = ZT + "test_each_group_is_perturbed_and_updated_with_its_own_eps"
+READ = "tests/finetune/test_read_adapters.py::"
 
 MUTANTS: tuple[Mutant, ...] = (
     # -- the ZO update -------------------------------------------------------------------------------------
@@ -217,6 +218,19 @@ MUTANTS: tuple[Mutant, ...] = (
            "the activation cache keys a sequence by its first tokens, so different sequences share rows",
            ("tests/lm/test_top_blocks.py::test_the_cache_keeps_each_sequence_once_whatever_its_batch",
             "tests/lm/test_top_blocks.py::test_the_top_block_loss_and_predictions_are_the_whole_models")),
+    # -- node perturbation of read-position adapters -------------------------------------------------------
+    Mutant("read-np-slope-sign", "src/hdopt/finetune/read_node_perturbation.py",
+           "slopes = (losses[1 : 1 + n] - losses[1 + n :]) / (2 * self.eps)",
+           "slopes = (losses[1 + n :] - losses[1 : 1 + n]) / (2 * self.eps)",
+           "the read adapters' central slopes take L(-) - L(+): the estimate points uphill",
+           (READ + "test_the_estimate_is_node_perturbation_of_the_bottleneck_gradients",
+            READ + "test_read_adapters_lower_the_training_loss")),
+    Mutant("read-adapters-ignore-padding", "src/hdopt/lm/read_adapters.py",
+           "if attention_mask is None or attention_mask.shape[-1] != width:",
+           "if True:",
+           "the adapters act at the batch's last column: a padding token in rows shorter than the longest",
+           (READ + "test_the_adapters_act_only_at_each_rows_last_token_and_the_read_path_reproduces_the"
+            "_model",)),
     Mutant("verdict-memory", "src/hdopt/report/finetune.py",
            "verdict=verdict_from(zo_ratio <= 1.05 and ft_ratio > 1.5, zo_ratio <= 1.2, mib.values()),",
            "verdict=verdict_from(zo_ratio <= 1.05, zo_ratio <= 1.2, mib.values()),",

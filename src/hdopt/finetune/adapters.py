@@ -1,5 +1,5 @@
 """What a method trains, by name: all weights, LoRA adapters (peft), a prefix, the LM head, the last block's
-readout maps, or nothing.
+readout maps, read-position adapters, or nothing.
 
 Each adapter is registered once, as PEFT registers its tuners: a name, the function that attaches it to a
 model, and the dataclass of its settings. A settings dataclass declares the adapter's knobs with their
@@ -24,6 +24,7 @@ from torch import nn
 from hdopt.finetune.errors import ConfigError
 from hdopt.finetune.head import add_head
 from hdopt.finetune.prefix import add_prefix
+from hdopt.lm.read_adapters import attach_read_adapters
 from hdopt.lm.readout import readout_modules
 from hdopt.lm.top_blocks import TopBlocksError
 from hdopt.registry import Registry
@@ -63,6 +64,17 @@ class PrefixSettings:
             raise ConfigError(f"prefix_tokens must be >= 1, got {self.prefix_tokens}")
         if self.prefix_init not in ("activations", "random"):
             raise ConfigError(f"prefix_init must be activations or random, got {self.prefix_init!r}")
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """Read-position adapters (:mod:`hdopt.lm.read_adapters`): the bottleneck's rank in every block."""
+
+    read_rank: int = 8
+
+    def __post_init__(self) -> None:
+        if self.read_rank < 1:
+            raise ConfigError(f"read_rank must be >= 1, got {self.read_rank}")
 
 
 @dataclass(frozen=True)
@@ -166,11 +178,23 @@ def _readout(model: nn.Module, settings: NoSettings, seed: int) -> nn.Module:
     return model
 
 
+def _read(model: nn.Module, settings: ReadSettings, seed: int) -> nn.Module:
+    """Read-position adapters in every block (their ``down`` matrices train); the model is frozen."""
+    _freeze_all(model, settings, seed)
+    try:
+        adapters = attach_read_adapters(model, settings.read_rank, seed)
+    except TopBlocksError as err:
+        raise ConfigError(str(err)) from None
+    adapters.down.requires_grad_(True)
+    return model
+
+
 register_adapter(Adapter("full", _train_all))
 register_adapter(Adapter("lora", add_lora, LoraSettings))
 register_adapter(Adapter("prefix", _prefix, PrefixSettings, computed_start=True))
 register_adapter(Adapter("head", _head, frozen_body=True))
 register_adapter(Adapter("readout", _readout))  # node perturbation: the last block's per-position maps
+register_adapter(Adapter("read", _read, ReadSettings))  # adapters at each row's last token, every block
 register_adapter(Adapter("none", _freeze_all))  # the logistic-regression probe: the model stays frozen
 
 

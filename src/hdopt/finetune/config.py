@@ -139,6 +139,7 @@ class MethodConfig:
     lora_targets: list[str] | None = None
     prefix_tokens: int | None = None
     prefix_init: str | None = None
+    read_rank: int | None = None  # read-position adapters' rank (ReadSettings)
     zo_blocks: int | None = None  # ZO: train only the top K blocks, the bottom's outputs cached (None: all)
     lp_init: bool = False  # one-token label words: start from a linear probe written into the LM head
     lp_c: float | None = None  # the probe's inverse L2 strength (lp, --lp-init); None: picked on dev

@@ -31,7 +31,8 @@ class Method:
             forward passes only) or ``lp`` (linear probe).
         adapter: what is trained, a registered adapter (:mod:`hdopt.finetune.adapters`): ``full`` (all
             weights), ``lora``, ``prefix``, ``head`` (the LM head, untied from the input embedding),
-            ``readout`` (the last block's query, output and MLP maps) or ``none`` (a separate linear probe).
+            ``readout`` (the last block's query, output and MLP maps), ``read`` (read-position adapters) or
+            ``none`` (a separate linear probe).
         defaults: config field -> value, for the fields a run leaves at ``None`` (after the optimizer's
             ``paper_defaults``).
         description: one line for ``--help`` and the docs.
@@ -109,6 +110,17 @@ register_method(Method("node-perturbation", "np", "readout",
                         "estimator": "central"},
                        "node perturbation: the last block's readout maps (query, output, MLP) from forward "
                        "passes, the bottom's states cached"))  # fmt: skip
+# Node perturbation of read-position adapters (rank 8 in every block, at the prompt's last token; the
+# context's keys and values cached): N = 16 one-sided directions (as good as 16 central ones at half the
+# copies: benchmarks/read_adapters_ceiling.py), AdamW on the estimate; lr and steps: benchmarks/
+# zo_convergence.py's SST-2 grid (SmolLM2), eps 1e-2 as node-perturbation's.
+register_method(Method("read-adapters", "np-read", "read",
+                       {"optimizer": "adamw", "batch_size": 16, "steps": 800, "schedule": "constant",
+                        "eval_every": 50, "lr": 1e-3, "eps": 1e-2, "q": 16, "noise": "gaussian",
+                        "estimator": "one-sided"},
+                       "node perturbation of read-position adapters: a rank-8 bottleneck in every block "
+                       "at the prompt's last token, from forward passes, the context's keys and values "
+                       "cached"))  # fmt: skip
 register_method(Method("ft", "fo", "full", {**_FO, "lr": 1e-5}, "full fine-tuning with AdamW"))
 register_method(Method("ft-lora", "fo", "lora", {**_FO, "lr": 1e-4}, "LoRA fine-tuning with AdamW"))
 register_method(Method("ft-prefix", "fo", "prefix", {**_FO, "lr": 1e-2}, "prefix-tuning with AdamW"))

@@ -52,7 +52,7 @@ class _Captured(Exception):  # noqa: N818 (control flow, never seen by a user)
     """Raised by the capture hook to stop the body once the bottom's output is known."""
 
 
-def _decoder_layers(body: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+def decoder_layers(body: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     """The body's list of transformer blocks: ``(owner, attribute name, list)``."""
     count = getattr(getattr(body, "config", None), "num_hidden_layers", None)
     for name, child in body.named_children():
@@ -78,7 +78,7 @@ class TopBlocks:
         if body is inner:
             raise TopBlocksError(f"{type(inner).__name__} has no separate body (base_model) to split")
         self.model, self.inner, self.body = model, inner, body
-        self.owner, self.attribute, self.layers = _decoder_layers(body)
+        self.owner, self.attribute, self.layers = decoder_layers(body)
         self.num_layers = len(self.layers)
         if not (isinstance(k, int) and 1 <= k <= self.num_layers):
             raise TopBlocksError(f"zo_blocks must be an integer from 1 to {self.num_layers}, got {k!r}")

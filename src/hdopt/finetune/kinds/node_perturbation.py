@@ -50,7 +50,49 @@ class MicroBatch:
             return top_classification_loss(self.blocks, self.bottom, self.batch)
 
 
-class NodePerturbationKind(CachedBottom, MethodKind):
+class EstimatedGradientKind(MethodKind):
+    """A kind whose step hands a forward-only gradient estimate to a torch optimizer (AdamW by default), as
+    a backprop step hands it the gradient. Subclasses set ``estimator`` (its ``estimate(bottom, batch,
+    key)`` returns an :class:`~hdopt.finetune.node_perturbation.Estimate`) and make closures with the
+    ``bottom`` and ``batch`` it reads; micro-batch ``i`` of step ``t`` gets its own directions."""
+
+    steps_taken: int
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        return run_optimizer(self.run)
+
+    def step(self, closures: Sequence[MicroBatch]) -> float:
+        """Estimate on each micro-batch (its own directions), average, check, then one optimizer step."""
+        params, total = dict(self.run.params), 0.0
+        self.optimizer.zero_grad(set_to_none=True)
+        for index, micro in enumerate(closures):
+            key = derive_key(self.run.cfg.train.seed, self.steps_taken, index)
+            estimate = self.estimator.estimate(micro.bottom, micro.batch, key)
+            if not math.isfinite(estimate.loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise DivergenceError(f"the loss is {estimate.loss}; the weights were not updated")
+            total += estimate.loss
+            for name, g in estimate.grads.items():  # accumulated in place: no buffer besides the gradients
+                p = params[name]
+                g.div_(len(closures))
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_taken += 1
+        return total / len(closures)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "steps_taken": self.steps_taken}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.steps_taken = state["steps_taken"]
+
+
+class NodePerturbationKind(CachedBottom, EstimatedGradientKind):
     """Forward-only gradient estimates of the last block's readout maps, applied by a torch optimizer."""
 
     name = "np"
@@ -87,44 +129,11 @@ class NodePerturbationKind(CachedBottom, MethodKind):
         self._cache_bottom(run, blocks)
         super().__init__(run)
 
-    def build_optimizer(self) -> torch.optim.Optimizer:
-        return run_optimizer(self.run)
-
     def closure(self, examples: Sequence[Example]) -> MicroBatch:
         batch = self._encode(examples)
         self.cache.add(batch)  # training rows are cached already; anything new is added once
         return MicroBatch(self.blocks, batch, self.cache.hidden(batch))
 
-    def step(self, closures: Sequence[MicroBatch]) -> float:
-        """Estimate on each micro-batch (its own directions), average, check, then one optimizer step."""
-        params, total = dict(self.run.params), 0.0
-        self.optimizer.zero_grad(set_to_none=True)
-        for index, micro in enumerate(closures):
-            key = derive_key(self.run.cfg.train.seed, self.steps_taken, index)
-            estimate = self.estimator.estimate(micro.bottom, micro.batch, key)
-            if not math.isfinite(estimate.loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise DivergenceError(f"the loss is {estimate.loss}; the weights were not updated")
-            total += estimate.loss
-            for name, g in estimate.grads.items():  # accumulated in place: no buffer besides the gradients
-                p = params[name]
-                g.div_(len(closures))
-                if p.grad is None:
-                    p.grad = g
-                else:
-                    p.grad.add_(g)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps_taken += 1
-        return total / len(closures)
-
     def passes_per_step(self) -> tuple[float, float]:
         copies = self.estimator.copies * self.run.cfg.train.grad_accum
         return copies * self.blocks.fraction, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "steps_taken": self.steps_taken}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.steps_taken = state["steps_taken"]

@@ -1,0 +1,153 @@
+"""What read-position training can reach, and how good node perturbation's estimate of it is.
+
+    PYTHONPATH=src python benchmarks/read_adapters_ceiling.py estimates              # cosines (about 2 min)
+    PYTHONPATH=src python benchmarks/read_adapters_ceiling.py ceiling --what adapters --rank 8 --lrs 1e-3,3e-3
+    PYTHONPATH=src python benchmarks/read_adapters_ceiling.py ceiling --what blocks --lrs 3e-5
+
+The SST-2 protocol of benchmarks/zo_convergence.py (SmolLM2-135M, 1000 train / 100 dev / 200 test examples,
+64 tokens, data seed 0, from the prompt). The frozen model's keys and values of every prompt before its last
+token are cached (hdopt.lm.read_path), and training runs the last tokens alone through the blocks.
+
+* ``estimates``: on the first 16 training prompts, at the start (``D`` = 0), the cosine between node
+  perturbation's estimate of the read adapters' gradient (hdopt.finetune.read_node_perturbation) and
+  backprop's, for several ranks, estimators and direction counts (five keys each; median and range).
+* ``ceiling``: backprop (AdamW, batch 8, constant lr) on the same read path, dev and test accuracy every 50
+  steps, the test accuracy at the best dev step: ``--what adapters`` trains the read adapters of ``--rank``
+  (what ``--method read-adapters`` trains), ``--what blocks`` every block's weights applied at the last token
+  only (the context stays the frozen model's).
+
+Saves benchmarks/results/read_adapters_ceiling.json (each part keeps the others' entries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from hdopt.finetune.batches import step_indices
+from hdopt.finetune.read_node_perturbation import ReadNodePerturbation
+from hdopt.io import atomic_write_json
+from hdopt.lm.models import load_model
+from hdopt.lm.read_adapters import attach_read_adapters
+from hdopt.lm.read_path import ContextCache, read_path_losses, read_path_scores
+from hdopt.lm.scoring import encode_examples
+from hdopt.lm.tasks import load_split, resolve_task, sample_protocol
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "read_adapters_ceiling.json"
+DATA_DIR = os.environ.get("HDOPT_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+PROTOCOL = "SST-2, SmolLM2-135M, 1000 train / 100 dev / 200 test examples, 64 tokens, data seed 0"
+DOWN = "read_adapters.down"
+ESTIMATES = ((8, "central", 8), (8, "one-sided", 16), (8, "central", 16), (8, "one-sided", 32),
+             (16, "central", 8), (16, "one-sided", 16), (4, "one-sided", 16))  # fmt: skip
+
+
+def _setup():
+    model, tokenizer = load_model("smollm2-135m")
+    model.eval().requires_grad_(False)
+    task = resolve_task("sst2")
+    pools = load_split(task, "train", DATA_DIR), load_split(task, "eval", DATA_DIR)
+    return model, tokenizer, sample_protocol(*pools, 0, 1000, 100, 200)
+
+
+def estimates() -> dict:
+    rows = []
+    for rank, estimator, directions in ESTIMATES:
+        model, tokenizer, splits = _setup()  # a fresh model for each adapter (loads in about a second)
+        batch = encode_examples(tokenizer, list(splits.train[:16]), 64)
+        adapters = attach_read_adapters(model, rank, 0)
+        adapters.down.requires_grad_(True)
+        cache = ContextCache(model)
+        cache.add(batch)
+        context = cache.context(batch)
+        (true,) = torch.autograd.grad(read_path_losses(model, context, batch)[0].mean(), [adapters.down])
+        adapters.down.requires_grad_(False)
+        nodes = ReadNodePerturbation(model, DOWN, directions, 1e-2, estimator=estimator)
+        cosines = []
+        for key in range(5):
+            got = nodes.estimate(context, batch, key).grads[DOWN]
+            cosines.append(round(float(torch.nn.functional.cosine_similarity(true.flatten(), got.flatten(),
+                                                                             dim=0)), 3))  # fmt: skip
+        rows.append({"rank": rank, "estimator": estimator, "directions": directions, "copies": nodes.copies,
+                     "cosines": cosines, "median_cosine": statistics.median(cosines)})  # fmt: skip
+        print(rows[-1], flush=True)
+    return {"batch": 16, "eps": 1e-2, "rows": rows}
+
+
+def ceiling(what: str, rank: int, lr: float, steps: int, batch_size: int = 8) -> dict:
+    model, tokenizer, splits = _setup()
+    if what == "adapters":
+        adapters = attach_read_adapters(model, rank, 0)
+        params = [adapters.down.requires_grad_(True)]
+    else:  # every block's weights, used at the last token only: the cache keeps the frozen context
+        params = [p.requires_grad_(True) for p in model.model.layers.parameters()]
+    cache, start = ContextCache(model, "/tmp"), time.perf_counter()
+    encoded = {name: [encode_examples(tokenizer, part[i : i + 50], 64) for i in range(0, len(part), 50)]
+               for name, part in (("dev", splits.dev), ("test", splits.eval))}  # fmt: skip
+    for batches in encoded.values():
+        for batch in batches:
+            cache.add(batch)
+    train = [encode_examples(tokenizer, splits.train[i : i + 50], 64) for i in range(0, 1000, 50)]
+    for batch in train:
+        cache.add(batch)
+
+    @torch.no_grad()
+    def accuracy(name: str) -> float:
+        hits = sum(int((read_path_scores(model, cache.context(b), b)[0].argmax(1) == b.labels).sum())
+                   for b in encoded[name])  # fmt: skip
+        return round(100.0 * hits / sum(len(b.labels) for b in encoded[name]), 1)
+
+    opt, curve = torch.optim.AdamW(params, lr=lr, weight_decay=0.0), [(0, accuracy("dev"), accuracy("test"))]
+    for step in range(steps):
+        chosen = [splits.train[i] for i in step_indices(len(splits.train), batch_size, 0, step)]
+        batch = encode_examples(tokenizer, chosen, 64)
+        opt.zero_grad()
+        read_path_losses(model, cache.context(batch), batch)[0].mean().backward()
+        opt.step()
+        if (step + 1) % 50 == 0:
+            curve.append((step + 1, accuracy("dev"), accuracy("test")))
+            print(what, rank, lr, curve[-1], flush=True)
+    cache.close()
+    best = max(curve, key=lambda point: (point[1], -point[0]))
+    return {"what": what, "rank": rank if what == "adapters" else None, "lr": lr, "steps": steps,
+            "batch_size": batch_size, "curve": curve, "best_dev": best[1], "best_step": best[0],
+            "test_at_best_dev": best[2], "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("estimates")
+    p = sub.add_parser("ceiling")
+    p.add_argument("--what", choices=("adapters", "blocks"), default="adapters")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--lrs", default="1e-3,3e-3")
+    p.add_argument("--steps", type=int, default=600)
+    args = parser.parse_args()
+    saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"protocol": PROTOCOL, "ceilings": []}
+    when = {"threads": torch.get_num_threads(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    if args.command == "estimates":
+        saved["estimates"] = {**estimates(), **when,
+                              "command": "python benchmarks/read_adapters_ceiling.py estimates"}  # fmt: skip
+    else:
+        rows = [ceiling(args.what, args.rank, float(lr), args.steps) for lr in args.lrs.split(",")]
+        chosen = max(rows, key=lambda r: (r["best_dev"], -r["best_step"]))  # the lr chosen on dev
+        command = (f"python benchmarks/read_adapters_ceiling.py ceiling --what {args.what} "
+                   f"--rank {args.rank} --lrs {args.lrs} --steps {args.steps}")  # fmt: skip
+        entry = {"what": args.what, "rank": chosen["rank"], "command": command, **when, "rows": rows,
+                 "chosen_lr": chosen["lr"], "chosen_best_dev": chosen["best_dev"],
+                 "chosen_test": chosen["test_at_best_dev"]}  # fmt: skip
+        key = (entry["what"], entry["rank"])
+        saved["ceilings"] = [c for c in saved["ceilings"] if (c["what"], c["rank"]) != key] + [entry]
+    atomic_write_json(RESULTS, saved)
+
+
+if __name__ == "__main__":
+    main()
