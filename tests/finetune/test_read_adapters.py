@@ -82,10 +82,11 @@ def test_left_padded_rows_get_the_adapters_at_their_last_token(letter_task, toke
         assert torch.allclose(left[0, -1], right[s, n - 1], atol=1e-9)
 
 
-def test_the_cache_in_a_file_holds_the_same_states_as_in_memory(letter_task, tokenizer, tmp_path):
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_the_cache_in_a_file_holds_the_same_states_as_in_memory(dtype, letter_task, tokenizer, tmp_path):
     batch = _batch(letter_task, tokenizer, tmp_path)
     model, _ = _adapted()
-    in_memory, in_file = ContextCache(model), ContextCache(model, tmp_path)
+    in_memory, in_file = ContextCache(model, dtype=dtype), ContextCache(model, tmp_path, dtype=dtype)
     for cache in (in_memory, in_file):
         assert cache.add(batch) == len(batch.labels) and cache.add(batch) == 0  # each row once
     a, b = in_memory.context(batch), in_file.context(batch)
