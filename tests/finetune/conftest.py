@@ -114,3 +114,26 @@ def toy_config(task_file: Path, out: Path, method: str, **overrides) -> RunConfi
     )  # fmt: skip
     base.update(overrides)
     return RunConfig().replace(**base)
+
+
+def reloaded_test_accuracy(model, tokenizer, cfg: RunConfig) -> float:
+    """The test accuracy of ``model`` (a run's weights, reloaded) on the run's test split."""
+    from hdopt.finetune.trainer import evaluate_examples, load_data
+    from hdopt.lm.tasks import resolve_task
+
+    task = resolve_task(cfg.data.task)
+    return evaluate_examples(model, tokenizer, task, cfg, load_data(cfg, task).eval).metrics["accuracy"]
+
+
+def loss_before_and_after(cfg: RunConfig, model, tokenizer, steps: int, batch_of) -> tuple[float, float]:
+    """The unperturbed training loss over the whole train split before and after ``steps`` of the run's
+    kind, step t on the examples ``batch_of(train, t)``."""
+    from hdopt.finetune.trainer import setup
+
+    s = setup(cfg, model, tokenizer)
+    micro = s.kind.closure(s.splits.train)
+    before = float(micro())
+    for step in range(steps):
+        s.kind.step([s.kind.closure(batch_of(s.splits.train, step))])
+    return before, float(micro())
+

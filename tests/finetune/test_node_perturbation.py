@@ -9,12 +9,12 @@ from hdopt.finetune.batches import encode, step_indices
 from hdopt.finetune.config import ConfigError
 from hdopt.finetune.node_perturbation import NodePerturbation
 from hdopt.finetune.trained import load_trained
-from hdopt.finetune.trainer import evaluate_examples, finetune, load_data, setup
+from hdopt.finetune.trainer import finetune, load_data, setup
 from hdopt.lm.readout import ReadPositions, readout_modules, replicated_losses
 from hdopt.lm.tasks import resolve_task
 from hdopt.lm.top_blocks import TopBlocks, TrunkCache
 from hdopt.zo.noise import derive_key
-from tests.finetune.conftest import make_model, toy_config
+from tests.finetune.conftest import loss_before_and_after, make_model, reloaded_test_accuracy, toy_config
 from tests.finetune.test_top_block import _deep_llama, _snapshot, run_killed_and_resumed
 
 READOUT = ("layers.2.self_attn.q_proj.", "layers.2.self_attn.o_proj.", "layers.2.mlp.")
@@ -125,20 +125,14 @@ def test_a_run_trains_only_the_readout_maps_and_counts_its_copies_as_last_block_
     trained = _snapshot(model)
     moved = [n for n in trained if not torch.equal(trained[n], start[n])]
     assert moved and all(any(part in n for part in READOUT) for n in moved)
-    task = resolve_task(cfg.data.task)
-    test = evaluate_examples(model, tokenizer, task, cfg, load_data(cfg, task).eval)
-    assert test.metrics["accuracy"] == results["test"]
+    assert reloaded_test_accuracy(model, tokenizer, cfg) == results["test"]
 
 
 def test_node_perturbation_lowers_the_training_loss(task_file, tokenizer, tmp_path):
     cfg = toy_config(task_file, tmp_path, "node-perturbation", steps=40, eval_every=0, lr=1e-2, q=4,
                      keep_best=False)  # fmt: skip
-    s = setup(cfg, _deep_llama(), tokenizer)
-    micro = s.kind.closure(s.splits.train)
-    before = float(micro())
-    for _ in range(40):
-        s.kind.step([s.kind.closure([s.splits.train[i] for i in range(8)])])
-    assert float(micro()) < 0.95 * before, (before, float(micro()))  # a sign error raises it
+    before, after = loss_before_and_after(cfg, _deep_llama(), tokenizer, 40, lambda train, t: train[:8])
+    assert after < 0.95 * before, (before, after)  # a sign error raises it
 
 
 def test_a_killed_run_resumes_bitwise(task_file, tokenizer, tmp_path):

@@ -9,11 +9,17 @@ from hdopt.finetune.batches import encode
 from hdopt.finetune.config import ConfigError
 from hdopt.finetune.read_node_perturbation import ReadNodePerturbation
 from hdopt.finetune.trained import load_trained
-from hdopt.finetune.trainer import evaluate_examples, finetune, load_data, setup
+from hdopt.finetune.trainer import finetune, load_data, setup
 from hdopt.lm.read_adapters import attach_read_adapters
 from hdopt.lm.read_path import ContextCache, check_read_path, read_path_losses, read_path_scores
 from hdopt.lm.tasks import resolve_task
-from tests.finetune.conftest import _write_task, make_model, toy_config
+from tests.finetune.conftest import (
+    _write_task,
+    loss_before_and_after,
+    make_model,
+    reloaded_test_accuracy,
+    toy_config,
+)
 from tests.finetune.test_top_block import _deep_llama, run_killed_and_resumed
 
 DOWN = "read_adapters.down"
@@ -154,48 +160,40 @@ def test_a_run_trains_only_the_adapters_and_load_trained_reproduces_its_test_acc
     assert model.read_adapters.down.abs().sum() > 0
     fresh = attach_read_adapters(_deep_llama(), 8, cfg.train.seed)
     assert torch.equal(fresh.up, model.read_adapters.up)  # U is drawn again from the run's seed
-    task = resolve_task(cfg.data.task)
-    test = evaluate_examples(model, tokenizer, task, cfg, load_data(cfg, task).eval)
-    assert test.metrics["accuracy"] == results["test"]
+    assert reloaded_test_accuracy(model, tokenizer, cfg) == results["test"]
 
 
 def test_read_adapters_lower_the_training_loss(letter_task, tokenizer, tmp_path):
     cfg = toy_config(letter_task, tmp_path, "read-adapters", steps=30, eval_every=0, lr=3e-2, q=4,
                      keep_best=False)  # fmt: skip
-    s = setup(cfg, _deep_llama(), tokenizer)
-    micro = s.kind.closure(s.splits.train)
-    before = float(micro())
-    for step in range(30):
-        s.kind.step([s.kind.closure([s.splits.train[(8 * step + i) % 16] for i in range(8)])])
-    assert float(micro()) < 0.8 * before, (before, float(micro()))  # 0.73 -> 0.45; a sign error raises it
+    before, after = loss_before_and_after(cfg, _deep_llama(), tokenizer, 30,
+                                          lambda train, t: [train[(8 * t + i) % 16] for i in range(8)])
+    assert after < 0.8 * before, (before, after)  # 0.73 -> 0.45; a sign error raises it
 
 
 def test_a_killed_run_resumes_bitwise(letter_task, tokenizer, tmp_path):
-    def cfg(out):
-        return toy_config(letter_task, out, "read-adapters", steps=6, eval_every=2, q=2)
-
-    run_killed_and_resumed(cfg, tokenizer, tmp_path)
+    run_killed_and_resumed(lambda out: toy_config(letter_task, out, "read-adapters", steps=6, eval_every=2,
+                                                  q=2), tokenizer, tmp_path)  # fmt: skip
 
 
-@pytest.mark.parametrize(("overrides", "model", "message"), [
-    ({"zo_blocks": 2}, "llama", "forward passes only"),
-    ({"objective": "accuracy"}, "llama", "not differentiable"),
-    ({}, "gpt2", "Llama-style"),
-])  # fmt: skip
-def test_what_read_adapters_cannot_train_is_refused(overrides, model, message, letter_task, tokenizer,
+REFUSED = [  # (task fixture, overrides, model family, message)
+    ("letter_task", {"zo_blocks": 2}, "llama", "forward passes only"),
+    ("letter_task", {"objective": "accuracy"}, "llama", "not differentiable"),
+    ("letter_task", {}, "gpt2", "Llama-style"),
+    ("task_file", {}, "llama", "one token"),  # ' yes' / ' no' are several byte tokens
+    ("qa_task", {}, "llama", "no label words"),  # a generation task
+]
+
+
+@pytest.mark.parametrize(("task", "overrides", "family", "message"), REFUSED)
+def test_what_read_adapters_cannot_train_is_refused(task, overrides, family, message, request, tokenizer,
                                                     tmp_path):  # fmt: skip
-    cfg = toy_config(letter_task, tmp_path, "read-adapters", **overrides)
+    cfg = toy_config(request.getfixturevalue(task), tmp_path, "read-adapters", **overrides)
+    model = _deep_llama() if family == "llama" else make_model(family)
     with pytest.raises(ValueError, match=message):  # ConfigError is a ValueError
-        setup(cfg, _deep_llama() if model == "llama" else make_model(model), tokenizer)
+        setup(cfg, model, tokenizer)
 
 
 def test_a_rank_below_one_is_refused(letter_task, tmp_path):
     with pytest.raises(ConfigError, match="read_rank must be >= 1"):
         toy_config(letter_task, tmp_path, "read-adapters", read_rank=0)
-
-
-def test_multi_token_label_words_and_generation_tasks_are_refused(task_file, qa_task, tokenizer, tmp_path):
-    with pytest.raises(ConfigError, match="one token"):  # ' yes' / ' no' are several byte tokens
-        setup(toy_config(task_file, tmp_path / "a", "read-adapters"), _deep_llama(), tokenizer)
-    with pytest.raises(ConfigError, match="no label words"):
-        setup(toy_config(qa_task, tmp_path / "b", "read-adapters"), _deep_llama(), tokenizer)

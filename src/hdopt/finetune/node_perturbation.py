@@ -40,6 +40,16 @@ from hdopt.zo.noise import GAUSSIAN, RADEMACHER
 CENTRAL, ONE_SIDED = "central", "one-sided"
 
 
+def check_settings(directions: int, eps: float, noise: str, estimator: str) -> None:
+    """Raise ``ValueError`` for a node-perturbation setting out of range (N, eps, noise, estimator)."""
+    if noise not in (GAUSSIAN, RADEMACHER):
+        raise ValueError(f"noise must be {GAUSSIAN} or {RADEMACHER}, got {noise!r}")
+    if estimator not in (CENTRAL, ONE_SIDED):
+        raise ValueError(f"estimator must be {CENTRAL} or {ONE_SIDED}, got {estimator!r}")
+    if directions < 1 or not eps > 0:
+        raise ValueError(f"need directions >= 1 and eps > 0, got {directions} and {eps}")
+
+
 @dataclass(frozen=True)
 class Estimate:
     """One micro-batch's estimate: the unperturbed loss (mean over labelled examples) and the gradient of
@@ -63,12 +73,7 @@ class NodePerturbation:
 
     def __init__(self, blocks: TopBlocks, modules: dict[str, nn.Linear], directions: int, eps: float,
                  noise: str = GAUSSIAN, estimator: str = CENTRAL):  # fmt: skip
-        if noise not in (GAUSSIAN, RADEMACHER):
-            raise ValueError(f"noise must be {GAUSSIAN} or {RADEMACHER}, got {noise!r}")
-        if estimator not in (CENTRAL, ONE_SIDED):
-            raise ValueError(f"estimator must be {CENTRAL} or {ONE_SIDED}, got {estimator!r}")
-        if directions < 1 or not eps > 0:
-            raise ValueError(f"need directions >= 1 and eps > 0, got {directions} and {eps}")
+        check_settings(directions, eps, noise, estimator)
         self.blocks, self.modules = blocks, modules
         self.directions, self.eps, self.noise, self.estimator = directions, eps, noise, estimator
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hdopt.finetune.node_perturbation import CENTRAL, ONE_SIDED, Estimate
+from hdopt.finetune.node_perturbation import CENTRAL, Estimate, check_settings
 from hdopt.lm.read_path import Context, read_path_losses
 from hdopt.lm.scoring import OptionBatch
-from hdopt.zo.noise import GAUSSIAN, RADEMACHER
+from hdopt.zo.noise import GAUSSIAN
 
 
 class ReadNodePerturbation:
@@ -38,12 +38,7 @@ class ReadNodePerturbation:
 
     def __init__(self, model: nn.Module, name: str, directions: int, eps: float, noise: str = GAUSSIAN,
                  estimator: str = CENTRAL) -> None:  # fmt: skip
-        if noise not in (GAUSSIAN, RADEMACHER):
-            raise ValueError(f"noise must be {GAUSSIAN} or {RADEMACHER}, got {noise!r}")
-        if estimator not in (CENTRAL, ONE_SIDED):
-            raise ValueError(f"estimator must be {CENTRAL} or {ONE_SIDED}, got {estimator!r}")
-        if directions < 1 or not eps > 0:
-            raise ValueError(f"need directions >= 1 and eps > 0, got {directions} and {eps}")
+        check_settings(directions, eps, noise, estimator)
         self.model, self.name = model, name
         self.adapters = model.read_adapters
         self.directions, self.eps, self.noise, self.estimator = directions, eps, noise, estimator

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from hdopt.lm.scoring import unwrap_peft
-from hdopt.lm.top_blocks import TopBlocksError, decoder_layers
+from hdopt.lm.top_blocks import TopBlocksError, decoder_layers, split_body
 
 ATTRIBUTE = "read_adapters"
 
@@ -65,12 +65,7 @@ def last_tokens(attention_mask: torch.Tensor | None, rows: int, width: int, devi
 
 def body_and_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
     """The model's body and its blocks; :class:`TopBlocksError` unless they are Llama-style."""
-    inner = unwrap_peft(model)
-    if inner is None:
-        raise TopBlocksError("read-position adapters do not combine with prefix tuning")
-    body = getattr(inner, "base_model", inner)
-    if body is inner:
-        raise TopBlocksError(f"{type(inner).__name__} has no separate body (base_model)")
+    inner, body = split_body(model, "read-position adapters")
     _, _, layers = decoder_layers(body)
     if not all(hasattr(layer, "input_layernorm") for layer in layers):
         raise TopBlocksError(f"{type(inner).__name__}: read-position adapters need Llama-style blocks "

@@ -61,6 +61,18 @@ def decoder_layers(body: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     raise TopBlocksError(f"{type(body).__name__} has no list of {count} transformer blocks to split")
 
 
+def split_body(model: nn.Module, what: str) -> tuple[nn.Module, nn.Module]:
+    """``(inner model, body)`` of a causal LM (PEFT LoRA unwrapped); :class:`TopBlocksError`, naming
+    ``what`` needs them, for a prefix-tuning wrapper or a model without a separate body."""
+    inner = unwrap_peft(model)
+    if inner is None:
+        raise TopBlocksError(f"{what} does not combine with prefix tuning: use full or LoRA")
+    body = getattr(inner, "base_model", inner)
+    if body is inner:
+        raise TopBlocksError(f"{type(inner).__name__} has no separate body (base_model) to split")
+    return inner, body
+
+
 class TopBlocks:
     """A causal LM seen as ``bottom`` (embeddings + blocks ``0 .. L-K-1``) and ``top`` (the last K blocks).
 
@@ -71,12 +83,7 @@ class TopBlocks:
     """
 
     def __init__(self, model: nn.Module, k: int):
-        inner = unwrap_peft(model)
-        if inner is None:
-            raise TopBlocksError("top-block training does not combine with prefix tuning: use full or LoRA")
-        body = getattr(inner, "base_model", inner)
-        if body is inner:
-            raise TopBlocksError(f"{type(inner).__name__} has no separate body (base_model) to split")
+        inner, body = split_body(model, "top-block training")
         self.model, self.inner, self.body = model, inner, body
         self.owner, self.attribute, self.layers = decoder_layers(body)
         self.num_layers = len(self.layers)
