@@ -226,7 +226,7 @@ MUTANTS: tuple[Mutant, ...] = (
            (READ + "test_the_estimate_is_node_perturbation_of_the_bottleneck_gradients",
             READ + "test_read_adapters_lower_the_training_loss")),
     Mutant("read-adapters-ignore-padding", "src/hdopt/lm/read_adapters.py",
-           "if attention_mask is None or attention_mask.shape[-1] != width:",
+           "if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[-1] != width:",
            "if True:",
            "the adapters act at the batch's last column: a padding token in rows shorter than the longest",
            (READ + "test_the_adapters_act_only_at_each_rows_last_token_and_the_read_path_reproduces_the"

@@ -55,9 +55,9 @@ class ReadAdapters(nn.Module):
 
 
 def last_tokens(attention_mask: torch.Tensor | None, rows: int, width: int, device) -> torch.Tensor:
-    """Each row's last non-padding position [rows] (right or left padding); ``width - 1`` without a mask or
-    when the mask also covers earlier, cached positions (generation): then the input's last token."""
-    if attention_mask is None or attention_mask.shape[-1] != width:
+    """Each row's last non-padding position [rows] (right or left padding); ``width - 1`` without a 2-D mask
+    or when the mask also covers earlier, cached positions (generation): then the input's last token."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[-1] != width:
         return torch.full((rows,), width - 1, dtype=torch.long, device=device)
     flipped = attention_mask.flip(-1).long().argmax(-1)  # distance of the last 1 from the end
     return (width - 1 - flipped).to(device)
