@@ -11,7 +11,7 @@ over ``1 + 2N`` copies of the last tokens (central; ``1 + N`` one-sided):
     g_{D_l} = (1/E) sum_e (dL_e/da_{e,l}) x_{e,l}^T
 
 ``x`` from the unperturbed copy. The estimate is unbiased up to O(eps^2) and its variance is that of an
-``L x r``-dimensional problem an example (SmolLM2, r = 16: 480), against the 3.3M weights a weight
+``L x r``-dimensional problem an example (SmolLM2, r = 8: 240), against the 3.3M weights a weight
 perturbation of one block would move.
 """
 

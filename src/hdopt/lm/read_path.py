@@ -5,10 +5,11 @@ and values of the positions before it are the frozen model's at every layer: :cl
 them once per sequence (one forward of the model), and :func:`read_path_states` then runs the last token
 alone through all L blocks (its query against the cached keys and its own key; the MLP on one token), in
 ``C`` copies at once whose adapter bottlenecks may be offset (node perturbation). One copy costs about one
-token of the row's forward: for rows of ~40 tokens, ~1/40 of a forward pass.
+token of the row's forward: 1/T of a forward pass for rows of T tokens (13.15 on average for SST-2).
 
-The cache can live in a file (``directory``): the states of a thousand prompts of ~40 tokens take about a
-gigabyte in float32 for SmolLM2 (30 layers, 3 key/value heads of 64), more than the model; a step reads its
+The cache can live in a file (``directory``): on SmolLM2 (30 layers, 3 key/value heads of 64, float32) it
+takes 45 KiB a context token, 599 MiB for SST-2's 1,100 prompts and 1,285 MiB for MR's (benchmarks/
+zo_convergence.py's runs), more than the model's 513 MiB of weights; a step reads its
 rows back (a few MiB), so the process holds the model and one batch's rows, as inference does.
 
 :func:`check_read_path` verifies once per model that the read path reproduces the model's own forward with
@@ -24,9 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hdopt.lm.read_adapters import ReadAdapters, body_and_layers, read_adapters_of
+from hdopt.lm.read_adapters import ATTRIBUTE, ReadAdapters, body_and_layers, read_adapters_of
 from hdopt.lm.scoring import OptionBatch, scores_by_example, unwrap_peft
-from hdopt.lm.top_blocks import TopBlocks, TopBlocksError, option_logits
+from hdopt.lm.top_blocks import TopBlocks, TopBlocksError, option_logits, rotate_half
 
 
 class _Rows:
@@ -167,11 +168,6 @@ class ContextCache:
         return Context(both[0], both[1], mask, batch.input_ids[rows, lengths - 1], lengths - 1)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def read_path_states(model: nn.Module, context: Context, adapters: ReadAdapters | None = None,
                      copies: int = 1, offsets: torch.Tensor | None = None,
                      inputs: list[torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
@@ -193,8 +189,8 @@ def read_path_states(model: nn.Module, context: Context, adapters: ReadAdapters 
         query = attn.q_proj(x).view(copies, rows, -1, d)
         key = attn.k_proj(x).view(copies, rows, -1, d)
         value = attn.v_proj(x).view(copies, rows, -1, d)
-        query = query * cos + _rotate_half(query) * sin
-        key = key * cos + _rotate_half(key) * sin
+        query = query * cos + rotate_half(query) * sin
+        key = key * cos + rotate_half(key) * sin
         heads = key.shape[2]
         query = query.view(copies, rows, heads, -1, d)  # [C, S, kv, groups, d]
         cached_keys, cached_values = context.keys[:, index], context.values[:, index]  # [S, kv, T, d]
@@ -233,7 +229,7 @@ def read_path_scores(model: nn.Module, context: Context, batch: OptionBatch, cop
                      offsets: torch.Tensor | None = None,
                      inputs: list[torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
     """The label words' scores [C, E, options] (their logits; -inf for an example's missing options)."""
-    adapters = getattr(model, "read_adapters", None)
+    adapters = getattr(model, ATTRIBUTE, None)
     states = read_path_states(model, context, adapters, copies, offsets, inputs)
     blocks = TopBlocks(model, 1)
     out = []

@@ -206,7 +206,8 @@ def _gap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs().max()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding's half rotation of the last dimension: ``(-x2, x1)``."""
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
@@ -228,8 +229,8 @@ def last_block_at(body: nn.Module, layer: nn.Module, hidden: torch.Tensor, atten
     query = attn.q_proj(x[seq, pos]).view(len(seq), -1, d)  # [M, h, d]
     positions = torch.arange(width, device=hidden.device).unsqueeze(0)
     cos, sin = body.rotary_emb(x, position_ids=positions)  # [1, T, d]
-    keys = keys * cos[:, None] + _rotate_half(keys) * sin[:, None]
-    query = query * cos[0, pos][:, None] + _rotate_half(query) * sin[0, pos][:, None]
+    keys = keys * cos[:, None] + rotate_half(keys) * sin[:, None]
+    query = query * cos[0, pos][:, None] + rotate_half(query) * sin[0, pos][:, None]
     groups = query.shape[1] // keys.shape[1]
     keys = keys[seq].repeat_interleave(groups, dim=1)  # [M, h, T, d]
     values = values[seq].repeat_interleave(groups, dim=1)
