@@ -64,6 +64,18 @@ def _setup():
     return model, tokenizer, sample_protocol(*pools, 0, 1000, 100, 200)
 
 
+def _evaluation_batches(tokenizer, splits) -> dict[str, list]:
+    """The dev and test examples, encoded in batches of 50."""
+    return {name: [encode_examples(tokenizer, part[i : i + 50], 64) for i in range(0, len(part), 50)]
+            for name, part in (("dev", splits.dev), ("test", splits.eval))}  # fmt: skip
+
+
+def _accuracy(batches: list, predicted) -> float:
+    """Accuracy in percent (one decimal) of ``predicted(batch)``, each batch's predicted options."""
+    hits = sum(int((predicted(batch) == batch.labels).sum()) for batch in batches)
+    return round(100.0 * hits / sum(len(batch.labels) for batch in batches), 1)
+
+
 def estimates() -> dict:
     rows = []
     for rank, estimator, directions in ESTIMATES:
@@ -114,13 +126,11 @@ def all_positions(rank: int, lr: float, steps: int, batch_size: int = 8) -> dict
     for index, layer in enumerate(layers):
         layer.register_forward_hook(everywhere(index, layer), with_kwargs=True)
     start = time.perf_counter()
-    encoded = {name: [encode_examples(tokenizer, part[i : i + 50], 64) for i in range(0, len(part), 50)]
-               for name, part in (("dev", splits.dev), ("test", splits.eval))}  # fmt: skip
+    encoded = _evaluation_batches(tokenizer, splits)
 
     @torch.no_grad()
     def accuracy(name: str) -> float:
-        hits = sum(int((predict(model, b)[0] == b.labels).sum()) for b in encoded[name])
-        return round(100.0 * hits / sum(len(b.labels) for b in encoded[name]), 1)
+        return _accuracy(encoded[name], lambda b: predict(model, b)[0])
 
     opt, curve = torch.optim.AdamW([down], lr=lr, weight_decay=0.0), [(0, accuracy("dev"), accuracy("test"))]
     for step in range(steps):
@@ -147,8 +157,7 @@ def ceiling(what: str, rank: int, lr: float, steps: int, batch_size: int = 8) ->
     else:  # every block's weights, used at the last token only: the cache keeps the frozen context
         params = [p.requires_grad_(True) for p in model.model.layers.parameters()]
     cache, start = ContextCache(model, "/tmp"), time.perf_counter()
-    encoded = {name: [encode_examples(tokenizer, part[i : i + 50], 64) for i in range(0, len(part), 50)]
-               for name, part in (("dev", splits.dev), ("test", splits.eval))}  # fmt: skip
+    encoded = _evaluation_batches(tokenizer, splits)
     for batches in encoded.values():
         for batch in batches:
             cache.add(batch)
@@ -158,9 +167,7 @@ def ceiling(what: str, rank: int, lr: float, steps: int, batch_size: int = 8) ->
 
     @torch.no_grad()
     def accuracy(name: str) -> float:
-        hits = sum(int((read_path_scores(model, cache.context(b), b)[0].argmax(1) == b.labels).sum())
-                   for b in encoded[name])  # fmt: skip
-        return round(100.0 * hits / sum(len(b.labels) for b in encoded[name]), 1)
+        return _accuracy(encoded[name], lambda b: read_path_scores(model, cache.context(b), b)[0].argmax(1))
 
     opt, curve = torch.optim.AdamW(params, lr=lr, weight_decay=0.0), [(0, accuracy("dev"), accuracy("test"))]
     for step in range(steps):
@@ -186,8 +193,7 @@ def curve(directions: int, lr: float = 1e-3, steps: int = 800, batch_size: int =
     model, tokenizer, splits = _setup()
     adapters = attach_read_adapters(model, 8, 0)
     cache, start = ContextCache(model, "/tmp"), time.perf_counter()
-    encoded = {name: [encode_examples(tokenizer, part[i : i + 50], 64) for i in range(0, len(part), 50)]
-               for name, part in (("dev", splits.dev), ("test", splits.eval))}  # fmt: skip
+    encoded = _evaluation_batches(tokenizer, splits)
     for batch in [b for batches in encoded.values() for b in batches]:
         cache.add(batch)
     for first in range(0, len(splits.train), 50):
@@ -195,12 +201,10 @@ def curve(directions: int, lr: float = 1e-3, steps: int = 800, batch_size: int =
 
     @torch.no_grad()
     def accuracies() -> tuple[float, float]:
-        out = []
-        for name in ("dev", "test"):
-            hits = sum(int((read_path_scores(model, cache.context(b), b)[0].argmax(1) == b.labels).sum())
-                       for b in encoded[name])  # fmt: skip
-            out.append(round(100.0 * hits / sum(len(b.labels) for b in encoded[name]), 1))
-        return out[0], out[1]
+        def read(b):
+            return read_path_scores(model, cache.context(b), b)[0].argmax(1)
+
+        return _accuracy(encoded["dev"], read), _accuracy(encoded["test"], read)
 
     nodes = ReadNodePerturbation(model, DOWN, directions, 1e-2, estimator="one-sided")
     down = adapters.down
@@ -228,8 +232,8 @@ def curve(directions: int, lr: float = 1e-3, steps: int = 800, batch_size: int =
             "columns": ["step", "dev", "test", "average dev", "average test"], "curve": points,
             "best_dev": best[1], "best_step": best[0], "test_at_best_dev": best[2],
             "average_best_dev": best_average[1], "average_test_at_best_dev": best_average[2],
-            "mean_test_from_200": round(statistics.mean(p[2] for p in late), 2),
-            "average_mean_test_from_200": round(statistics.mean(p[4] for p in late), 2),
+            "mean_test_from_200": round(statistics.mean(p[2] for p in late), 2) if late else None,
+            "average_mean_test_from_200": round(statistics.mean(p[4] for p in late), 2) if late else None,
             "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
 
 
