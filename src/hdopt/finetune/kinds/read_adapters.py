@@ -29,6 +29,7 @@ import torch
 from hdopt.finetune.batches import encode, uses_answer_loss
 from hdopt.finetune.config import ConfigError, RunConfig
 from hdopt.finetune.kinds.node_perturbation import EstimatedGradientKind
+from hdopt.finetune.kinds.top_block import accuracy_from_cache
 from hdopt.finetune.read_node_perturbation import ReadNodePerturbation
 from hdopt.lm.evaluation import EvalResult
 from hdopt.lm.read_adapters import ATTRIBUTE, read_adapters_of
@@ -116,9 +117,14 @@ class ReadAdaptersKind(EstimatedGradientKind):
             tokens += int(batch.attention_mask.sum())
         return batches, tokens
 
-    def closure(self, examples: Sequence[Example]) -> ReadMicroBatch:
+    def _cached(self, examples: Sequence[Example]) -> OptionBatch:
+        """``examples``' batch, its rows added to the cache when missing (training rows are there already)."""
         batch = self._encode(examples)
-        self.cache.add(batch)  # training rows are cached already; anything new is added once
+        self.cache.add(batch)
+        return batch
+
+    def closure(self, examples: Sequence[Example]) -> ReadMicroBatch:
+        batch = self._cached(examples)
         return ReadMicroBatch(self.run.model, batch, self.cache.context(batch))
 
     def passes_per_step(self) -> tuple[float, float]:
@@ -128,18 +134,11 @@ class ReadAdaptersKind(EstimatedGradientKind):
     @torch.no_grad()
     def evaluate(self, examples: Sequence[Example]) -> EvalResult:
         """Dev accuracy from the cached context (the whole model's predictions: see the module docstring)."""
-        start, records = time.perf_counter(), []
-        size = self.run.cfg.train.eval_batch_size
-        for first in range(0, len(examples), size):
-            part = examples[first : first + size]
-            batch = self._encode(part)
-            self.cache.add(batch)
-            scores = read_path_scores(self.run.model, self.cache.context(batch), batch)[0]
-            predicted = scores.argmax(1).tolist()
-            records += [{"uid": e.uid, "prediction_index": p, "label_index": e.label, "correct": p == e.label}
-                        for e, p in zip(part, predicted, strict=True)]  # fmt: skip
-        accuracy = round(100.0 * sum(r["correct"] for r in records) / max(1, len(records)), 2)
-        return EvalResult({"accuracy": accuracy}, records, 0, time.perf_counter() - start)
+
+        def predicted(batch: OptionBatch) -> torch.Tensor:
+            return read_path_scores(self.run.model, self.cache.context(batch), batch)[0].argmax(1)
+
+        return accuracy_from_cache(examples, self.run.cfg.train.eval_batch_size, self._cached, predicted)
 
     def results(self) -> dict:
         """The cache's size (in its temporary file), build time and forward passes; the adapters' rank."""

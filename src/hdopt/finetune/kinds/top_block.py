@@ -29,6 +29,19 @@ from hdopt.lm.top_blocks import TopBlocks, TrunkCache, top_classification_loss, 
 ADAPTERS = ("full", "lora")
 
 
+def accuracy_from_cache(examples: Sequence[Example], size: int, encode_batch, predicted) -> EvalResult:
+    """Accuracy over ``examples`` in batches of ``size``: ``encode_batch(part)`` gives a batch (its rows
+    cached), ``predicted(batch)`` the option each example's cached states predict."""
+    start, records = time.perf_counter(), []
+    for first in range(0, len(examples), size):
+        part = examples[first : first + size]
+        chosen = predicted(encode_batch(part)).tolist()
+        records += [{"uid": e.uid, "prediction_index": p, "label_index": e.label, "correct": p == e.label}
+                    for e, p in zip(part, chosen, strict=True)]  # fmt: skip
+    accuracy = round(100.0 * sum(r["correct"] for r in records) / max(1, len(records)), 2)
+    return EvalResult({"accuracy": accuracy}, records, 0, time.perf_counter() - start)
+
+
 class CachedBottom:
     """What a kind that trains on the bottom's cached states has: the cache of every training (and, on
     classification tasks, dev) sequence, built when the run starts; dev evaluation from it; its size in the
@@ -64,20 +77,20 @@ class CachedBottom:
         """Dev accuracy from the cache on classification tasks; other tasks evaluate the whole model."""
         if not self.classification:
             return super().evaluate(examples)
-        start, records = time.perf_counter(), []
         was_training = self.run.model.training
         self.run.model.eval()
-        size = self.run.cfg.train.eval_batch_size
-        for first in range(0, len(examples), size):
-            part = examples[first : first + size]
-            batch = self._encode(part)
-            self.cache.add(batch)
-            predicted = top_predictions(self.blocks, self.cache.hidden(batch), batch).tolist()
-            records += [{"uid": e.uid, "prediction_index": p, "label_index": e.label, "correct": p == e.label}
-                        for e, p in zip(part, predicted, strict=True)]  # fmt: skip
-        self.run.model.train(was_training)
-        accuracy = round(100.0 * sum(r["correct"] for r in records) / max(1, len(records)), 2)
-        return EvalResult({"accuracy": accuracy}, records, 0, time.perf_counter() - start)
+        try:
+            return accuracy_from_cache(examples, self.run.cfg.train.eval_batch_size, self._cached,
+                                       lambda batch: top_predictions(self.blocks, self.cache.hidden(batch),
+                                                                     batch))  # fmt: skip
+        finally:
+            self.run.model.train(was_training)
+
+    def _cached(self, examples: Sequence[Example]):
+        """``examples``' batch, its rows added to the cache when missing."""
+        batch = self._encode(examples)
+        self.cache.add(batch)
+        return batch
 
     def results(self) -> dict:
         """What the results record about the cache: its size, its build time and its forward passes."""
@@ -115,8 +128,7 @@ class TopBlockZOKind(CachedBottom, ZOKind):
 
     def closure(self, examples: Sequence[Example]) -> Closure:
         run = self.run
-        batch = self._encode(examples)
-        self.cache.add(batch)  # training rows are cached already; anything new is added once
+        batch = self._cached(examples)  # training rows are cached already; anything new is added once
         blocks, bottom = self.blocks, self.cache.hidden(batch)  # frozen: the same for every evaluation
         if run.cfg.method.objective == "accuracy":
             return lambda: -(top_predictions(blocks, bottom, batch) == batch.labels).float().mean()
