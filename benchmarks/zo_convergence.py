@@ -5,6 +5,8 @@
     HDOPT_BENCH_THREADS=1 python benchmarks/zo_convergence.py run --dense --jobs 2             # dense starts
     HDOPT_BENCH_THREADS=1 python benchmarks/zo_convergence.py run --plan mr --jobs 2           # MR's grids
     HDOPT_BENCH_THREADS=1 python benchmarks/zo_convergence.py run --plan mr --finals --jobs 2  # their seeds
+    HDOPT_BENCH_THREADS=2 python benchmarks/zo_convergence.py run --only read-exact-lr0.001 \
+        read-exact-lr0.003 read-exact-lr0.01 --jobs 1     # the exact read-path grid, both cores a run
     python benchmarks/zo_convergence.py report                                 # one table, plots, JSON
 
 Every run is ``hdopt finetune`` on the setup of docs/finetune.md's SST-2 runs (SmolLM2-135M, 1000 train /
@@ -17,9 +19,11 @@ and to the end of the run (the test evaluation included). A run whose timing.jso
 A plan is a task's runs. SST-2's lists the grids (one learning rate per run) and the long top-block runs; the
 second task's (MR) has FT and the grids of MeZO and the four successors, each on all weights and on the top
 block, with SST-2's budgets. Both have node perturbation's grids on the last block's readout maps (``--method
-node-perturbation``) and on read-position adapters (``--method read-adapters``). The finals of a plan are each
-grid's choice with seeds 1 and 2, chosen from the grids' results; the dense starts rerun the first forwards of
-the chosen whole-model runs with frequent dev evaluations (see DENSE_EVERY). ``report`` reads whatever runs
+node-perturbation``) and on read-position adapters (``--method read-adapters``), and the read adapters' exact
+gradient from forward passes (``--method read-adapters-exact``). The finals of a plan are each grid's choice
+with seeds 1 and 2, chosen from the grids' results (the exact read-path gradient's with
+``HDOPT_BENCH_THREADS=2 ... run --finals --only NAMES --jobs 1``); the dense starts rerun the first forwards
+of the chosen whole-model runs with frequent dev evaluations (see DENSE_EVERY). ``report`` reads whatever runs
 exist and writes ``benchmarks/results/zo_convergence.{json,md}`` (one table, a row per task and method) and
 per task ``docs/img/zo_convergence[_TASK]_{forwards,minutes}.png``: dev accuracy against forward passes (a
 forward through K of L blocks counts K/L; the bottom's cache counts too) and against minutes, and per method
@@ -98,6 +102,16 @@ RA = dict(method="read-adapters", read_rank=8, estimator="one-sided", q=16, eps=
           steps=800, eval_every=50)  # fmt: skip
 RA_LRS = (3e-4, 1e-3, 3e-3)
 RA_GROUP = "Node perturbation, read-position adapters"
+# The same adapters on their exact gradient from forward passes (hdopt finetune --method read-adapters-exact:
+# forward differences along each of the L x r = 240 bottleneck coordinates, 125 copies of the last tokens'
+# path a step: 125/T of a forward), batch 8, 400 steps, dev every 50, AdamW on the lr grid of backprop's
+# read-path ceiling (benchmarks/read_adapters_ceiling.py, whose chosen lr is the middle one). Fixed before
+# any of its runs; added 2026-12-07, after the read-adapters grids. A step runs ~25x node perturbation's
+# copies, so these runs use both cores (HDOPT_BENCH_THREADS=2, --jobs 1): their minutes are the 2-core
+# CPU's, the other rows' one core's (the table says so).
+RX = dict(method="read-adapters-exact", schedule="constant", steps=400, eval_every=50, batch_size=8)
+RX_LRS = (1e-3, 3e-3, 1e-2)
+RX_GROUP = "Exact read-path gradient (forward differences), read-position adapters"
 
 
 def _top_grid(prefix: str, group: str, optimizer: str, lrs, per_step: int, budget: float = SUCCESSOR_FORWARDS,
@@ -143,6 +157,7 @@ def _second_task(task: str) -> list[dict]:
         *_whole_grid(f"{task}-sparse", "Sparse-MeZO", "sparse-mezo", (3e-5, 1e-4, 3e-4, 1e-3), 2, task=task),
         *_grid(f"{task}-top1-np", NP_GROUP, NP_LRS, task, **NP),
         *_grid(f"{task}-read-np", RA_GROUP, RA_LRS, task, **RA),
+        *_grid(f"{task}-read-exact", RX_GROUP, RX_LRS, task, **RX),
     ]
 
 
@@ -168,9 +183,12 @@ PLANS: dict[str, list[dict]] = {
         *_whole_grid("sparse", "Sparse-MeZO", "sparse-mezo", (3e-5, 1e-4, 3e-4, 1e-3), 2),
         *_grid("top1-np", NP_GROUP, NP_LRS, **NP),
         *_grid("read-np", RA_GROUP, RA_LRS, **RA),
+        *_grid("read-exact", RX_GROUP, RX_LRS, **RX),
     ],
     "mr": _second_task("mr"),
 }
+# The forward-only methods (hdopt finetune --method) whose grid choices get the other seeds.
+FORWARD_ONLY = ("mezo", "node-perturbation", "read-adapters", "read-adapters-exact")
 # The accuracy goal (forward-only >= 87 test within 30 minutes) is SST-2's (FT: 89.5); the forward-pass goal
 # is decided on every task.
 ACCURACY_GOAL_TASKS = ("sst2",)
@@ -232,7 +250,7 @@ def finals(plan: str, chosen: dict[str, dict] | None = None) -> list[dict]:
 def _final(pick: dict) -> bool:
     """A chosen setting that gets the other seeds: a forward-only grid's choice (``--method mezo``, whatever
     the ZO optimizer, or node perturbation of either kind; not a long run, not FT)."""
-    return pick["flags"].get("method") in ("mezo", "node-perturbation", "read-adapters") and not _long(pick)
+    return pick["flags"].get("method") in FORWARD_ONLY and not _long(pick)
 
 
 def seed_runs(pick: dict) -> list[dict]:
@@ -358,7 +376,7 @@ def _read(run: dict) -> dict | None:
     curve = [(r["forwards"] + cache, marks.get(r["step"], 0.0) / 60, r["dev_accuracy"], r["step"])
              for r in rows if "dev_accuracy" in r]  # fmt: skip
     return {**run, "results": results, "curve": curve, "minutes": timing["total"] / 60, "marks": marks,
-            "backwards": results.get("backwards") or 0}  # fmt: skip
+            "backwards": results.get("backwards") or 0, "threads": timing.get("threads")}  # fmt: skip
 
 
 def _first_reaching(curve, target: float):
@@ -438,6 +456,7 @@ def task_report(plan: str) -> dict | None:
             "test_at_best_dev": res.get("test"), "test_seeds": [r["results"].get("test") for r in same],
             "forwards": round(best["curve"][-1][0], 1) if best["curve"] else None,
             "backwards": best.get("backwards", 0), "minutes": round(best["minutes"], 1),
+            "threads": best.get("threads"),
             "cache_mib": res.get("cache_mib"), "cache_seconds": res.get("cache_seconds"),
             "forwards_to_mezo_final": None if reach is None else round(reach[0], 1),
             "minutes_to_mezo_final": None if reach is None else round(reach[1], 1),
@@ -480,7 +499,8 @@ def markdown(out: dict) -> str:
         status = "" if r["status"] in (None, "completed") else f" ({r['status']})"
         lines.append(f"| {r['task']} | {r['method']}{status} | {', '.join(f'{x:g}' for x in r['grid'])} | "
                      f"{_num(r['chosen_lr'])} | {_num(r['steps'])} | {_num(r['best_dev'], '{:.1f}')} | "
-                     f"{_num(r['test_at_best_dev'], '{:.1f}')} | {seeds} | {forwards} | {r['minutes']:g} | "
+                     f"{_num(r['test_at_best_dev'], '{:.1f}')} | {seeds} | {forwards} | {r['minutes']:g}"
+                     f"{'' if r.get('threads') in (None, '1') else ' (' + r['threads'] + ' threads)'} | "
                      f"{_num(r['forwards_to_mezo_final'])} | {_num(r['minutes_to_mezo_final'])} |")
     lines += ["", "The goals, decided by hdopt.finetune.budget_goals from the rows above:", ""]
     for plan, t in tasks.items():
@@ -510,12 +530,19 @@ def plot_paths(plan: str) -> dict[str, Path]:
     return {axis: ROOT / "docs" / "img" / f"{stem}_{axis}.png" for axis in ("forwards", "minutes")}
 
 
+def _threads(rows: list[dict]) -> str:
+    """The rows' torch threads a run, for the minutes axis: "1", or "1 (2: GROUP, ...)" when they differ."""
+    others = sorted({r["group"] for r in rows if r.get("threads") not in (None, "1")})
+    more = sorted({r["threads"] for r in rows if r.get("threads") not in (None, "1")})
+    return "1" + (f" ({', '.join(more)}: {'; '.join(others)})" if others else "")
+
+
 def plot(plan: str, rows: list[dict]) -> None:
     """Dev accuracy against forward passes and against minutes (log axes: the points after the start)."""
     plt = pyplot()
     start = next((run["curve"][0][2] for run in rows if run["curve"]), None)
     axes = (("forwards", 0, "forward passes (K/L for a forward through K of L blocks; the cache included)"),
-            ("minutes", 1, f"minutes ({THREADS} torch thread per run, shared 2-core CPU)"))
+            ("minutes", 1, f"minutes (torch threads a run: {_threads(rows)}; shared 2-core CPU)"))
     colors = plt.get_cmap("tab20").colors  # one color per row (the default cycle repeats after ten)
     for axis, index, label in axes:
         fig, ax = plt.subplots(figsize=(9.5, 4.4))

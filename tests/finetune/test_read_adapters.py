@@ -11,7 +11,13 @@ from hdopt.finetune.read_node_perturbation import ReadNodePerturbation
 from hdopt.finetune.trained import load_trained
 from hdopt.finetune.trainer import finetune, load_data, setup
 from hdopt.lm.read_adapters import attach_read_adapters
-from hdopt.lm.read_path import ContextCache, check_read_path, read_path_losses, read_path_scores
+from hdopt.lm.read_path import (
+    ContextCache,
+    check_read_path,
+    read_path_losses,
+    read_path_scores,
+    read_path_states,
+)
 from hdopt.lm.tasks import resolve_task
 from tests.finetune.conftest import (
     _write_task,
@@ -144,6 +150,110 @@ def test_the_estimate_points_along_the_gradient(noise, letter_task, tokenizer, t
     assert 0.9 < float(got.norm() / true.norm()) < 1.1
 
 
+def _blocks_run(model) -> tuple[list[int], list]:
+    """Rows (copies x rows) each block's query map runs on, appended as the model runs; and the hooks."""
+    seen: list[int] = []
+    hooks = [layer.self_attn.q_proj.register_forward_hook(lambda m, args, out: seen.append(
+        args[0].shape[0] * args[0].shape[1])) for layer in model.model.layers]  # fmt: skip
+    return seen, hooks
+
+
+def test_copies_that_start_at_a_later_block_equal_copies_run_through_every_block(letter_task, tokenizer,
+                                                                                 tmp_path):  # fmt: skip
+    """``first_layers``: a copy run from its first offset block on, from the first copy's state there, gives
+    the states of the same copy run through every block (float64 model; Llama's norms compute in float32:
+    measured 0, bound 1e-6), and runs only its blocks: the query maps see S x sum_c (L - first_c) rows."""
+    batch = _batch(letter_task, tokenizer, tmp_path)
+    model, adapters = _adapted()
+    cache = ContextCache(model)
+    cache.add(batch)
+    context = cache.context(batch)
+    layers, rank, _ = adapters.down.shape
+    rows = len(batch.labels)
+    first = [0, 0, 1, layers - 1]
+    offsets = torch.zeros(len(first), rows, layers, rank, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(5)
+    for copy, layer in enumerate(first):
+        if copy:
+            offsets[copy, :, layer:] = torch.randn(rows, layers - layer, rank, generator=generator)
+    seen, hooks = _blocks_run(model)
+    lazy = read_path_states(model, context, adapters, len(first), offsets, first_layers=first)
+    for hook in hooks:
+        hook.remove()
+    assert sum(seen) == rows * sum(layers - f for f in first)
+    full = read_path_states(model, context, adapters, len(first), offsets)
+    assert (lazy - full).abs().max() < 1e-6
+    assert (full[3] - full[0]).abs().max() > 1e-3  # the offsets matter: the copies differ
+
+
+@pytest.mark.parametrize("first", [[1, 1], [0, 2, 1], [0, 3], [0]])
+def test_first_layers_out_of_order_or_range_are_refused(first, letter_task, tokenizer, tmp_path):
+    batch = _batch(letter_task, tokenizer, tmp_path, examples=2)
+    model, adapters = _adapted()  # 3 blocks; the copies are 2 (1 for the last case: its list is too short)
+    cache = ContextCache(model)
+    cache.add(batch)
+    with pytest.raises(ValueError, match="first_layers"):
+        read_path_states(model, cache.context(batch), adapters, max(2, len(first)), first_layers=first[:1]
+                         if first == [0] else first)  # fmt: skip
+
+
+def test_the_coordinates_estimate_is_backprops_gradient_up_to_its_forward_difference(letter_task, tokenizer,
+                                                                                      tmp_path):  # fmt: skip
+    """Forward differences along each of the L x r bottleneck coordinates: backprop's gradient of the adapters
+    up to the one-sided difference's O(eps) and the float32 rounding of Llama's norms, ~2e-7 / eps (measured
+    2.6e-4 at eps 1e-3, bound 1e-3; 8.7e-4 at 1e-2, 2.5e-3 at 1e-4; a random-direction estimate at the same
+    N = L r is off by more than 0.3), the same whatever the key, and its copies cost 1 + r (L + 1) / 2
+    copies of the whole path (counted at the blocks' query maps)."""
+    batch = _batch(letter_task, tokenizer, tmp_path)
+    model, adapters = _adapted()
+    cache = ContextCache(model)
+    cache.add(batch)
+    context = cache.context(batch)
+    layers, rank, _ = adapters.down.shape
+    exact = ReadNodePerturbation(model, DOWN, None, 1e-3, estimator="coordinates")
+    assert exact.directions == layers * rank and exact.copies == 1 + layers * rank
+    assert exact.path_copies == 1 + rank * (layers + 1) / 2
+    seen, hooks = _blocks_run(model)
+    got = exact.estimate(context, batch, key=1).grads[DOWN]
+    for hook in hooks:
+        hook.remove()
+    assert sum(seen) == exact.path_copies * layers * len(batch.labels)
+    (true,) = torch.autograd.grad(read_path_losses(model, context, batch)[0].mean(), [adapters.down])
+    error = float((got - true).norm() / true.norm())
+    assert error < 1e-3, error
+    assert torch.equal(exact.estimate(context, batch, key=2).grads[DOWN], got)
+    sampled = ReadNodePerturbation(model, DOWN, layers * rank, 1e-3, estimator="one-sided")
+    noisy = sampled.estimate(context, batch, key=1).grads[DOWN]
+    assert float((noisy - true).norm() / true.norm()) > 0.3  # what the exact estimate is not
+
+
+def test_the_coordinates_estimator_takes_no_directions(letter_task):
+    model, _ = _adapted()
+    with pytest.raises(ValueError, match="no number of directions"):
+        ReadNodePerturbation(model, DOWN, 8, 1e-2, estimator="coordinates")
+    with pytest.raises(ValueError, match="eps"):
+        ReadNodePerturbation(model, DOWN, None, 0.0, estimator="coordinates")
+
+
+def test_an_exact_run_counts_its_copies_and_lowers_the_training_loss(letter_task, tokenizer, tmp_path):
+    """read-adapters-exact: each step costs 1 + r (L + 1) / 2 copies of a token a row (r 8, L 3: 17 copies,
+    17/T of a forward), and its steps lower the training loss as backprop's would."""
+    cfg = toy_config(letter_task, tmp_path / "run", "read-adapters-exact", steps=4, eval_every=2,
+                     keep_best=False)  # fmt: skip
+    results, _ = finetune(cfg, _deep_llama(), tokenizer)
+    assert results["forwards"] == pytest.approx(4 * 17 / results["mean_row_tokens"], rel=1e-3)
+    cfg = toy_config(letter_task, tmp_path, "read-adapters-exact", steps=30, eval_every=0, lr=3e-2,
+                     keep_best=False)  # fmt: skip
+    before, after = loss_before_and_after(cfg, _deep_llama(), tokenizer, 30,
+                                          lambda train, t: [train[(8 * t + i) % 16] for i in range(8)])
+    assert after < 0.8 * before, (before, after)
+
+
+def test_an_exact_run_killed_resumes_bitwise(letter_task, tokenizer, tmp_path):
+    run_killed_and_resumed(lambda out: toy_config(letter_task, out, "read-adapters-exact", steps=6,
+                                                  eval_every=2), tokenizer, tmp_path)  # fmt: skip
+
+
 def test_a_run_trains_only_the_adapters_and_load_trained_reproduces_its_test_accuracy(letter_task, tokenizer,
                                                                                       tmp_path):  # fmt: skip
     cfg = toy_config(letter_task, tmp_path / "run", "read-adapters", steps=4, eval_every=2, q=2,
@@ -182,13 +292,20 @@ REFUSED = [  # (task fixture, overrides, model family, message)
     ("letter_task", {}, "gpt2", "Llama-style"),
     ("task_file", {}, "llama", "one token"),  # ' yes' / ' no' are several byte tokens
     ("qa_task", {}, "llama", "no label words"),  # a generation task
+    ("letter_task", {"estimator": "coordinates"}, "llama", "--q 16 .*use --method read-adapters-exact"),
+    ("letter_task", {"method": "read-adapters-exact", "q": 4}, "llama", "--q 4"),
+    ("letter_task", {"method": "read-adapters-exact", "noise": "rademacher"}, "llama", "--noise rademacher"),
+    ("letter_task", {"method": "read-adapters-exact", "estimator": "one-sided"}, "llama", "needs --q"),
+    ("letter_task", {"method": "mezo", "estimator": "coordinates"}, "llama", "read-position adapters' alone"),
+    ("letter_task", {"method": "node-perturbation", "estimator": "coordinates"}, "llama", "adapters' alone"),
 ]
 
 
 @pytest.mark.parametrize(("task", "overrides", "family", "message"), REFUSED)
 def test_what_read_adapters_cannot_train_is_refused(task, overrides, family, message, request, tokenizer,
                                                     tmp_path):  # fmt: skip
-    cfg = toy_config(request.getfixturevalue(task), tmp_path, "read-adapters", **overrides)
+    overrides = {"method": "read-adapters", **overrides}
+    cfg = toy_config(request.getfixturevalue(task), tmp_path, overrides.pop("method"), **overrides)
     model = _deep_llama() if family == "llama" else make_model(family)
     with pytest.raises(ValueError, match=message):  # ConfigError is a ValueError
         setup(cfg, model, tokenizer)

@@ -133,7 +133,7 @@ class MethodConfig:
     objective: str = "loss"  # loss | accuracy (classification, ZO) | f1 (generation, ZO)
     q: int | None = None  # ZO directions per step
     noise: str | None = None  # gaussian | rademacher
-    estimator: str | None = None  # central | one-sided
+    estimator: str | None = None  # central | one-sided | coordinates (read-adapters: exact, no directions)
     lora_r: int | None = None  # adapter knobs: see hdopt.finetune.adapters (LoraSettings, PrefixSettings)
     lora_alpha: float | None = None
     lora_targets: list[str] | None = None
@@ -154,7 +154,8 @@ class MethodConfig:
         _check(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}")
         _check(self.noise in (None, "gaussian", "rademacher"),
                f"noise must be gaussian or rademacher, got {self.noise!r}")  # fmt: skip
-        _check(self.estimator in (None, "central", "one-sided"), "estimator must be central or one-sided")
+        _check(self.estimator in (None, "central", "one-sided", "coordinates"),
+               f"estimator must be central, one-sided or coordinates, got {self.estimator!r}")  # fmt: skip
         _positive(self, "q", "zo_blocks")
         _check(self.lp_c is None or self.lp_c > 0, f"lp_c must be > 0, got {self.lp_c}")
         check_adapter_settings(self)

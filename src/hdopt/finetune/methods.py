@@ -121,6 +121,15 @@ register_method(Method("read-adapters", "np-read", "read",
                        "node perturbation of read-position adapters: a rank-8 bottleneck in every block "
                        "at the prompt's last token, from forward passes, the context's keys and values "
                        "cached"))  # fmt: skip
+# The same adapters with the exact read-path gradient from forward passes: forward differences along each
+# of the L x r bottleneck coordinates (no directions drawn: 1 + L r copies, 125 copies of the whole path on
+# SmolLM2), AdamW on it; batch 8, lr and steps: benchmarks/zo_convergence.py's SST-2 grid.
+register_method(Method("read-adapters-exact", "np-read", "read",
+                       {"optimizer": "adamw", "batch_size": 8, "steps": 400, "schedule": "constant",
+                        "eval_every": 50, "lr": 3e-3, "eps": 1e-2, "estimator": "coordinates"},
+                       "read-position adapters trained on their exact gradient from forward passes (forward "
+                       "differences along every bottleneck coordinate), the context's keys and values "
+                       "cached"))  # fmt: skip
 register_method(Method("ft", "fo", "full", {**_FO, "lr": 1e-5}, "full fine-tuning with AdamW"))
 register_method(Method("ft-lora", "fo", "lora", {**_FO, "lr": 1e-4}, "LoRA fine-tuning with AdamW"))
 register_method(Method("ft-prefix", "fo", "prefix", {**_FO, "lr": 1e-2}, "prefix-tuning with AdamW"))

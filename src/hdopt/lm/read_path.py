@@ -18,6 +18,7 @@ its adapters (Llama-style blocks; others are refused).
 
 from __future__ import annotations
 
+import bisect
 import os
 import tempfile
 from dataclasses import dataclass
@@ -170,29 +171,41 @@ class ContextCache:
 
 def read_path_states(model: nn.Module, context: Context, adapters: ReadAdapters | None = None,
                      copies: int = 1, offsets: torch.Tensor | None = None,
-                     inputs: list[torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+                     inputs: list[torch.Tensor] | None = None,
+                     first_layers: list[int] | None = None) -> torch.Tensor:  # fmt: skip
     """The body's output (after the final norm) at each row's last token, for ``copies`` copies: [C, S, H].
 
     ``offsets`` [C, S, L, r] are added to the adapters' bottleneck values ``a_l`` of each copy; ``inputs``,
     when given, receives each block's adapter input ``x_l`` of the first copy ([S, H] per block).
+    ``first_layers`` (ascending, ``[0]`` first) names each copy's first block with a nonzero offset: a copy
+    is run from there on, starting from the first copy's state, which it equals below (its offsets there
+    must be zero), so copy ``c`` costs ``L - first_layers[c]`` blocks instead of ``L``.
     """
     body, layers = body_and_layers(model)
+    if first_layers is not None and (len(first_layers) != copies or first_layers[0] != 0
+                                     or sorted(first_layers) != list(first_layers)
+                                     or first_layers[-1] >= len(layers)):  # fmt: skip
+        raise ValueError(f"first_layers must list {copies} ascending blocks from 0 (below {len(layers)})")
     embed = unwrap_peft(model).get_input_embeddings()
     rows = context.last_ids.shape[0]
-    h = embed(context.last_ids).unsqueeze(0).expand(copies, rows, -1)  # [C, S, H]
+    h = embed(context.last_ids).unsqueeze(0)  # [1, S, H]: the copies that start later join below
     cos, sin = body.rotary_emb(h[0][:, None], position_ids=context.last_pos[:, None])  # [S, 1, d]
     allowed = torch.cat([context.mask, context.mask.new_ones(rows, 1)], 1)  # [S, T + 1]: the context, itself
     for index, layer in enumerate(layers):
+        started = copies if first_layers is None else bisect.bisect_right(first_layers, index)
+        if started > h.shape[0]:
+            h = torch.cat([h, h[:1].expand(started - h.shape[0], -1, -1)])
+        copies_now = h.shape[0]
         attn = layer.self_attn
         d = attn.head_dim
         x = layer.input_layernorm(h)
-        query = attn.q_proj(x).view(copies, rows, -1, d)
-        key = attn.k_proj(x).view(copies, rows, -1, d)
-        value = attn.v_proj(x).view(copies, rows, -1, d)
+        query = attn.q_proj(x).view(copies_now, rows, -1, d)
+        key = attn.k_proj(x).view(copies_now, rows, -1, d)
+        value = attn.v_proj(x).view(copies_now, rows, -1, d)
         query = query * cos + rotate_half(query) * sin
         key = key * cos + rotate_half(key) * sin
         heads = key.shape[2]
-        query = query.view(copies, rows, heads, -1, d)  # [C, S, kv, groups, d]
+        query = query.view(copies_now, rows, heads, -1, d)  # [C, S, kv, groups, d]
         cached_keys, cached_values = context.keys[:, index], context.values[:, index]  # [S, kv, T, d]
         to_context = torch.einsum("cskgd,sktd->cskgt", query, cached_keys)
         to_itself = torch.einsum("cskgd,cskd->cskg", query, key)[..., None]
@@ -202,35 +215,36 @@ def read_path_states(model: nn.Module, context: Context, adapters: ReadAdapters 
         weights = torch.softmax(scores.to(precision), dim=-1).to(query.dtype)
         mixed = torch.einsum("cskgt,sktd->cskgd", weights[..., :-1], cached_values)
         mixed = mixed + weights[..., -1:] * value[:, :, :, None]
-        out = h + attn.o_proj(mixed.reshape(copies, rows, -1))
+        out = h + attn.o_proj(mixed.reshape(copies_now, rows, -1))
         out = out + layer.mlp(layer.post_attention_layernorm(out))
         if adapters is not None:
             if inputs is not None:
                 inputs.append(x[0])
             a = adapters.bottleneck(index, x)
             if offsets is not None:
-                a = a + offsets[:, :, index].to(a.dtype)
+                a = a + offsets[:copies_now, :, index].to(a.dtype)
             out = out + adapters.expand(index, a)
         h = out
     return body.norm(h)
 
 
 def read_path_losses(model: nn.Module, context: Context, batch: OptionBatch, copies: int = 1,
-                     offsets: torch.Tensor | None = None,
-                     inputs: list[torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
-    """Per-example classification losses [C, E] (cross-entropy over the label words; 0 without a label)."""
-    scores = read_path_scores(model, context, batch, copies, offsets, inputs)
+                     offsets: torch.Tensor | None = None, inputs: list[torch.Tensor] | None = None,
+                     first_layers: list[int] | None = None) -> torch.Tensor:  # fmt: skip
+    """Per-example classification losses [C, E] (cross-entropy over the label words; 0 without a label);
+    the copies as :func:`read_path_states` runs them."""
+    scores = read_path_scores(model, context, batch, copies, offsets, inputs, first_layers)
     labels = batch.labels.expand(copies, -1)
     return nn.functional.cross_entropy(scores.flatten(0, 1), labels.flatten(), ignore_index=-100,
                                        reduction="none").view(copies, -1)  # fmt: skip
 
 
 def read_path_scores(model: nn.Module, context: Context, batch: OptionBatch, copies: int = 1,
-                     offsets: torch.Tensor | None = None,
-                     inputs: list[torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+                     offsets: torch.Tensor | None = None, inputs: list[torch.Tensor] | None = None,
+                     first_layers: list[int] | None = None) -> torch.Tensor:  # fmt: skip
     """The label words' scores [C, E, options] (their logits; -inf for an example's missing options)."""
     adapters = getattr(model, ATTRIBUTE, None)
-    states = read_path_states(model, context, adapters, copies, offsets, inputs)
+    states = read_path_states(model, context, adapters, copies, offsets, inputs, first_layers)
     blocks = TopBlocks(model, 1)
     out = []
     for copy in states:  # in float32 at least (half-precision models); float64 models stay exact

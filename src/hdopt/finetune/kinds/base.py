@@ -40,6 +40,8 @@ class MethodKind:
         data_parallel: whether it can run on several processes (torchrun).
         takes_steps: False for a closed-form fit (the logistic-regression probe), which :meth:`fit` runs.
         any_objective: whether it can train on non-differentiable objectives (accuracy, F1).
+        exact_coordinates: whether it takes ``--estimator coordinates`` (read-position adapters' exact
+            forward differences).
     """
 
     name: ClassVar[str] = ""
@@ -47,6 +49,7 @@ class MethodKind:
     data_parallel: ClassVar[bool] = False
     takes_steps: ClassVar[bool] = True
     any_objective: ClassVar[bool] = False
+    exact_coordinates: ClassVar[bool] = False
 
     def __init__(self, run: Setup) -> None:
         self.run = run
@@ -68,6 +71,12 @@ class MethodKind:
     def check(cls, cfg: RunConfig, task: Task) -> None:
         """Refuse, before anything is loaded, what this kind cannot train."""
         check_objective(task, cfg.method.objective, cls.any_objective)
+        if cfg.method.estimator == "coordinates" and not cls.exact_coordinates:
+            from hdopt.finetune.config import ConfigError
+
+            raise ConfigError(f"--estimator coordinates (forward differences along every bottleneck "
+                              f"coordinate) is read-position adapters' alone (--method read-adapters-exact); "
+                              f"this method ({cls.how}) takes central or one-sided")  # fmt: skip
 
     # -- what the loop calls -----------------------------------------------------------------------------
     def build_optimizer(self) -> torch.optim.Optimizer:

@@ -30,7 +30,7 @@ from hdopt.finetune.batches import encode, uses_answer_loss
 from hdopt.finetune.config import ConfigError, RunConfig
 from hdopt.finetune.kinds.node_perturbation import EstimatedGradientKind
 from hdopt.finetune.kinds.top_block import accuracy_from_cache
-from hdopt.finetune.read_node_perturbation import ReadNodePerturbation
+from hdopt.finetune.read_node_perturbation import COORDINATES, ReadNodePerturbation
 from hdopt.lm.evaluation import EvalResult
 from hdopt.lm.read_adapters import ATTRIBUTE, read_adapters_of
 from hdopt.lm.read_path import (
@@ -67,6 +67,7 @@ class ReadAdaptersKind(EstimatedGradientKind):
 
     name = "np-read"
     how = "node perturbation of read-position adapters (forward passes only)"
+    exact_coordinates = True
 
     @classmethod
     def check(cls, cfg: RunConfig, task: Task) -> None:
@@ -75,6 +76,13 @@ class ReadAdaptersKind(EstimatedGradientKind):
             raise ConfigError(f"task {task.name!r} has no label words: read-position adapters train a "
                               "classifier read at the prompt's last token; use node-perturbation, mezo or "
                               "ft")  # fmt: skip
+        if cfg.method.estimator == COORDINATES and (cfg.method.q is not None or cfg.method.noise is not None):
+            given = f"--q {cfg.method.q}" if cfg.method.q is not None else f"--noise {cfg.method.noise}"
+            raise ConfigError(f"--estimator coordinates perturbs every one of the adapters' L x r bottleneck "
+                              f"coordinates by eps, so {given} (given, or the method's default) does not "
+                              f"apply: use --method read-adapters-exact, which leaves it out")  # fmt: skip
+        if cfg.method.estimator != COORDINATES and cfg.method.q is None:
+            raise ConfigError(f"--estimator {cfg.method.estimator} needs --q, the number of directions")
 
     def __init__(self, run) -> None:
         if [name for name, _ in run.params] != [DOWN]:
@@ -128,7 +136,7 @@ class ReadAdaptersKind(EstimatedGradientKind):
         return ReadMicroBatch(self.run.model, batch, self.cache.context(batch))
 
     def passes_per_step(self) -> tuple[float, float]:
-        copies = self.estimator.copies * self.run.cfg.train.grad_accum
+        copies = self.estimator.path_copies * self.run.cfg.train.grad_accum
         return copies / self.row_tokens, 0
 
     @torch.no_grad()
