@@ -44,6 +44,8 @@ def config_fields(args: argparse.Namespace, method: str, folder: Path) -> dict:
     if name == "lp":
         fields.update(steps=None, eval_every=None)
         del fields["noise"]
+    if name == "read-adapters-exact":  # no directions drawn: --noise does not apply
+        del fields["noise"]
     if "--lp-init" in flags:
         fields["lp_init"] = True
     return fields

@@ -12,7 +12,9 @@ token are cached (hdopt.lm.read_path), and training runs the last tokens alone t
 
 * ``estimates``: on the first 16 training prompts, at the start (``D`` = 0), the cosine between node
   perturbation's estimate of the read adapters' gradient (hdopt.finetune.read_node_perturbation) and
-  backprop's, for several ranks, estimators and direction counts (five keys each; median and range).
+  backprop's, for several ranks, estimators and direction counts (five keys each; median and range), and
+  of the ``coordinates`` estimator's forward differences (``--method read-adapters-exact``), with the copies
+  each runs and what they cost in copies of the whole read path.
 * ``ceiling``: backprop (AdamW, batch 8, constant lr) on the same read path, dev and test accuracy every 50
   steps, the test accuracy at the best dev step: ``--what adapters`` trains the read adapters of ``--rank``
   (what ``--method read-adapters`` trains), ``--what blocks`` every block's weights applied at the last token
@@ -53,7 +55,8 @@ DATA_DIR = os.environ.get("HDOPT_DATA_DIR", str(ROOT.parent / "shared" / "data")
 PROTOCOL = "SST-2, SmolLM2-135M, 1000 train / 100 dev / 200 test examples, 64 tokens, data seed 0"
 DOWN = "read_adapters.down"
 ESTIMATES = ((8, "central", 8), (8, "one-sided", 16), (8, "central", 16), (8, "one-sided", 32),
-             (16, "central", 8), (16, "one-sided", 16), (4, "one-sided", 16))  # fmt: skip
+             (16, "central", 8), (16, "one-sided", 16), (4, "one-sided", 16),
+             (8, "coordinates", None))  # fmt: skip (coordinates: every one of the L x r, no directions drawn)
 
 
 def _setup():
@@ -89,13 +92,16 @@ def estimates() -> dict:
         (true,) = torch.autograd.grad(read_path_losses(model, context, batch)[0].mean(), [adapters.down])
         adapters.down.requires_grad_(False)
         nodes = ReadNodePerturbation(model, DOWN, directions, 1e-2, estimator=estimator)
-        cosines = []
+        cosines, errors = [], []
         for key in range(5):
             got = nodes.estimate(context, batch, key).grads[DOWN]
             cosines.append(round(float(torch.nn.functional.cosine_similarity(true.flatten(), got.flatten(),
                                                                              dim=0)), 3))  # fmt: skip
-        rows.append({"rank": rank, "estimator": estimator, "directions": directions, "copies": nodes.copies,
-                     "cosines": cosines, "median_cosine": statistics.median(cosines)})  # fmt: skip
+            errors.append(float((got - true).norm() / true.norm()))
+        rows.append({"rank": rank, "estimator": estimator, "directions": nodes.directions,
+                     "copies": nodes.copies, "path_copies": nodes.path_copies, "cosines": cosines,
+                     "median_cosine": statistics.median(cosines),
+                     "median_relative_error": round(statistics.median(errors), 4)})  # fmt: skip
         print(rows[-1], flush=True)
     return {"batch": 16, "eps": 1e-2, "rows": rows}
 

@@ -19,16 +19,17 @@ and to the end of the run (the test evaluation included). A run whose timing.jso
 A plan is a task's runs. SST-2's lists the grids (one learning rate per run) and the long top-block runs; the
 second task's (MR) has FT and the grids of MeZO and the four successors, each on all weights and on the top
 block, with SST-2's budgets. Both have node perturbation's grids on the last block's readout maps (``--method
-node-perturbation``) and on read-position adapters (``--method read-adapters``), and the read adapters' exact
-gradient from forward passes (``--method read-adapters-exact``). The finals of a plan are each grid's choice
-with seeds 1 and 2, chosen from the grids' results (the exact read-path gradient's with
-``HDOPT_BENCH_THREADS=2 ... run --finals --only NAMES --jobs 1``); the dense starts rerun the first forwards
-of the chosen whole-model runs with frequent dev evaluations (see DENSE_EVERY). ``report`` reads whatever runs
-exist and writes ``benchmarks/results/zo_convergence.{json,md}`` (one table, a row per task and method) and
-per task ``docs/img/zo_convergence[_TASK]_{forwards,minutes}.png``: dev accuracy against forward passes (a
-forward through K of L blocks counts K/L; the bottom's cache counts too) and against minutes, and per method
-the best dev accuracy, the test accuracy at the best-dev step, and the forward passes and minutes it took to
-reach the task's tuned MeZO's final dev accuracy (on SST-2, also the 1000-step earlier MeZO run's).
+node-perturbation``) and on read-position adapters (``--method read-adapters``); SST-2's also has the read
+adapters' exact gradient from forward passes (``--method read-adapters-exact``; not run on MR yet). The finals
+of a plan are each grid's choice with seeds 1 and 2, chosen from the grids' results (the exact read-path
+gradient's with ``HDOPT_BENCH_THREADS=2 ... run --finals --only NAMES --jobs 1``); the dense starts rerun the
+first forwards of the chosen whole-model runs with frequent dev evaluations (see DENSE_EVERY). ``report``
+reads whatever runs exist and writes ``benchmarks/results/zo_convergence.{json,md}`` (one table, a row per
+task and method) and per task ``docs/img/zo_convergence[_TASK]_{forwards,minutes}.png``: dev accuracy against
+forward passes (a forward through K of L blocks counts K/L; the bottom's cache counts too) and against
+minutes, and per method the best dev accuracy, the test accuracy at the best-dev step, and the forward passes
+and minutes it took to reach the task's tuned MeZO's final dev accuracy (on SST-2, also the 1000-step earlier
+MeZO run's).
 """
 
 from __future__ import annotations
@@ -157,7 +158,6 @@ def _second_task(task: str) -> list[dict]:
         *_whole_grid(f"{task}-sparse", "Sparse-MeZO", "sparse-mezo", (3e-5, 1e-4, 3e-4, 1e-3), 2, task=task),
         *_grid(f"{task}-top1-np", NP_GROUP, NP_LRS, task, **NP),
         *_grid(f"{task}-read-np", RA_GROUP, RA_LRS, task, **RA),
-        *_grid(f"{task}-read-exact", RX_GROUP, RX_LRS, task, **RX),
     ]
 
 

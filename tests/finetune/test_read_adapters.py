@@ -186,6 +186,36 @@ def test_copies_that_start_at_a_later_block_equal_copies_run_through_every_block
     assert (full[3] - full[0]).abs().max() > 1e-3  # the offsets matter: the copies differ
 
 
+def test_many_copies_run_in_slices_give_the_same_states(letter_task, tokenizer, tmp_path, monkeypatch):
+    """With ROWS_A_PASS below copies x rows the copies run through each block in slices (here one copy a
+    slice): the states and the first copy's adapter inputs are those of one pass over all copies (float64
+    model, float32 norms: measured 0, bound 1e-6), late-starting copies included."""
+    from hdopt.lm import read_path
+
+    batch = _batch(letter_task, tokenizer, tmp_path)
+    model, adapters = _adapted()
+    cache = ContextCache(model)
+    cache.add(batch)
+    context = cache.context(batch)
+    layers, rank, _ = adapters.down.shape
+    rows = len(batch.labels)
+    first = [0, 0, 1, 1, layers - 1]
+    offsets = torch.zeros(len(first), rows, layers, rank, dtype=torch.float64)
+    for copy, layer in enumerate(first[1:], 1):
+        offsets[copy, :, layer:] = 0.1 * copy
+    whole_inputs: list[torch.Tensor] = []
+    whole = read_path_states(model, context, adapters, len(first), offsets, whole_inputs, first)
+    monkeypatch.setattr(read_path, "ROWS_A_PASS", rows)  # one copy a pass
+    seen, hooks = _blocks_run(model)
+    sliced_inputs: list[torch.Tensor] = []
+    sliced = read_path_states(model, context, adapters, len(first), offsets, sliced_inputs, first)
+    for hook in hooks:
+        hook.remove()
+    assert seen == [rows] * sum(layers - f for f in first)  # every pass one copy of the rows
+    assert (sliced - whole).abs().max() < 1e-6
+    assert all((a - b).abs().max() < 1e-6 for a, b in zip(sliced_inputs, whole_inputs, strict=True))
+
+
 @pytest.mark.parametrize("first", [[1, 1], [0, 2, 1], [0, 3], [0]])
 def test_first_layers_out_of_order_or_range_are_refused(first, letter_task, tokenizer, tmp_path):
     batch = _batch(letter_task, tokenizer, tmp_path, examples=2)

@@ -58,7 +58,7 @@ def test_forward_only_section_measures_all_methods(smoke_report):
     section = next(s for s in sections if s.key == "forward_only")
     accuracy, top, memory, cost = section.claims
     methods = [row[0] for row in accuracy.tables[0].rows]
-    top_name = "node perturbation, read-position adapters"
+    top_name = "exact read-path gradient, read-position adapters"
     assert methods == ["zero-shot", "ICL", "FT (AdamW)", "MeZO", top_name]
     b = budget("smoke")
     steps = {row[0]: int(row[3]) for row in accuracy.tables[0].rows}
@@ -66,12 +66,14 @@ def test_forward_only_section_measures_all_methods(smoke_report):
                      top_name: b.top_steps}  # fmt: skip
     assert [row[0] for row in top.tables[0].rows] == ["FT (AdamW)", "MeZO", top_name]
     forwards = {row[0]: float(row[3]) for row in top.tables[0].rows}
-    # a read-adapters step's 1 + 16 copies of the last tokens count 1/T each (T the prompts' mean length),
-    # plus one forward a batch the context's cache ran; FT's and MeZO's forwards are whole. The cell has 3
-    # significant digits (relative error <= 5e-3) and T is saved to 2 decimals
+    # a read-adapters-exact step's 1 + r (L + 1) / 2 copies of the last tokens through every block (r 8 and
+    # the tiny model's L = 4 blocks: 21) count 1/T each (T the prompts' mean length), plus one forward a
+    # batch the context's cache ran; FT's and MeZO's forwards are whole. The cell has 3 significant digits
+    # (relative error <= 5e-3) and T is saved to 2 decimals
     ctx = smoke_report[0]
     run = json.loads((ctx.folder / "runs" / "finetune" / "top" / "results.json").read_text())
-    expected = b.top_steps * 17 / run["mean_row_tokens"] + run["cache_forwards"]
+    assert run["method"] == "read-adapters-exact" and run["read_rank"] == 8
+    expected = b.top_steps * (1 + 8 * (4 + 1) / 2) / run["mean_row_tokens"] + run["cache_forwards"]
     assert run["cache_forwards"] >= 1 and forwards[top_name] == pytest.approx(expected, rel=6e-3)
     assert forwards["MeZO"] == 2 * b.zo_steps
     for row in accuracy.tables[0].rows:

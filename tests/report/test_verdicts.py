@@ -204,7 +204,7 @@ def test_best_forward_only_claim(accuracies, verdict, tmp_path):
     claim = top_block_claim(Context("quick", tmp_path), runs)
     assert claim.verdict == verdict
     # the verdict's number is reported
-    assert f"node perturbation, read-position adapters {top:.1f}" in claim.measured
+    assert f"exact read-path gradient, read-position adapters {top:.1f}" in claim.measured
 
 
 def _peaks(inference: float, mezo: float, ft: float) -> dict:

@@ -20,8 +20,10 @@ TASK = "sst2"
 MEMORY_MODES = ("inference", "mezo", "ft")
 PAPER_ACCURACY = {"zero-shot": 58.8, "icl": 87.0, "ft": 92.0, "mezo": 91.4}  # OPT-13B, SST-2, 1000 examples
 METHOD_NAMES = {"zero-shot": "zero-shot", "icl": "ICL", "ft": "FT (AdamW)", "mezo": "MeZO",
-                "top": "node perturbation, read-position adapters"}  # fmt: skip
-BEST_FORWARD_ONLY = "read-adapters"  # "top": the best forward-only method (benchmarks/zo_convergence.py)
+                "top": "exact read-path gradient, read-position adapters"}  # fmt: skip
+# "top": the best forward-only method (benchmarks/zo_convergence.py): read-position adapters trained on their
+# exact gradient from forward passes (forward differences along every bottleneck coordinate)
+BEST_FORWARD_ONLY = "read-adapters-exact"
 FEW_POINTS = 5.0  # "within a few points of FT"
 ABOVE_PROMPTING = 5.0  # "well above zero-shot and ICL"
 
@@ -51,7 +53,7 @@ def prompting(ctx: Context, method: str, model, tokenizer) -> dict:
 
 def _budget_fields(ctx: Context, method: str) -> dict:
     """The ``hdopt finetune`` fields of ``method`` (``ft``, ``mezo`` or ``top``, the best forward-only
-    method: node perturbation of read-position adapters) beyond the data's."""
+    method: read-position adapters on their exact gradient from forward passes) beyond the data's."""
     b = ctx.budget
     if method == "ft":
         return {"method": "ft", "steps": b.fo_steps, "eval_every": b.fo_eval_every}
@@ -62,8 +64,8 @@ def _budget_fields(ctx: Context, method: str) -> dict:
 
 
 def trained(ctx: Context, method: str) -> dict:
-    """A fresh ``hdopt finetune`` run (``ft``, ``mezo`` or ``top``: node perturbation of read-position
-    adapters) at the budget; returns its results and dev curve."""
+    """A fresh ``hdopt finetune`` run (``ft``, ``mezo`` or ``top``: read-position adapters on their exact
+    gradient from forward passes) at the budget; returns its results and dev curve."""
     b = ctx.budget
     out = ctx.section_dir(f"finetune/{method}")
     shutil.rmtree(out, ignore_errors=True)  # a fresh run: a leftover checkpoint would refuse to start
@@ -146,9 +148,9 @@ def memory_claim(ctx: Context, peaks: dict[str, dict], plot: str) -> Claim:
 
 
 def top_block_claim(ctx: Context, runs: dict[str, dict]) -> Claim:
-    """The best forward-only method (node perturbation of read-position adapters over the context's cached
-    keys and values) against FT and prompting, judged by the rule of :func:`accuracy_claim`. Its forward
-    passes include the cache's (one a batch of prompts)."""
+    """The best forward-only method (read-position adapters on their exact gradient from forward passes
+    over the context's cached keys and values) against FT and prompting, judged by the rule of
+    :func:`accuracy_claim`. Its forward passes include the cache's (one a batch of prompts)."""
     b = ctx.budget
     acc = {m: runs[m]["test"] for m in ("zero-shot", "icl", "ft", "mezo", "top")}
     top = runs["top"]
@@ -161,9 +163,10 @@ def top_block_claim(ctx: Context, runs: dict[str, dict]) -> Claim:
             for m in ("ft", "mezo", "top")]  # fmt: skip
     return Claim(
         title="The best forward-only method against backprop",
-        claim="With the best forward-only method hdopt has (node perturbation of read-position adapters: a "
-              "small bottleneck in every block at the prompt's last token, its gradient estimated from "
-              "perturbed forward passes of that token over the context's cached keys and values), "
+        claim="With the best forward-only method hdopt has (read-position adapters: a small bottleneck in "
+              "every block at the prompt's last token, trained on its exact gradient from forward passes "
+              "of that token, one perturbed copy a bottleneck coordinate, over the context's cached keys "
+              "and values), "
               "forward-only fine-tuning is well above zero-shot and in-context learning and within a few "
               "points of backprop fine-tuning.",
         paper="OPT-13B, SST-2, 1000 examples: MeZO 91.4 after 20,000 steps, FT 92.0",
@@ -175,9 +178,10 @@ def top_block_claim(ctx: Context, runs: dict[str, dict]) -> Claim:
         why=f"the rule of the MeZO claim: reproduced when >= best of zero-shot/ICL + {ABOVE_PROMPTING:g} "
             f"points and >= FT - {FEW_POINTS:g} points; partly when only the first holds. Only the adapters "
             f"(rank {top.get('read_rank', '-')}, every block, the prompt's last token) are trained; one "
-            f"copy of the last tokens counts 1/T of a forward pass (T: the prompts' mean length, "
-            f"{fmt(top.get('mean_row_tokens'))}; a step: 1 + N copies) and the context's cache one forward "
-            f"pass a batch ({fmt(top.get('cache_forwards', 0))})",
+            f"copy of the last tokens through every block counts 1/T of a forward pass (T: the prompts' "
+            f"mean length, {fmt(top.get('mean_row_tokens'))}; a step: 1 + r (L + 1) / 2 copies, the copy "
+            f"for block l running blocks l.. only) and the context's cache one forward pass a batch "
+            f"({fmt(top.get('cache_forwards', 0))})",
         command=top["command"],
         tables=[Table(["method", "test accuracy", "steps", "forward passes", "backward passes", "minutes"],
                       rows)],
