@@ -57,6 +57,15 @@ def _batch(task_file, tokenizer, tmp_path, examples: int = 8):
     return encode(task, tokenizer, load_data(cfg, task).train[:examples], 32, torch.device("cpu"))
 
 
+def _cached(task_file, tokenizer, tmp_path, examples: int = 8):
+    """A batch of ``task_file``'s training examples, the adapted model and the batch's cached context."""
+    batch = _batch(task_file, tokenizer, tmp_path, examples)
+    model, adapters = _adapted()
+    cache = ContextCache(model)
+    cache.add(batch)
+    return batch, model, adapters, cache.context(batch)
+
+
 def test_the_adapters_act_only_at_each_rows_last_token_and_the_read_path_reproduces_the_model(
         letter_task, tokenizer, tmp_path):  # fmt: skip
     """Right-padded rows of different lengths: the adapted model's logits differ from the model's at each
@@ -115,11 +124,7 @@ def test_the_estimate_is_node_perturbation_of_the_bottleneck_gradients(estimator
     up to the difference's error (central O(eps^2), one-sided O(eps)) and float32 rounding (Llama's norms
     compute in float32 even in a float64 model: ~1e-7 of the loss over a slope of ~eps). Measured: central
     2.4e-5 at eps 1e-2 (bound 2e-4), one-sided 1.4e-3 at eps 1e-4 (bound 5e-3)."""
-    batch = _batch(letter_task, tokenizer, tmp_path)
-    model, adapters = _adapted()
-    cache = ContextCache(model)
-    cache.add(batch)
-    context = cache.context(batch)
+    batch, model, adapters, context = _cached(letter_task, tokenizer, tmp_path)
     estimator = ReadNodePerturbation(model, DOWN, directions=3, eps=eps, estimator=estimator)
     got = estimator.estimate(context, batch, key=99).grads[DOWN]
     v = estimator.directions_for(99, len(batch.labels))  # [N, E, L, r]
@@ -139,11 +144,7 @@ def test_the_estimate_points_along_the_gradient(noise, letter_task, tokenizer, t
     """Over N = 4000 directions the estimate approaches backprop's gradient of the adapters: one example,
     D = L x r = 12 numbers, relative error about sqrt(D / N) = 0.05 (cosine > 0.99). A sign or scale error
     in the directions or the slopes fails it."""
-    batch = _batch(letter_task, tokenizer, tmp_path, examples=1)
-    model, adapters = _adapted()
-    cache = ContextCache(model)
-    cache.add(batch)
-    context = cache.context(batch)
+    batch, model, adapters, context = _cached(letter_task, tokenizer, tmp_path, examples=1)
     got = ReadNodePerturbation(model, DOWN, 4000, 1e-2, noise).estimate(context, batch, key=3).grads[DOWN]
     (true,) = torch.autograd.grad(read_path_losses(model, context, batch)[0].mean(), [adapters.down])
     assert torch.nn.functional.cosine_similarity(true.flatten(), got.flatten(), dim=0) > 0.99
@@ -163,11 +164,7 @@ def test_copies_that_start_at_a_later_block_equal_copies_run_through_every_block
     """``first_layers``: a copy run from its first offset block on, from the first copy's state there, gives
     the states of the same copy run through every block (float64 model; Llama's norms compute in float32:
     measured 0, bound 1e-6), and runs only its blocks: the query maps see S x sum_c (L - first_c) rows."""
-    batch = _batch(letter_task, tokenizer, tmp_path)
-    model, adapters = _adapted()
-    cache = ContextCache(model)
-    cache.add(batch)
-    context = cache.context(batch)
+    batch, model, adapters, context = _cached(letter_task, tokenizer, tmp_path)
     layers, rank, _ = adapters.down.shape
     rows = len(batch.labels)
     first = [0, 0, 1, layers - 1]
@@ -192,11 +189,7 @@ def test_many_copies_run_in_slices_give_the_same_states(letter_task, tokenizer, 
     model, float32 norms: measured 0, bound 1e-6), late-starting copies included."""
     from hdopt.lm import read_path
 
-    batch = _batch(letter_task, tokenizer, tmp_path)
-    model, adapters = _adapted()
-    cache = ContextCache(model)
-    cache.add(batch)
-    context = cache.context(batch)
+    batch, model, adapters, context = _cached(letter_task, tokenizer, tmp_path)
     layers, rank, _ = adapters.down.shape
     rows = len(batch.labels)
     first = [0, 0, 1, 1, layers - 1]
@@ -234,11 +227,7 @@ def test_the_coordinates_estimate_is_backprops_gradient_up_to_its_forward_differ
     2.6e-4 at eps 1e-3, bound 1e-3; 8.7e-4 at 1e-2, 2.5e-3 at 1e-4; a random-direction estimate at the same
     N = L r is off by more than 0.3), the same whatever the key, and its copies cost 1 + r (L + 1) / 2
     copies of the whole path (counted at the blocks' query maps)."""
-    batch = _batch(letter_task, tokenizer, tmp_path)
-    model, adapters = _adapted()
-    cache = ContextCache(model)
-    cache.add(batch)
-    context = cache.context(batch)
+    batch, model, adapters, context = _cached(letter_task, tokenizer, tmp_path)
     layers, rank, _ = adapters.down.shape
     exact = ReadNodePerturbation(model, DOWN, None, 1e-3, estimator="coordinates")
     assert exact.directions == layers * rank and exact.copies == 1 + layers * rank

@@ -177,7 +177,8 @@ ROWS_A_PASS = 512
 def _against_context(per_copy: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
     """``per_copy`` [C, S, kv, g, n] times ``shared`` [S, kv, m, n] transposed: [C, S, kv, g, m]. The copies
     and groups share one matrix product per row and head, so the cached keys or values are read, not copied
-    C times (an einsum over both broadcasts them: 0.1 GB a layer for SmolLM2's 241 copies of 16 rows)."""
+    C times (an einsum over both can broadcast them: about 0.1 GB for 241 copies of 16 SmolLM2 rows of 40
+    context tokens)."""
     copies, rows, heads, groups, n = per_copy.shape
     flat = per_copy.permute(1, 2, 0, 3, 4).reshape(rows, heads, copies * groups, n)
     out = flat @ shared.transpose(-1, -2)  # [S, kv, C g, m]

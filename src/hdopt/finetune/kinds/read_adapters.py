@@ -6,14 +6,17 @@ The frozen model's keys and values of every training and dev prompt before its l
 once, when the run starts (:class:`hdopt.lm.read_path.ContextCache`, in a temporary file), so a step runs
 only the last tokens through the blocks (:func:`hdopt.lm.read_path.read_path_losses`), ``1 + 2N`` copies
 of them at once, and estimates the adapters' gradient from the copies' losses
-(:class:`hdopt.finetune.read_node_perturbation.ReadNodePerturbation`); a torch optimizer (AdamW) applies
-it. One copy of a batch's last tokens counts as 1/T of a forward pass over the batch, T the training rows'
-mean length in tokens; the cache counts one forward pass a batch it ran.
+(:class:`hdopt.finetune.read_node_perturbation.ReadNodePerturbation`; ``--method read-adapters-exact``, the
+estimator ``coordinates``: the exact gradient, from forward differences along every bottleneck coordinate);
+a torch optimizer (AdamW) applies it. One copy of a batch's last tokens through every block counts as 1/T
+of a forward pass over the batch, T the training rows' mean length in tokens (a copy that starts at block
+l counts (L - l)/L of that); the cache counts one forward pass a batch it ran.
 
 Dev evaluation reads the cache (the same function of the weights: checked when the run starts, with
 :func:`hdopt.lm.read_path.check_read_path`); the test evaluation and :func:`hdopt.finetune.load_trained` run
 the whole model, whose hooks apply the adapters at each row's last token. Memory: the model, one batch's
-cached rows, the adapters' optimizer state and the ``1 + 2N`` copies of one token a row; the run folder
+cached rows, the adapters' optimizer state and the copies of one token a row (in slices of at most
+:data:`hdopt.lm.read_path.ROWS_A_PASS` copies x rows a block); the run folder
 keeps the adapters' trained matrix (``U`` is drawn again from the run's seed).
 """
 
