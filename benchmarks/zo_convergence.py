@@ -107,9 +107,10 @@ RA_GROUP = "Node perturbation, read-position adapters"
 # forward differences along each of the L x r = 240 bottleneck coordinates, 125 copies of the last tokens'
 # path a step: 125/T of a forward), batch 8, 400 steps, dev every 50, AdamW on the lr grid of backprop's
 # read-path ceiling (benchmarks/read_adapters_ceiling.py, whose chosen lr is the middle one). Fixed before
-# any of its runs; added 2026-12-07, after the read-adapters grids. A step runs ~25x node perturbation's
-# copies, so these runs use both cores (HDOPT_BENCH_THREADS=2, --jobs 1): their minutes are the 2-core
-# CPU's, the other rows' one core's (the table says so).
+# any of its runs; added 2026-12-07, after the read-adapters grids. A step costs about 7x node
+# perturbation's (125 against 17 copies of the whole path, on half the rows), so these runs use both cores
+# (HDOPT_BENCH_THREADS=2, --jobs 1): their minutes are the 2-core CPU's, the other rows' one core's (the
+# table says so).
 RX = dict(method="read-adapters-exact", schedule="constant", steps=400, eval_every=50, batch_size=8)
 RX_LRS = (1e-3, 3e-3, 1e-2)
 RX_GROUP = "Exact read-path gradient (forward differences), read-position adapters"
@@ -249,7 +250,8 @@ def finals(plan: str, chosen: dict[str, dict] | None = None) -> list[dict]:
 
 def _final(pick: dict) -> bool:
     """A chosen setting that gets the other seeds: a forward-only grid's choice (``--method mezo``, whatever
-    the ZO optimizer, or node perturbation of either kind; not a long run, not FT)."""
+    the ZO optimizer, node perturbation of either kind, or the read adapters' exact gradient; not a long
+    run, not FT)."""
     return pick["flags"].get("method") in FORWARD_ONLY and not _long(pick)
 
 
