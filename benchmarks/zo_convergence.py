@@ -534,9 +534,10 @@ def plot_paths(plan: str) -> dict[str, Path]:
 
 def _threads(rows: list[dict]) -> str:
     """The rows' torch threads a run, for the minutes axis: "1", or "1 (2: GROUP, ...)" when they differ."""
-    others = sorted({r["group"] for r in rows if r.get("threads") not in (None, "1")})
-    more = sorted({r["threads"] for r in rows if r.get("threads") not in (None, "1")})
-    return "1" + (f" ({', '.join(more)}: {'; '.join(others)})" if others else "")
+    others = {r["group"]: r["threads"] for r in rows if r.get("threads") not in (None, "1")}
+    if not others:
+        return "1"
+    return f"1 ({', '.join(sorted(set(others.values())))}: {'; '.join(sorted(others))})"
 
 
 def plot(plan: str, rows: list[dict]) -> None:

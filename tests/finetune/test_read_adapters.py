@@ -209,15 +209,16 @@ def test_many_copies_run_in_slices_give_the_same_states(letter_task, tokenizer, 
     assert all((a - b).abs().max() < 1e-6 for a, b in zip(sliced_inputs, whole_inputs, strict=True))
 
 
-@pytest.mark.parametrize("first", [[1, 1], [0, 2, 1], [0, 3], [0]])
-def test_first_layers_out_of_order_or_range_are_refused(first, letter_task, tokenizer, tmp_path):
-    batch = _batch(letter_task, tokenizer, tmp_path, examples=2)
-    model, adapters = _adapted()  # 3 blocks; the copies are 2 (1 for the last case: its list is too short)
-    cache = ContextCache(model)
-    cache.add(batch)
+@pytest.mark.parametrize(("copies", "first"), [
+    (2, [1, 1]),      # the first copy must start at block 0
+    (3, [0, 2, 1]),   # not ascending
+    (2, [0, 3]),      # past the last of the 3 blocks
+    (2, [0]),         # one entry for two copies
+])  # fmt: skip
+def test_first_layers_out_of_order_or_range_are_refused(copies, first, letter_task, tokenizer, tmp_path):
+    batch, model, adapters, context = _cached(letter_task, tokenizer, tmp_path, examples=2)
     with pytest.raises(ValueError, match="first_layers"):
-        read_path_states(model, cache.context(batch), adapters, max(2, len(first)), first_layers=first[:1]
-                         if first == [0] else first)  # fmt: skip
+        read_path_states(model, context, adapters, copies, first_layers=first)
 
 
 def test_the_coordinates_estimate_is_backprops_gradient_up_to_its_forward_difference(letter_task, tokenizer,

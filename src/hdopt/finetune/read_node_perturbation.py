@@ -106,27 +106,30 @@ class ReadNodePerturbation:
             slopes = (losses[1 : 1 + n] - losses[1 + n :]) / (2 * self.eps)  # [N, E]
         else:
             slopes = (losses[1:] - losses[:1]) / self.eps
-        labelled = (batch.labels != -100).sum().clamp_min(1)
         # a row is an example (one-token options share their example's row): row s has loss slopes[:, s]
         delta = torch.einsum("ns,nslr->slr", slopes.to(v.dtype), v) / n  # [S, L, r]: dL_s/da_s
-        x = torch.stack(inputs, 1)  # [S, L, H]
-        grad = torch.einsum("slr,slh->lrh", delta, x.to(v.dtype)).div_(labelled)
-        return Estimate(float(losses[0].sum() / labelled), {self.name: grad})
+        return self._estimate(losses, delta, inputs, batch)
 
     def _coordinates(self, context: Context, batch: OptionBatch) -> Estimate:
         """Forward differences along every bottleneck coordinate (``coordinates``: the module docstring)."""
         rows = context.last_ids.shape[0]
         layers, rank, _ = self.adapters.down.shape
-        offsets = self.adapters.down.new_zeros(1 + layers * rank, rows, layers, rank)
-        per_layer = offsets[1:].view(layers, rank, rows, layers, rank)
-        for layer in range(layers):  # copy 1 + l r + k moves a_{l,k} of every row by eps
-            per_layer[layer, :, :, layer] = self.eps * torch.eye(rank, dtype=offsets.dtype)[:, None]
+        down = self.adapters.down
+        moves = self.eps * torch.eye(layers * rank, dtype=down.dtype, device=down.device)  # copy 1 + l r + k
+        offsets = torch.cat([moves.new_zeros(1, layers * rank), moves])  # moves a_{l,k} of every row by eps
+        offsets = offsets.view(-1, 1, layers, rank).expand(-1, rows, -1, -1)  # [1 + L r, S, L, r]
         first = [0] + [layer for layer in range(layers) for _ in range(rank)]
         inputs: list[torch.Tensor] = []
         losses = read_path_losses(self.model, context, batch, self.copies, offsets, inputs, first)  # [C, E]
-        labelled = (batch.labels != -100).sum().clamp_min(1)
         slopes = (losses[1:] - losses[:1]) / self.eps  # [L r, E]: row s is example s
         delta = slopes.to(offsets.dtype).T.reshape(rows, layers, rank)  # [S, L, r]: dL_s/da_s
+        return self._estimate(losses, delta, inputs, batch)
+
+    def _estimate(self, losses: torch.Tensor, delta: torch.Tensor, inputs: list[torch.Tensor],
+                  batch: OptionBatch) -> Estimate:  # fmt: skip
+        """The estimate from the copies' losses [C, E] (the first unperturbed), each example's bottleneck
+        gradient ``delta`` [S, L, r] and the blocks' adapter inputs: g_{D_l} = (1/E) sum_e delta_e x_e^T."""
+        labelled = (batch.labels != -100).sum().clamp_min(1)
         x = torch.stack(inputs, 1)  # [S, L, H]
-        grad = torch.einsum("slr,slh->lrh", delta, x.to(offsets.dtype)).div_(labelled)
+        grad = torch.einsum("slr,slh->lrh", delta, x.to(delta.dtype)).div_(labelled)
         return Estimate(float(losses[0].sum() / labelled), {self.name: grad})

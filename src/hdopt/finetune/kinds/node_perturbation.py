@@ -130,7 +130,7 @@ class NodePerturbationKind(CachedBottom, EstimatedGradientKind):
         super().__init__(run)
 
     def closure(self, examples: Sequence[Example]) -> MicroBatch:
-        batch = self._cached(examples)  # training rows are cached already; anything new is added once
+        batch = self._cached(examples)
         return MicroBatch(self.blocks, batch, self.cache.hidden(batch))
 
     def passes_per_step(self) -> tuple[float, float]:

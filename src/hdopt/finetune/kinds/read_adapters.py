@@ -32,7 +32,7 @@ import torch
 from hdopt.finetune.batches import encode, uses_answer_loss
 from hdopt.finetune.config import ConfigError, RunConfig
 from hdopt.finetune.kinds.node_perturbation import EstimatedGradientKind
-from hdopt.finetune.kinds.top_block import accuracy_from_cache
+from hdopt.finetune.kinds.top_block import CachedRows, accuracy_from_cache
 from hdopt.finetune.read_node_perturbation import COORDINATES, ReadNodePerturbation
 from hdopt.lm.evaluation import EvalResult
 from hdopt.lm.read_adapters import ATTRIBUTE, read_adapters_of
@@ -65,7 +65,7 @@ class ReadMicroBatch:
             return losses.sum() / (self.batch.labels != -100).sum().clamp_min(1)
 
 
-class ReadAdaptersKind(EstimatedGradientKind):
+class ReadAdaptersKind(CachedRows, EstimatedGradientKind):
     """Forward-only gradient estimates of read-position adapters, applied by a torch optimizer."""
 
     name = "np-read"
@@ -127,12 +127,6 @@ class ReadAdaptersKind(EstimatedGradientKind):
             batches += self.cache.add(batch) > 0
             tokens += int(batch.attention_mask.sum())
         return batches, tokens
-
-    def _cached(self, examples: Sequence[Example]) -> OptionBatch:
-        """``examples``' batch, its rows added to the cache when missing (training rows are there already)."""
-        batch = self._encode(examples)
-        self.cache.add(batch)
-        return batch
 
     def closure(self, examples: Sequence[Example]) -> ReadMicroBatch:
         batch = self._cached(examples)

@@ -42,7 +42,17 @@ def accuracy_from_cache(examples: Sequence[Example], size: int, encode_batch, pr
     return EvalResult({"accuracy": accuracy}, records, 0, time.perf_counter() - start)
 
 
-class CachedBottom:
+class CachedRows:
+    """A kind that keeps its rows' states in ``self.cache`` (``add(batch)``) and encodes with ``_encode``."""
+
+    def _cached(self, examples: Sequence[Example]):
+        """``examples``' batch, its rows added to the cache when missing (training rows are there already)."""
+        batch = self._encode(examples)
+        self.cache.add(batch)
+        return batch
+
+
+class CachedBottom(CachedRows):
     """What a kind that trains on the bottom's cached states has: the cache of every training (and, on
     classification tasks, dev) sequence, built when the run starts; dev evaluation from it; its size in the
     results. Mixed in before the kind's base class (:class:`TopBlockZOKind`, the node-perturbation kind)."""
@@ -86,12 +96,6 @@ class CachedBottom:
         finally:
             self.run.model.train(was_training)
 
-    def _cached(self, examples: Sequence[Example]):
-        """``examples``' batch, its rows added to the cache when missing."""
-        batch = self._encode(examples)
-        self.cache.add(batch)
-        return batch
-
     def results(self) -> dict:
         """What the results record about the cache: its size, its build time and its forward passes."""
         bottom = 1.0 - self.blocks.fraction
@@ -128,7 +132,7 @@ class TopBlockZOKind(CachedBottom, ZOKind):
 
     def closure(self, examples: Sequence[Example]) -> Closure:
         run = self.run
-        batch = self._cached(examples)  # training rows are cached already; anything new is added once
+        batch = self._cached(examples)
         blocks, bottom = self.blocks, self.cache.hidden(batch)  # frozen: the same for every evaluation
         if run.cfg.method.objective == "accuracy":
             return lambda: -(top_predictions(blocks, bottom, batch) == batch.labels).float().mean()
