@@ -7,19 +7,10 @@ from pathlib import Path
 
 import torch
 
-from hdopt.finetune.adapters import trainable_parameters
 from hdopt.finetune.checkpoint import load_checkpoint, tensors_digest
 from hdopt.finetune.kinds import ZOKind
 from hdopt.finetune.methods import get_method
-from hdopt.finetune.trained import (
-    RunRecord,
-    check_start,
-    replay_to,
-    run_config,
-    starting_model,
-    trained_subset,
-)
-from hdopt.lm.models import load_model
+from hdopt.finetune.trained import replay_to, run_config, run_start
 
 
 def rebuild(folder: str | Path, model=None, tokenizer=None, upto: int | None = None):
@@ -39,13 +30,7 @@ def rebuild(folder: str | Path, model=None, tokenizer=None, upto: int | None = N
     method = get_method(cfg.method.method)
     if not issubclass(method.kind, ZOKind):
         raise ValueError(f"{folder} is a {method.name} run: only ZO runs have a trajectory to replay")
-    record = RunRecord.of(folder)
-    if model is None:
-        cfg.model.check_available()
-        model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.device, cfg.model.cache_dir)
-    model = starting_model(model, cfg, method, folder)
-    check_start(model, record.loop.get("start_sha256"), folder)
-    params = trained_subset(folder, cfg, trainable_parameters(model))  # --zo-blocks: the top blocks'
+    record, model, _, params = run_start(folder, cfg, method, model, tokenizer)  # --zo-blocks: top blocks'
     steps = replay_to(folder, params, upto, record)
     return model, params, steps
 

@@ -97,6 +97,19 @@ def trained_subset(folder: Path, cfg: RunConfig, params: list[tuple[str, torch.T
     return [(name, p) for name, p in params if name in names] if names else params
 
 
+def run_start(folder: Path, cfg: RunConfig, method: Method, model: nn.Module | None = None, tokenizer=None):
+    """``(record, model, tokenizer, params)``: the run's last checkpoint record, its starting model (loaded as
+    the run did when ``model`` is None) checked against the sha256 the run recorded, and the parameters it
+    trained, as they start."""
+    record = RunRecord.of(folder)
+    if model is None:
+        cfg.model.check_available()
+        model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.device, cfg.model.cache_dir)
+    model = starting_model(model, cfg, method, folder)
+    check_start(model, record.loop.get("start_sha256"), folder)
+    return record, model, tokenizer, trained_subset(folder, cfg, trainable_parameters(model))
+
+
 def replay_to(folder: Path, params, steps: int | None, record: RunRecord) -> int:
     """Replay the run's trajectory.bin (checked) from the starting ``params`` to ``steps`` (default: all of
     it, which must reach the checkpoint's step); returns the number of steps replayed."""
@@ -135,13 +148,7 @@ def load_trained(folder: str | Path, model: nn.Module | None = None,
             f"{folder} is a logistic-regression probe: its {rundir.BEST} holds the probe's coefficients, "
             "not weights of the model"
         )
-    record = RunRecord.of(folder)
-    if model is None:
-        cfg.model.check_available()
-        model, tokenizer = load_model(cfg.model.model, cfg.model.dtype, cfg.model.device, cfg.model.cache_dir)
-    model = starting_model(model, cfg, method, folder)
-    check_start(model, record.loop.get("start_sha256"), folder)
-    params = trained_subset(folder, cfg, trainable_parameters(model))
+    record, model, tokenizer, params = run_start(folder, cfg, method, model, tokenizer)
     best = record.loop.get("best_step") if cfg.train.keep_best else None
     if record.weights or record.step is None:  # weights kept (backprop, keep_weights), or an older folder
         load_weights(params, _kept_weights(folder, cfg, best))
