@@ -7,6 +7,8 @@
     HDOPT_BENCH_THREADS=1 python benchmarks/zo_convergence.py run --plan mr --finals --jobs 2  # their seeds
     HDOPT_BENCH_THREADS=2 python benchmarks/zo_convergence.py run --only read-exact-lr0.001 \
         read-exact-lr0.003 read-exact-lr0.01 --jobs 1     # the exact read-path grid, both cores a run
+    HDOPT_BENCH_THREADS=2 python benchmarks/zo_convergence.py run --plan mr --only mr-read-exact-lr0.001 \
+        mr-read-exact-lr0.003 mr-read-exact-lr0.01 --jobs 1                  # the same on MR
     python benchmarks/zo_convergence.py report                                 # one table, plots, JSON
 
 Every run is ``hdopt finetune`` on the setup of docs/finetune.md's SST-2 runs (SmolLM2-135M, 1000 train /
@@ -19,8 +21,8 @@ and to the end of the run (the test evaluation included). A run whose timing.jso
 A plan is a task's runs. SST-2's lists the grids (one learning rate per run) and the long top-block runs; the
 second task's (MR) has FT and the grids of MeZO and the four successors, each on all weights and on the top
 block, with SST-2's budgets. Both have node perturbation's grids on the last block's readout maps (``--method
-node-perturbation``) and on read-position adapters (``--method read-adapters``); SST-2's also has the read
-adapters' exact gradient from forward passes (``--method read-adapters-exact``; not run on MR yet). The finals
+node-perturbation``) and on read-position adapters (``--method read-adapters``), and the grid of the read
+adapters' exact gradient from forward passes (``--method read-adapters-exact``; both cores a run). The finals
 of a plan are each grid's choice with seeds 1 and 2, chosen from the grids' results (the exact read-path
 gradient's with ``HDOPT_BENCH_THREADS=2 ... run --finals --only NAMES --jobs 1``); the dense starts rerun the
 first forwards of the chosen whole-model runs with frequent dev evaluations (see DENSE_EVERY). ``report``
@@ -140,7 +142,8 @@ def _second_task(task: str) -> list[dict]:
     the four successors on all weights, chosen the same way; the whole-model LOZO, FZOO and Sparse-MeZO grids
     were extended past the edge their choices fell on (LOZO: 3e-6; FZOO: 5.12e-2, its choice 1.28e-2 tying
     3.2e-3's best dev at an earlier step; Sparse-MeZO: 3e-5). Then node perturbation's grids (NP_LRS,
-    RA_LRS), as on SST-2."""
+    RA_LRS), and last the exact read-path gradient's (RX_LRS, added 2026-12-07 after its SST-2 runs), as on
+    SST-2; its choice fell on the top edge (1e-2), so 3e-2 was added."""
     return [
         _run(f"{task}-ft", "FT (AdamW, whole model)", "FT", task, method="ft", optimizer="adamw", lr=1e-5,
              schedule="linear", steps=250, batch_size=8, eval_every=50),
@@ -159,6 +162,7 @@ def _second_task(task: str) -> list[dict]:
         *_whole_grid(f"{task}-sparse", "Sparse-MeZO", "sparse-mezo", (3e-5, 1e-4, 3e-4, 1e-3), 2, task=task),
         *_grid(f"{task}-top1-np", NP_GROUP, NP_LRS, task, **NP),
         *_grid(f"{task}-read-np", RA_GROUP, RA_LRS, task, **RA),
+        *_grid(f"{task}-read-exact", RX_GROUP, (*RX_LRS, 3e-2), task, **RX),
     ]
 
 

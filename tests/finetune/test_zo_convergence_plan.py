@@ -104,7 +104,6 @@ def test_every_task_tunes_mezo_and_each_successor_on_all_weights_and_on_the_top_
     wanted = {(optimizer, on_top) for optimizer in ("zosgd", *SUCCESSORS) for on_top in (False, True)}
     wanted.add(("node-perturbation", True))  # the last block only
     wanted.add(("read-adapters", False))  # every block, at the last token
-    if plan == "sst2":
-        wanted.add(("read-adapters-exact", False))  # the same adapters, their exact gradient (SST-2 only)
+    wanted.add(("read-adapters-exact", False))  # the same adapters, their exact gradient
     assert set(grids) == wanted
     assert all(len(lrs) >= 3 for lrs in grids.values())  # a grid with room on both sides of its middle
