@@ -8,7 +8,7 @@
     HDOPT_BENCH_THREADS=2 python benchmarks/zo_convergence.py run --only read-exact-lr0.001 \
         read-exact-lr0.003 read-exact-lr0.01 --jobs 1     # the exact read-path grid, both cores a run
     HDOPT_BENCH_THREADS=2 python benchmarks/zo_convergence.py run --plan mr --only mr-read-exact-lr0.001 \
-        mr-read-exact-lr0.003 mr-read-exact-lr0.01 --jobs 1                  # the same on MR
+        mr-read-exact-lr0.003 mr-read-exact-lr0.01 mr-read-exact-lr0.03 --jobs 1  # the same on MR
     python benchmarks/zo_convergence.py report                                 # one table, plots, JSON
 
 Every run is ``hdopt finetune`` on the setup of docs/finetune.md's SST-2 runs (SmolLM2-135M, 1000 train /
