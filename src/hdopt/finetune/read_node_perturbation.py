@@ -76,8 +76,14 @@ class ReadNodePerturbation:
         ``coordinates``, whose copy for block l runs only blocks l..L-1."""
         if self.estimator != COORDINATES:
             return float(self.copies)
+        layers = self.adapters.down.shape[0]
+        return sum(layers - first for first in self._first_layers()) / layers  # 1 + r (L + 1) / 2
+
+    def _first_layers(self) -> list[int]:
+        """``coordinates``: each copy's first perturbed block (the unperturbed copy's 0, then r copies a
+        block)."""
         layers, rank, _ = self.adapters.down.shape
-        return 1 + rank * (layers + 1) / 2
+        return [0] + [layer for layer in range(layers) for _ in range(rank)]
 
     def directions_for(self, key: int, rows: int) -> torch.Tensor:
         """The directions [N, S, L, r] of ``key`` (the same for the same key, whatever the device)."""
@@ -118,7 +124,7 @@ class ReadNodePerturbation:
         moves = self.eps * torch.eye(layers * rank, dtype=down.dtype, device=down.device)  # copy 1 + l r + k
         offsets = torch.cat([moves.new_zeros(1, layers * rank), moves])  # moves a_{l,k} of every row by eps
         offsets = offsets.view(-1, 1, layers, rank).expand(-1, rows, -1, -1)  # [1 + L r, S, L, r]
-        first = [0] + [layer for layer in range(layers) for _ in range(rank)]
+        first = self._first_layers()
         inputs: list[torch.Tensor] = []
         losses = read_path_losses(self.model, context, batch, self.copies, offsets, inputs, first)  # [C, E]
         slopes = (losses[1:] - losses[:1]) / self.eps  # [L r, E]: row s is example s

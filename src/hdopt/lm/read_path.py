@@ -243,11 +243,11 @@ def read_path_states(model: nn.Module, context: Context, adapters: ReadAdapters 
     h = embed(context.last_ids).unsqueeze(0)  # [1, S, H]: the copies that start later join below
     cos, sin = body.rotary_emb(h[0][:, None], position_ids=context.last_pos[:, None])  # [S, 1, d]
     allowed = torch.cat([context.mask, context.mask.new_ones(rows, 1)], 1)  # [S, T + 1]: the context, itself
+    per_pass = max(1, ROWS_A_PASS // rows)  # copies a pass: many copies run in slices, as a batch would
     for index, layer in enumerate(layers):
         started = copies if first_layers is None else bisect.bisect_right(first_layers, index)
         if started > h.shape[0]:
             h = torch.cat([h, h[:1].expand(started - h.shape[0], -1, -1)])
-        per_pass = max(1, ROWS_A_PASS // rows)  # copies a pass: many copies run in slices, as a batch would
         parts = []
         for first in range(0, h.shape[0], per_pass):
             part = slice(first, min(first + per_pass, h.shape[0]))  # the copies started so far
