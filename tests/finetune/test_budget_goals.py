@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hdopt.finetune.budget_goals import accuracy_goal, forward_goal
+from hdopt.finetune.budget_goals import accuracy_goal, forward_goal, forwards_to_reach, rows_from_curves
 
 
 def _row(method, optimizer, test=70.0, minutes=10.0, backwards=0, reach=None):
@@ -55,3 +55,34 @@ def test_the_forward_goal_is_not_met_above_a_third_by_no_successor_or_by_mezo_it
 def test_the_forward_goal_needs_a_tuned_mezo_row():
     with pytest.raises(ValueError, match="no tuned whole-model MeZO row"):
         forward_goal([_row("FZOO", "fzoo", reach=10.0)])
+
+
+def test_the_forward_goal_refuses_a_mezo_run_that_never_rose_above_its_start():
+    with pytest.raises(ValueError, match="no higher than its starting one"):
+        forward_goal([_row("MeZO", "zosgd", reach=0), _row("FZOO", "fzoo", reach=0)])
+
+
+MEZO_CURVE = [(0, 51.0), (1000, 60.0), (2000, 72.0), (3000, 70.0), (4000, 71.0)]  # final 71, first at 2000
+
+
+def test_forwards_to_reach_is_the_first_evaluation_at_or_above_the_target():
+    assert forwards_to_reach(MEZO_CURVE, 71.0) == 2000
+    assert forwards_to_reach(MEZO_CURVE, 72.0) == 2000 and forwards_to_reach(MEZO_CURVE, 60.0) == 1000
+    assert forwards_to_reach(MEZO_CURVE, 72.5) is None
+
+
+def test_curves_decide_the_forward_goal_against_mezos_last_evaluation():
+    fast = [(0, 51.0), (300, 65.0), (666, 71.0)]  # 71 after 666 forwards: a third of 2000 is 666.7
+    slow = [(0, 51.0), (700, 71.0)]
+    goal = forward_goal(rows_from_curves(MEZO_CURVE, {"mezo+hizoo": ("hizoo", fast)}, task="sst2"))
+    assert goal["met"] and goal["mezo_forwards"] == 2000
+    assert goal["fastest"] == {"task": "sst2", "method": "mezo+hizoo", "forwards": 666}
+    goal = forward_goal(rows_from_curves(MEZO_CURVE, {"mezo+hizoo": ("hizoo", slow)}))
+    assert not goal["met"] and goal["fastest"]["forwards"] == 700
+    never = [(0, 51.0), (5000, 70.9)]
+    assert forward_goal(rows_from_curves(MEZO_CURVE, {"mezo+lozo": ("lozo", never)}))["fastest"] is None
+
+
+def test_curves_need_a_mezo_evaluation():
+    with pytest.raises(ValueError, match="no dev evaluation yet"):
+        rows_from_curves([], {"mezo+hizoo": ("hizoo", [(0, 51.0)])})
