@@ -3,7 +3,9 @@
     python benchmarks/finetune.py memory      # peak RSS: inference / MeZO / MeZO-LoRA / FT-prefix / FT
     python benchmarks/finetune.py accuracy    # SST-2: zero-shot, ICL, LP, FT, FT-LoRA, MeZO (+LoRA, prefix)
     python benchmarks/finetune.py accuracy --methods mezo mezo+lozo   # METHOD+OPTIMIZER: a ZO successor
-    python benchmarks/finetune.py report      # Markdown tables + plot from the saved results
+    python benchmarks/finetune.py accuracy --methods mezo mezo+hizoo --parallel 2   # side by side
+    python benchmarks/finetune.py report      # Markdown tables + plot from the saved results (and, for MeZO
+                                              # beside successors, the forward-pass goal from their runs)
     python benchmarks/finetune.py curves RUN_DIR... --out PNG   # dev accuracy vs forward passes of runs
 
 On a GPU, ``--device cuda --tag NAME`` (memory, accuracy, report) measures with torch.cuda's allocator
@@ -27,7 +29,9 @@ import platform
 import resource
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from hdopt.io import atomic_write_json, atomic_write_text, save_figure
@@ -174,10 +178,18 @@ def _finetune_flags(args, name: str) -> list[str]:
 
 
 def accuracy(args) -> None:
+    if args.parallel < 1:
+        raise SystemExit(f"--parallel is how many methods run at once: give 1 or more, not {args.parallel}")
     out = tagged("finetune_accuracy", args.tag)
     saved = read_json(out, {"rows": []})
     rows = [r for r in saved["rows"] if r["method"] not in args.methods]
-    for method in args.methods:
+    budget = vars(args) | {"lr": args.lr}
+    lock = threading.Lock()
+
+    def save() -> None:
+        atomic_write_json(out, {"env": _env(args.device), "budget": budget, "rows": rows}, default=str)
+
+    def measure(method: str) -> None:
         print(f"accuracy: {method}", flush=True)
         if method in ("zero-shot", "icl"):
             argv = ["eval-one", "--method", method, "--device", args.device, *_common(args)]
@@ -186,10 +198,15 @@ def accuracy(args) -> None:
             row = _child(["finetune-one", *_finetune_flags(args, method)], args.timeout)
         if row:
             row["method"] = method  # the name asked for (mezo+lozo), not only the run's method
-            rows.append(row)
-            print(f"  test {row['test']}, dev {row.get('best_dev')}, {row['wall_seconds']} s", flush=True)
-            budget = vars(args) | {"lr": args.lr}
-            atomic_write_json(out, {"env": _env(args.device), "budget": budget, "rows": rows}, default=str)
+            with lock:
+                rows.append(row)
+                print(f"  {method}: test {row['test']}, dev {row.get('best_dev')}, {row['wall_seconds']} s",
+                      flush=True)  # fmt: skip
+                save()
+
+    save()  # the budget first: `report` reads the runs a deadline stopped from their folders
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        list(pool.map(measure, args.methods))
     print(accuracy_table(rows))
 
 
@@ -289,6 +306,48 @@ def curves(args) -> None:
     print(f"wrote {args.out}")
 
 
+def run_progress(tag: str | None, task: str, method: str) -> tuple[list[tuple[float, float]], int]:
+    """A run folder's (forward passes, dev accuracy) at each dev evaluation and its last logged step, whether
+    the run finished or a deadline stopped it."""
+    from hdopt.finetune.rundir import read_metrics
+
+    metrics = read_metrics(run_folder(tag, task, method))
+    curve = [(m["forwards"], m["dev_accuracy"]) for m in metrics if "dev_accuracy" in m]
+    return curve, max((m.get("step", 0) for m in metrics), default=0)
+
+
+def successor_goals(acc: dict, tag: str | None) -> list[str]:
+    """The forward-pass goal of docs/finetune.md (a successor reaches MeZO's final dev accuracy with at most a
+    third of MeZO's forward passes) on each ZO method measured beside successors (``mezo`` and ``mezo+hizoo``,
+    ...), read from the run folders: a run that a deadline stopped counts up to its last evaluation."""
+    from hdopt.finetune.budget_goals import SUCCESSORS, forward_goal, rows_from_curves
+
+    budget = acc.get("budget", {})
+    methods = budget.get("methods") or [r["method"] for r in acc["rows"]]
+    task, planned = budget.get("task", "sst2"), budget.get("zo_steps")
+    lines = []
+    for base in (m for m in methods if split_method(m)[1] is None):
+        successors = {m: split_method(m)[1] for m in methods
+                      if split_method(m)[0] == base and split_method(m)[1] in SUCCESSORS}  # fmt: skip
+        if not successors:
+            continue
+        progress = {m: run_progress(tag, task, m) for m in (base, *successors)}
+        curves = {m: curve for m, (curve, _) in progress.items()}
+        done = ", ".join(f"{m} {last} of {planned} steps" for m, (_, last) in progress.items())
+        try:
+            rows = rows_from_curves(curves[base], {m: (x, curves[m]) for m, x in successors.items()}, task)
+            goal = forward_goal(rows)
+        except ValueError as err:
+            lines.append(f"- {base}: no verdict: {err} ({done})")
+            continue
+        fastest = goal["fastest"]
+        best = "none reached it" if fastest is None else f"{fastest['method']}: {fastest['forwards']:g}"
+        lines.append(f"- {base}: {goal['goal']}: **{'met' if goal['met'] else 'not met'}** (MeZO's final "
+                     f"dev {curves[base][-1][1]:g}, first reached after {goal['mezo_forwards']:g} forwards; "
+                     f"a third is {goal['budget']:g}; fastest successor {best}; {done})")  # fmt: skip
+    return lines
+
+
 def report(args) -> None:
     mem = read_json(tagged("finetune_memory", args.tag), {"rows": []})
     acc = read_json(tagged("finetune_accuracy", args.tag), {"rows": [], "budget": {}})
@@ -302,6 +361,10 @@ def report(args) -> None:
         plot(acc["rows"], PLOT.with_name(f"{PLOT.stem}_{args.tag}.png") if args.tag else PLOT)
         text += ["## Accuracy", "", accuracy_table(acc["rows"]), "", f"budget: {json.dumps(acc['budget'])}",
                  f"environment: {json.dumps(acc.get('env'))}", ""]  # fmt: skip
+    goals = successor_goals(acc, args.tag) if acc.get("budget") else []
+    if goals:
+        heading = "## MeZO's final dev accuracy reached by a successor (the goal: a third of MeZO's forwards)"
+        text += [heading, "", *goals, ""]
     atomic_write_text(tagged("finetune", args.tag, ".md"), "\n".join(text))
     print("\n".join(text))
 
@@ -342,6 +405,8 @@ def main() -> None:
     a.add_argument("--noise", choices=("gaussian", "rademacher"), default=None)
     a.add_argument("--lr", type=json.loads, default={}, help='per-method lr, e.g. \'{"mezo": 1e-5}\'')
     a.add_argument("--timeout", type=float, default=3600)
+    a.add_argument("--parallel", type=int, default=1,
+                   help="methods measured at once, each in its own process (MeZO beside a successor: GPU)")
     a.add_argument("--device", default="cpu", help="cpu or cuda")
     a.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     a.add_argument("--tag", default=None, help="keep these figures apart, e.g. h100 (see the top)")
