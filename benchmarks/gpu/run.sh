@@ -5,8 +5,11 @@
 # It installs the carried gguf wheel, rebuilds and checks the SmolLM2 GGUF, converts it once, then on DEVICE
 # (default cuda) runs the accuracy protocol (the most wanted figure: first), peak memory, and a ZO step timed
 # against a forward pass (benchmarks/zo_step.py), each under its own deadline (ACCURACY_TIMEOUT 360 s,
-# MEMORY_TIMEOUT 90 s, STEP_TIMEOUT 60 s), so one call stays under the device's 10 minutes. Figures and run
-# folders (metrics of unfinished runs included, weights left out) are copied to $OUT (default .gpu/out).
+# MEMORY_TIMEOUT 90 s, STEP_TIMEOUT 60 s; 0 skips that part), so one call stays under the device's 10 minutes.
+# Figures and run folders (metrics of unfinished runs included, weights left out) are packed into one archive,
+# $OUT/gpu_results_TAG.tgz (the device returns at most 8 files, named in letters, digits, '.', '_' and '-'
+# alone: run folders such as TAG-sst2-mezo+hizoo could not come back as they are), beside $OUT/run.log.
+# Here: tar xzf gpu_results_TAG.tgz -C benchmarks/results, then python benchmarks/finetune.py report --tag TAG.
 set -euo pipefail
 TAG=${1:?usage: bash benchmarks/gpu/run.sh TAG [accuracy flags]}
 shift
@@ -35,20 +38,29 @@ log "convert (once)"
 "$PY" -c "import torch; print(torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" \
   | tee -a "$OUT/run.log"
 
-log "accuracy: $*"
-timeout "${ACCURACY_TIMEOUT:-360}" "$PY" benchmarks/finetune.py accuracy --device "$DEVICE" --tag "$TAG" "$@" \
-  2>&1 | tee -a "$OUT/run.log" || log "accuracy stopped (timeout or failure): the finished methods are saved"
-log "peak memory"
-timeout "${MEMORY_TIMEOUT:-90}" "$PY" benchmarks/finetune.py memory --device "$DEVICE" --tag "$TAG" --models smollm2-135m \
-  2>&1 | tail -4 | tee -a "$OUT/run.log" || log "memory failed"
-log "ZO step vs forward"
-timeout "${STEP_TIMEOUT:-60}" "$PY" benchmarks/zo_step.py --device "$DEVICE" --rounds 5 \
-  --out "$OUT/zo_step_$TAG.json" 2>&1 | tail -15 | tee -a "$OUT/run.log" || log "zo_step failed"
+if [ "${ACCURACY_TIMEOUT:-360}" -gt 0 ]; then
+  log "accuracy: $*"
+  timeout "${ACCURACY_TIMEOUT:-360}" "$PY" benchmarks/finetune.py accuracy --device "$DEVICE" --tag "$TAG" "$@" \
+    2>&1 | tee -a "$OUT/run.log" || log "accuracy stopped (timeout or failure): the finished methods are saved"
+fi
+if [ "${MEMORY_TIMEOUT:-90}" -gt 0 ]; then
+  log "peak memory"
+  timeout "${MEMORY_TIMEOUT:-90}" "$PY" benchmarks/finetune.py memory --device "$DEVICE" --tag "$TAG" \
+    --models smollm2-135m 2>&1 | tail -4 | tee -a "$OUT/run.log" || log "memory failed"
+fi
+if [ "${STEP_TIMEOUT:-60}" -gt 0 ]; then
+  log "ZO step vs forward"
+  timeout "${STEP_TIMEOUT:-60}" "$PY" benchmarks/zo_step.py --device "$DEVICE" --rounds 5 \
+    --out "benchmarks/results/zo_step_$TAG.json" 2>&1 | tail -15 | tee -a "$OUT/run.log" || log "zo_step failed"
+fi
 log "collect"
-cp benchmarks/results/finetune_*_"$TAG".json "$OUT"/ 2>/dev/null || true
-mkdir -p "$OUT/runs"
-for run in benchmarks/results/finetune_runs/"$TAG"-*; do
-  if [ -d "$run" ]; then cp -r "$run" "$OUT/runs/"; fi
+found=()
+for path in benchmarks/results/finetune_*_"$TAG".json benchmarks/results/finetune_"$TAG".md \
+    benchmarks/results/zo_step_"$TAG".json benchmarks/results/finetune_runs/"$TAG"-*; do
+  if [ -e "$path" ]; then found+=("${path#benchmarks/results/}"); fi
 done
-find "$OUT/runs" \( -name '*.safetensors' -o -name 'trajectory.bin' \) -delete  # weights stay there
-log "done"
+[ ${#found[@]} -gt 0 ] || { log "nothing was measured: read $OUT/run.log"; exit 1; }
+# weights stay there: the run folders' metrics, configs and results are the figures
+tar czf "$OUT/gpu_results_$TAG.tgz" -C benchmarks/results --exclude='*.safetensors' --exclude=trajectory.bin \
+  "${found[@]}"
+log "done: $OUT/gpu_results_$TAG.tgz holds ${#found[@]} paths"
