@@ -27,6 +27,9 @@ Where the official code and this class differ (the paper's rule is followed):
   row path and the update read the same factors.
 * weight decay follows the project's convention (tensors of >= 2 dimensions; 1-D ones with ``decay_1d``)
   instead of matching parameter names.
+* LOZO-M with ``nu = 1``: the code (medium_models) stores the old ``V`` only on the step before a new
+  window, a branch that ``nu = 1`` never reaches, so it restarts its momentum from each step's estimate
+  (no momentum at all). Here ``N`` is carried over at every window change, ``nu = 1`` included.
 
 Kept from the code: the step is ``g U V^T`` with no further factor (the learning rates the paper reports
 were tuned with it; an estimator written with a ``1/r`` factor is this one at ``lr / r``), the momentum
@@ -208,6 +211,7 @@ class LOZO(ZOSGD):
     """
 
     # the official code's README (OPT-13B, SST-2): LR=1e-7 EPS=1e-3 RANK=2 STEP_INTERVAL=50; LOZO-M: beta1 0.9
+    # in medium_models/lozo.sh (its dataclass default is 0.7)
     paper_defaults = {"lr": 1e-7, "eps": 1e-3, "rank": 2, "interval": 50}
 
     def __init__(
