@@ -204,7 +204,7 @@ def accuracy(args) -> None:
                       flush=True)  # fmt: skip
                 save()
 
-    save()  # the budget first: `report` reads the runs a deadline stopped from their folders
+    save()  # the budget first (a deadline may stop every method; `report` reads their folders)
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         list(pool.map(measure, args.methods))
     print(accuracy_table(rows))
@@ -306,34 +306,35 @@ def curves(args) -> None:
     print(f"wrote {args.out}")
 
 
-def run_progress(tag: str | None, task: str, method: str) -> tuple[list[tuple[float, float]], int]:
-    """A run folder's (forward passes, dev accuracy) at each dev evaluation and its last logged step, whether
-    the run finished or a deadline stopped it."""
+def run_progress(folder: Path) -> tuple[list[tuple[float, float]], str]:
+    """A run folder's (forward passes, dev accuracy) at each dev evaluation, and how far it got (``"S of N
+    steps"``), whether the run finished or a deadline stopped it."""
     from hdopt.finetune.rundir import read_metrics
 
-    metrics = read_metrics(run_folder(tag, task, method))
+    metrics = read_metrics(folder)
     curve = [(m["forwards"], m["dev_accuracy"]) for m in metrics if "dev_accuracy" in m]
-    return curve, max((m.get("step", 0) for m in metrics), default=0)
+    planned = read_json(folder / "config.json", {}).get("train", {}).get("steps")
+    return curve, f"{max((m.get('step', 0) for m in metrics), default=0)} of {planned} steps"
 
 
-def successor_goals(acc: dict, tag: str | None) -> list[str]:
+def successor_goals(tag: str | None, task: str) -> list[str]:
     """The forward-pass goal of docs/finetune.md (a successor reaches MeZO's final dev accuracy with at most a
-    third of MeZO's forward passes) on each ZO method measured beside successors (``mezo`` and ``mezo+hizoo``,
-    ...), read from the run folders: a run that a deadline stopped counts up to its last evaluation."""
+    third of MeZO's forward passes) for each ZO method whose run folder stands beside successors' (``mezo``
+    and ``mezo+hizoo``, ...): read from the folders, so a run a deadline stopped counts up to its last
+    evaluation."""
     from hdopt.finetune.budget_goals import SUCCESSORS, forward_goal, rows_from_curves
 
-    budget = acc.get("budget", {})
-    methods = budget.get("methods") or [r["method"] for r in acc["rows"]]
-    task, planned = budget.get("task", "sst2"), budget.get("zo_steps")
+    prefix = f"{tag}-{task}-" if tag else f"{task}-"
+    folders = {p.name[len(prefix):]: p for p in sorted(RUNS.glob(prefix + "*")) if p.is_dir()}
     lines = []
-    for base in (m for m in methods if split_method(m)[1] is None):
-        successors = {m: split_method(m)[1] for m in methods
+    for base in (m for m in folders if split_method(m)[1] is None):
+        successors = {m: split_method(m)[1] for m in folders
                       if split_method(m)[0] == base and split_method(m)[1] in SUCCESSORS}  # fmt: skip
         if not successors:
             continue
-        progress = {m: run_progress(tag, task, m) for m in (base, *successors)}
+        progress = {m: run_progress(folders[m]) for m in (base, *successors)}
         curves = {m: curve for m, (curve, _) in progress.items()}
-        done = ", ".join(f"{m} {last} of {planned} steps" for m, (_, last) in progress.items())
+        done = ", ".join(f"{m} {steps}" for m, (_, steps) in progress.items())
         try:
             rows = rows_from_curves(curves[base], {m: (x, curves[m]) for m, x in successors.items()}, task)
             goal = forward_goal(rows)
@@ -361,7 +362,7 @@ def report(args) -> None:
         plot(acc["rows"], PLOT.with_name(f"{PLOT.stem}_{args.tag}.png") if args.tag else PLOT)
         text += ["## Accuracy", "", accuracy_table(acc["rows"]), "", f"budget: {json.dumps(acc['budget'])}",
                  f"environment: {json.dumps(acc.get('env'))}", ""]  # fmt: skip
-    goals = successor_goals(acc, args.tag) if acc.get("budget") else []
+    goals = successor_goals(args.tag, acc.get("budget", {}).get("task", "sst2"))
     if goals:
         heading = "## MeZO's final dev accuracy reached by a successor (the goal: a third of MeZO's forwards)"
         text += [heading, "", *goals, ""]
