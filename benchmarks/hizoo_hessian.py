@@ -1,6 +1,6 @@
 """How far HiZOO's diagonal Hessian estimate ``D`` moves at the paper's smoothing constant on SmolLM2-135M.
 
-    PYTHONPATH=src python benchmarks/hizoo_hessian.py [--steps 66] [--lr 1e-4] [--hessian-smooth 1e-8]
+    PYTHONPATH=src python benchmarks/hizoo_hessian.py [--steps 66] [--lr 1e-4] [--hessian-smooth 1e-8 ...]
 
 Runs the whole-model HiZOO choice of benchmarks/zo_convergence.py (SST-2 protocol: 1000 train / 100 dev
 examples, 64 tokens, batch 16, data seed 0, seed 0; lr 1e-4, eps 1e-3, 66 steps = its 198 forwards) once,
@@ -8,13 +8,15 @@ in a temporary folder, then replays its trajectory from the starting weights (:f
 rebuilds ``D`` bitwise) and measures ``D`` over every trained coordinate. Each step multiplies a coordinate's
 ``D`` by ``1 - a + a |h_t| z^2`` (``a`` the smoothing constant, ``h_t`` the step's second difference over
 ``2 eps^2``, recorded in the trajectory, ``z ~ N(0, 1)``), so ``D`` can only tell coordinates apart once
-``a |h_t|`` adds up. Saves benchmarks/results/hizoo_hessian.json: ``|h_t|`` and ``a |h_t|`` over the steps,
-the measured spread of ``D`` and ``log D``, and the run's dev accuracy.
+``a |h_t|`` adds up. Dev accuracy every 17 steps, as in the grid. Saves benchmarks/results/hizoo_hessian.json,
+one entry per smoothing constant (a run keeps the others'): ``|h_t|`` and ``a |h_t|`` over the steps, the
+measured spread of ``D`` and ``log D``, the best dev accuracy and the test accuracy at it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -38,11 +40,11 @@ OUT = ROOT / "benchmarks" / "results" / "hizoo_hessian.json"
 DATA_DIR = os.environ.get("HDOPT_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 
 
-def train(folder: Path, steps: int, lr: float, alpha: float) -> dict:
+def train(folder: Path, steps: int, lr: float, alpha: float, eval_every: int = 17) -> dict:
     cfg = RunConfig().replace(
         model="smollm2-135m", task="sst2", data_dir=DATA_DIR, num_train=1000, num_dev=100, num_eval=200,
         max_length=64, method="mezo", optimizer="hizoo", optimizer_args={"hessian_smooth": alpha}, lr=lr,
-        eps=1e-3, steps=steps, batch_size=16, eval_every=steps, seed=0, output_dir=str(folder),
+        eps=1e-3, steps=steps, batch_size=16, eval_every=eval_every, seed=0, output_dir=str(folder),
         progress=False,
     )  # fmt: skip
     results, _ = finetune(cfg)
@@ -68,39 +70,49 @@ def curvatures(folder: Path) -> tuple[float, list[float]]:
     return records[0].extras[-1], [abs(r.extras[0]) for r in records]
 
 
+def measure(steps: int, lr: float, alpha: float) -> dict:
+    """One run at smoothing constant ``alpha``, then ``D`` from its replay."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "hizoo"
+        results = train(folder, steps, lr, alpha)
+        recorded, h = curvatures(folder)
+        spread = hessian_spread(folder)
+    weights = [recorded * v for v in h]
+    return {
+        "steps": len(h), "hessian_smooth": recorded, "lr": lr,
+        "abs_h": {"median": statistics.median(h), "min": min(h), "max": max(h)},
+        "alpha_abs_h": {"median": statistics.median(weights), "max": max(weights), "sum": math.fsum(weights)},
+        "D": spread, "best_dev": results.get("best_dev"), "best_step": results.get("best_step"),
+        "test_at_best_dev": results.get("test"), "seconds": round(time.perf_counter() - start, 1),
+    }  # fmt: skip
+
+
 def main() -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--steps", type=int, default=66)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--hessian-smooth", type=float, default=1e-8)
+    parser.add_argument("--hessian-smooth", type=float, nargs="+", default=[1e-8])
     args = parser.parse_args()
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "hizoo"
-        results = train(folder, args.steps, args.lr, args.hessian_smooth)
-        alpha, h = curvatures(folder)
-        spread = hessian_spread(folder)
-    weights = [alpha * v for v in h]
-    out = {
-        "command": "PYTHONPATH=src python benchmarks/hizoo_hessian.py"
-                   + f" --steps {args.steps} --lr {args.lr:g} --hessian-smooth {args.hessian_smooth:g}",
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())},
-        "steps": len(h), "hessian_smooth": alpha, "lr": args.lr,
-        "abs_h": {"median": statistics.median(h), "min": min(h), "max": max(h)},
-        "alpha_abs_h": {"median": statistics.median(weights), "max": max(weights), "sum": math.fsum(weights)},
-        "D": spread, "best_dev": results.get("best_dev"), "test_at_best_dev": results.get("test"),
-        "seconds": round(time.perf_counter() - start, 1),
-    }  # fmt: skip
-    atomic_write_json(OUT, out)
-    print(f"a = {alpha:g}; |h_t| median {out['abs_h']['median']:.4g} (min {min(h):.4g}, max {max(h):.4g}); "
-          f"a|h_t| median {out['alpha_abs_h']['median']:.3g}, summed over {len(h)} steps "
-          f"{out['alpha_abs_h']['sum']:.3g}")  # fmt: skip
-    print(f"D over {spread['coordinates']:,} coordinates: mean {spread['mean']:.6f}, "
-          f"std {spread['std']:.3g}, min {spread['min']:.6f}, max {spread['max']:.6f}, "
-          f"std of log D {spread['log_std']:.3g}, "
-          f"off by > 1%: {spread['fraction_off_by_1pct']:.3%}; wrote {OUT}")  # fmt: skip
+    saved = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    runs = saved.get("runs", {})
+    for alpha in args.hessian_smooth:
+        row = measure(args.steps, args.lr, alpha)
+        row["command"] = ("PYTHONPATH=src python benchmarks/hizoo_hessian.py"
+                          f" --steps {args.steps} --lr {args.lr:g} --hessian-smooth {alpha:g}")  # fmt: skip
+        runs[f"{alpha:g}"] = row
+        machine = {"python": platform.python_version(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                   "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}  # fmt: skip
+        out = {"machine": machine, "runs": runs}
+        atomic_write_json(OUT, out)  # after each run: an interrupted sweep keeps what it measured
+        spread = row["D"]
+        print(f"a = {alpha:g}; |h_t| median {row['abs_h']['median']:.4g} (max {row['abs_h']['max']:.4g}); "
+              f"a|h_t| median {row['alpha_abs_h']['median']:.3g}, summed {row['alpha_abs_h']['sum']:.3g}; "
+              f"D mean {spread['mean']:.6g}, min {spread['min']:.6g}, max {spread['max']:.6g}, "
+              f"std of log D {spread['log_std']:.3g}; best dev {row['best_dev']} (step {row['best_step']}), "
+              f"test {row['test_at_best_dev']}", flush=True)  # fmt: skip
+    print(f"wrote {OUT}")
 
 
 if __name__ == "__main__":
