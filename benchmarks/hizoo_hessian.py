@@ -1,4 +1,4 @@
-"""How far HiZOO's diagonal Hessian estimate ``D`` moves at the paper's smoothing constant on SmolLM2-135M.
+"""How far HiZOO's diagonal Hessian estimate ``D`` moves on SmolLM2-135M, per smoothing constant.
 
     PYTHONPATH=src python benchmarks/hizoo_hessian.py [--steps 66] [--lr 1e-4] [--hessian-smooth 1e-8 ...]
 
