@@ -326,10 +326,11 @@ def successor_goals(tag: str | None, task: str) -> list[str]:
 
     prefix = f"{tag}-{task}-" if tag else f"{task}-"
     folders = {p.name[len(prefix):]: p for p in sorted(RUNS.glob(prefix + "*")) if p.is_dir()}
+    parts = {name: split_method(name) for name in folders}  # name -> (method, optimizer or None)
     lines = []
-    for base in (m for m in folders if split_method(m)[1] is None):
-        successors = {m: split_method(m)[1] for m in folders
-                      if split_method(m)[0] == base and split_method(m)[1] in SUCCESSORS}  # fmt: skip
+    for base in (name for name, (_, optimizer) in parts.items() if optimizer is None):
+        successors = {name: optimizer for name, (method, optimizer) in parts.items()
+                      if method == base and optimizer in SUCCESSORS}  # fmt: skip
         if not successors:
             continue
         progress = {m: run_progress(folders[m]) for m in (base, *successors)}

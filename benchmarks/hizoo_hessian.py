@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+import zo_convergence  # benchmarks/, this script's folder: the grid's protocol and plan
 from hdopt.finetune import rundir
 from hdopt.finetune.config import RunConfig
 from hdopt.finetune.methods import get_method
@@ -37,25 +38,25 @@ from hdopt.zo import replay
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "hizoo_hessian.json"
-DATA_DIR = os.environ.get("HDOPT_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+CHOICE = "hizoo-lr0.0001"  # the whole-model HiZOO grid's choice on SST-2 (docs/finetune.md)
 
 
-def train(folder: Path, steps: int, lr: float, alpha: float, eval_every: int = 17) -> dict:
-    cfg = RunConfig().replace(
-        model="smollm2-135m", task="sst2", data_dir=DATA_DIR, num_train=1000, num_dev=100, num_eval=200,
-        max_length=64, method="mezo", optimizer="hizoo", optimizer_args={"hessian_smooth": alpha}, lr=lr,
-        eps=1e-3, steps=steps, batch_size=16, eval_every=eval_every, seed=0, output_dir=str(folder),
-        progress=False,
-    )  # fmt: skip
-    results, _ = finetune(cfg)
+def train(folder: Path, steps: int, lr: float, alpha: float) -> dict:
+    """:data:`CHOICE`'s run (its protocol and flags from benchmarks/zo_convergence.py's plan) at ``steps``,
+    ``lr`` and smoothing constant ``alpha``, in ``folder``."""
+    run = next(r for r in zo_convergence.PLANS["sst2"] if r["name"] == CHOICE)
+    fields = {**zo_convergence.PROTOCOL, **run["flags"], "task": run["task"], "seed": run["seed"],
+              "steps": steps, "lr": lr, "optimizer_args": {"hessian_smooth": alpha},
+              "data_dir": zo_convergence.DATA_DIR, "output_dir": str(folder), "progress": False}  # fmt: skip
+    results, _ = finetune(RunConfig().replace(**fields))
     return results
 
 
-def hessian_spread(folder: Path) -> dict:
-    """``D`` rebuilt by replaying the run: its spread over every trained coordinate."""
+def hessian_spread(folder: Path, trajectory) -> dict:
+    """``D`` rebuilt by replaying ``(header, trajectory)``: its spread over every trained coordinate."""
     cfg = run_config(folder)
     _, _, _, params = run_start(folder, cfg, get_method(cfg.method.method))
-    opt = replay(params, rundir.load_trajectory(folder / rundir.TRAJECTORY))
+    opt = replay(params, trajectory)
     flat = torch.cat([opt.hessian(p) for _, p in params]).double()
     logs = flat.log()
     return {"coordinates": flat.numel(), "mean": flat.mean().item(), "std": flat.std().item(),
@@ -63,10 +64,9 @@ def hessian_spread(folder: Path) -> dict:
             "fraction_off_by_1pct": ((flat - 1).abs() > 0.01).double().mean().item()}  # fmt: skip
 
 
-def curvatures(folder: Path) -> tuple[float, list[float]]:
-    """The smoothing constant and each step's ``|h_t|`` (the trajectory's extras: ``h_1 .. h_q``, ``a``)."""
-    _, log = rundir.load_trajectory(folder / rundir.TRAJECTORY)
-    records = list(log)
+def curvatures(trajectory) -> tuple[float, list[float]]:
+    """The smoothing constant and each step's ``|h_t|`` (a record's extras: ``h_1 .. h_q``, then ``a``)."""
+    records = list(trajectory[1])
     return records[0].extras[-1], [abs(r.extras[0]) for r in records]
 
 
@@ -76,8 +76,9 @@ def measure(steps: int, lr: float, alpha: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "hizoo"
         results = train(folder, steps, lr, alpha)
-        recorded, h = curvatures(folder)
-        spread = hessian_spread(folder)
+        trajectory = rundir.load_trajectory(folder / rundir.TRAJECTORY)
+        recorded, h = curvatures(trajectory)
+        spread = hessian_spread(folder, trajectory)
     weights = [recorded * v for v in h]
     return {
         "steps": len(h), "hessian_smooth": recorded, "lr": lr,
